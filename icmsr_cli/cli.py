@@ -1,0 +1,165 @@
+"""The command line: arguments -> options, messages and progress on stderr, exit codes.
+
+Exit codes: 0 all done, 1 some inputs failed, 2 usage or setup error. ICMSR_DEBUG=1 re-raises
+errors with their traceback instead of the one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .color import COLOR_FIXES
+from .errors import IcmsrError, SetupError
+
+console = Console(stderr=True, highlight=False)
+
+app = typer.Typer(
+    name="icmsr",
+    help="One-step diffusion super-resolution for photos (ICM-SR / OSEDiff on Stable Diffusion 2.1-base).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+weights_app = typer.Typer(help="List, download, verify and convert model weights.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"icmsr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Exit codes: 0 all done, 1 some inputs failed, 2 usage or setup error. ICMSR_DEBUG=1 shows tracebacks."""
+
+
+def _notify(message: str) -> None:
+    console.print(f"[yellow]note:[/] {message}")
+
+
+def _fail(exc: IcmsrError) -> None:
+    if os.environ.get("ICMSR_DEBUG"):
+        raise exc
+    console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _parse_tile(value: str) -> int | None | str:
+    value = value.strip().lower()
+    if value in ("auto", "off"):
+        return value
+    if value.isdigit() and int(value) >= 8:
+        return int(value)
+    raise typer.BadParameter(f"{value!r}: expected auto, off, or a latent tile size of at least 8")
+
+
+def _tqdm_class():
+    """huggingface_hub progress bars drawn with rich on stderr."""
+    import warnings
+
+    from tqdm import TqdmExperimentalWarning
+    from tqdm.rich import tqdm_rich
+
+    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)
+    return tqdm_rich
+
+
+@app.command()
+def upscale(
+    inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Image files to upscale."),
+    output: str = typer.Option(..., "-o", "--output", help="Output file (one input) or directory (several inputs)."),
+    scale: float = typer.Option(4.0, "-s", "--scale", help="Scale factor; the output is exactly round(W*s) x round(H*s)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name from weights.toml (see `icmsr weights list`)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base SD-2.1 model: a local diffusers folder or a Hub repo id."),
+    lora: Optional[str] = typer.Option(None, "--lora", help="LoRA checkpoint: a .pkl/.safetensors file, hf://owner/repo/path, or an https URL."),
+    prompt: str = typer.Option("", "--prompt", help="Text prompt for the UNet (default empty, as trained)."),
+    color_fix: str = typer.Option("adain", "--color-fix", help=f"Colour fix against the input: {', '.join(COLOR_FIXES)}."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."),
+    tile: str = typer.Option("auto", "--tile", help="Latent tile size: auto (from free memory), off (whole image), or N."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only errors."),
+) -> None:
+    """Upscale images with the one-step diffusion model."""
+    from .images import read_image, write_image
+    from .upscale import UpscaleOptions, output_size
+    from .upscaler import load_upscaler
+
+    _parse_tile(tile)
+    if color_fix not in COLOR_FIXES:
+        raise typer.BadParameter(f"{color_fix!r}: expected one of {', '.join(COLOR_FIXES)}", param_hint="--color-fix")
+    if not scale > 0:
+        raise typer.BadParameter(f"{scale}: must be positive", param_hint="--scale")
+    if not quiet:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    try:
+        out_path = Path(output)
+        jobs = _plan_outputs([Path(p) for p in inputs], out_path)
+        start = time.perf_counter()
+        with console.status("loading model", spinner="dots") if not quiet else _nothing():
+            upscaler = load_upscaler(
+                model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt,
+                options=UpscaleOptions(scale=scale, color_fix=color_fix),
+                notify=_notify, tqdm_class=_tqdm_class(),
+            )
+        if not quiet:
+            pipe = upscaler.pipe
+            console.print(f"model ready on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')}) in {time.perf_counter() - start:.1f} s")
+    except IcmsrError as exc:
+        _fail(exc)
+
+    failed = 0
+    for src, dst in jobs:
+        t0 = time.perf_counter()
+        try:
+            picture = read_image(src)
+            out_size = output_size(picture.size, scale)
+            with console.status(f"{src}: {picture.size[0]}x{picture.size[1]} -> {out_size[0]}x{out_size[1]}") if not quiet else _nothing():
+                result = upscaler.upscale_picture(picture)
+            write_image(result, dst)
+        except IcmsrError as exc:
+            if os.environ.get("ICMSR_DEBUG"):
+                raise
+            failed += 1
+            console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+            continue
+        if not quiet:
+            console.print(f"{src} -> {dst} ({out_size[0]}x{out_size[1]}, {time.perf_counter() - t0:.1f} s)")
+    if failed:
+        raise typer.Exit(1)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _plan_outputs(inputs: list[Path], output: Path) -> list[tuple[Path, Path]]:
+    if len(inputs) > 1 or output.is_dir():
+        if output.exists() and not output.is_dir():
+            raise SetupError(f"{output}: several inputs need an output directory, and this is a file")
+        output.mkdir(parents=True, exist_ok=True)
+        return [(p, output / p.name) for p in inputs]
+    if not output.parent.is_dir():
+        raise SetupError(f"{output}: the output folder {output.parent} does not exist")
+    return [(inputs[0], output)]
+
+
+def main() -> None:
+    app()

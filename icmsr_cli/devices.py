@@ -1,0 +1,56 @@
+"""Choosing the torch device and compute dtype from the user's `auto|...` words."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import SetupError
+
+DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+    name = name.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            raise SetupError(f"--device {name}: CUDA is not available on this machine (this torch build: {torch.__version__})")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise SetupError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return torch.device(name)
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise SetupError("--device mps: Apple MPS is not available on this machine")
+        return torch.device("mps")
+    raise SetupError(f"--device {name!r}: expected one of {DEVICE_CHOICES}")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on CUDA when supported, else fp16 on CUDA/MPS, fp32 on CPU."""
+    name = name.strip().lower()
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if name not in _DTYPES:
+        raise SetupError(f"--dtype {name!r}: expected one of {', '.join(DTYPE_CHOICES)}")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]

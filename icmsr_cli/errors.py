@@ -1,0 +1,39 @@
+"""The exceptions a user may see. Each message is one line that names the thing and the reason.
+
+The CLI turns them into a line on stderr and an exit code; library callers catch them by type.
+"""
+
+from __future__ import annotations
+
+
+class IcmsrError(Exception):
+    """Base of every error icmsr raises on purpose."""
+
+    #: process exit code the CLI uses for this kind of error (2: usage or setup, 1: processing)
+    exit_code = 1
+
+
+class SetupError(IcmsrError):
+    """The run cannot start: bad option, missing or broken model, unusable device."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(SetupError):
+    """A base model or LoRA checkpoint is not where it was said to be, or cannot be fetched."""
+
+
+class CheckpointError(SetupError):
+    """A LoRA checkpoint is unreadable, unsafe, or does not fit the base model."""
+
+
+class IntegrityError(SetupError):
+    """A downloaded file does not have the registered sha256."""
+
+
+class ImageError(IcmsrError):
+    """One input image cannot be read, or one output cannot be written."""
+
+
+class NumericalError(IcmsrError):
+    """The model produced NaN or Inf (typically fp16 overflow)."""

@@ -1,0 +1,275 @@
+"""Getting weights onto disk: Hub snapshots with mirror fallback, LoRA files by Hub path or URL,
+sha256 checks, offline mode. The only module that imports huggingface_hub.
+
+Everything goes through huggingface_hub, so HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN and
+HF_ENDPOINT behave as users expect, and interrupted downloads resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import IntegrityError, ModelNotFoundError, SetupError
+from .registry import HubSource, LoraSource, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+#: called with one line for the user (mirror fall-through, verification); the CLI prints it
+Notify = Callable[[str], None]
+
+_CONFIGS = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "unet/config.json",
+    "vae/config.json",
+]
+_WEIGHTS = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def base_files(fp16: bool) -> list[str]:
+    """What the pipeline reads of an SD-2.1-base repo (~2.6 GB in fp16 instead of the repo's ~15 GB)."""
+    variant = ".fp16" if fp16 else ""
+    return _CONFIGS + [f"{sub}/{stem}{variant}.safetensors" for sub, stem in _WEIGHTS.items()]
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _complete(folder: Path, fp16: bool) -> bool:
+    return all(any(folder.glob(p)) for p in base_files(fp16))
+
+
+def fetch_base(sources: tuple[HubSource, ...], *, fp16: bool, what: str, notify: Notify, tqdm_class=None) -> Path:
+    """A local SD-2.1-base snapshot: from the cache with no request if complete, else the first mirror that answers."""
+    from huggingface_hub import snapshot_download
+
+    patterns = base_files(fp16)
+    for src in sources:  # a complete cached snapshot of any mirror needs no network at all
+        try:
+            folder = Path(snapshot_download(src.repo, revision=src.revision, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            continue
+        if _complete(folder, fp16):
+            return folder
+    if is_offline():
+        raise ModelNotFoundError(f"{what}: base model not downloaded and HF_HUB_OFFLINE is set; run `icmsr weights download {what}` online first")
+    reasons = []
+    for src in sources:
+        try:
+            folder = Path(
+                snapshot_download(src.repo, revision=src.revision, allow_patterns=patterns, tqdm_class=tqdm_class)
+            )
+        except Exception as exc:  # missing repo, refused, network: fall through to the next mirror
+            reason = _reason(exc)
+            reasons.append(f"{src.repo}: {reason}")
+            notify(f"base model source {src.repo} failed ({reason}); trying the next mirror")
+            continue
+        if _complete(folder, fp16):
+            return folder
+        reasons.append(f"{src.repo}: the repo lacks {', '.join(p for p in patterns if not any(folder.glob(p)))}")
+        notify(f"base model source {src.repo} is incomplete; trying the next mirror")
+    raise ModelNotFoundError(f"{what}: no base model source could be used ({'; '.join(reasons)})")
+
+
+def fetch_lora(src: LoraSource, *, what: str, notify: Notify, tqdm_class=None) -> Path:
+    """A local copy of the LoRA checkpoint, sha256-verified when the source pins one."""
+    if src.repo:
+        path = _fetch_hub_file(src, what=what, tqdm_class=tqdm_class)
+    elif src.url:
+        path = _fetch_url(src, what=what, tqdm_class=tqdm_class)
+    else:
+        raise SetupError(f"{what}: LoRA source names neither a Hub file nor a URL")
+    if src.sha256:
+        verify_sha256(path, src.sha256, what=what)
+    return path
+
+
+def _fetch_hub_file(src: LoraSource, *, what: str, tqdm_class) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(src.repo, src.path, revision=src.revision, local_files_only=True))
+    except Exception:
+        pass
+    if is_offline():
+        raise ModelNotFoundError(f"{what}: LoRA checkpoint not downloaded and HF_HUB_OFFLINE is set; run `icmsr weights download {what}` online first")
+    try:
+        return Path(hf_hub_download(src.repo, src.path, revision=src.revision, tqdm_class=tqdm_class))
+    except Exception as exc:
+        raise ModelNotFoundError(f"{what}: cannot download hf://{src.repo}/{src.path} ({_reason(exc)})") from exc
+
+
+def url_cache_path(src: LoraSource) -> Path:
+    """URL downloads live beside the Hub cache, one folder per URL."""
+    from huggingface_hub import constants
+
+    digest = hashlib.sha256(src.url.encode()).hexdigest()[:16]
+    return Path(constants.HF_HOME) / "icmsr" / "downloads" / digest / src.filename
+
+
+def _fetch_url(src: LoraSource, *, what: str, tqdm_class) -> Path:
+    from huggingface_hub.file_download import http_get
+
+    path = url_cache_path(src)
+    if path.is_file():
+        return path
+    if is_offline():
+        raise ModelNotFoundError(f"{what}: LoRA checkpoint not downloaded and HF_HUB_OFFLINE is set; run `icmsr weights download {what}` online first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".incomplete")  # kept on failure: the next run resumes it
+    try:
+        with open(part, "ab") as f:
+            http_get(src.url, f, resume_size=f.tell(), displayed_filename=src.filename, tqdm_class=tqdm_class)
+    except Exception as exc:
+        raise ModelNotFoundError(f"{what}: cannot download {src.url} ({_reason(exc)})") from exc
+    os.replace(part, path)
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str, *, what: str) -> None:
+    """On mismatch, delete the file (and its Hub blob) so the next run downloads it afresh."""
+    actual = sha256_of(path)
+    if actual != expected.lower():
+        real = path.resolve()
+        path.unlink(missing_ok=True)
+        real.unlink(missing_ok=True)
+        raise IntegrityError(f"{what}: {path.name} failed verification (expected sha256 {expected}, got {actual}); the file was deleted")
+
+
+def _reason(exc: Exception) -> str:
+    """One line for an exception from huggingface_hub or the network."""
+    from huggingface_hub import errors
+
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return "repository not found" + (f" (HTTP {status})" if status else "")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return "revision not found"
+    if isinstance(exc, errors.EntryNotFoundError):
+        return "file not found"
+    if isinstance(exc, errors.GatedRepoError):
+        return "gated repository: accept its licence on the Hub and set HF_TOKEN"
+    if status:
+        return f"HTTP {status}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------ user-facing resolution
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    base: Path
+    lora: Path
+
+
+def parse_lora_ref(ref: str) -> LoraSource | Path:
+    """`--lora`: a local file, `hf://owner/repo/path/in/repo[@revision]`, or an https URL."""
+    if ref.startswith("hf://"):
+        parts = ref[5:].split("/", 2)
+        if len(parts) < 3 or not all(parts):
+            raise SetupError(f"--lora {ref}: expected hf://owner/repo/path/to/file")
+        repo, path = "/".join(parts[:2]), parts[2]
+        revision = "main"
+        if "@" in repo:
+            repo, revision = repo.split("@", 1)
+        return LoraSource(repo=repo, path=path, revision=revision)
+    if ref.startswith("https://") or ref.startswith("http://"):
+        return LoraSource(url=ref)
+    return Path(ref).expanduser()
+
+
+def parse_base_ref(ref: str) -> tuple[HubSource, ...] | Path:
+    """`--base`: a local diffusers folder, or a Hub repo id (`owner/name[@revision]`)."""
+    path = Path(ref).expanduser()
+    if path.exists() or not _REPO_ID.match(ref.split("@")[0]):
+        return path
+    repo, _, revision = ref.partition("@")
+    return (HubSource(repo, revision or "main"),)
+
+
+def resolve_weights(
+    spec: ModelSpec,
+    *,
+    base: str | None = None,
+    lora: str | None = None,
+    fp16: bool = False,
+    notify: Notify = logger.info,
+    tqdm_class=None,
+) -> ResolvedWeights:
+    """Local paths for the base model and LoRA of `spec`, with --base/--lora overriding; downloads as needed."""
+    base_ref = parse_base_ref(base) if base else spec.base
+    if isinstance(base_ref, Path):
+        if not base_ref.is_dir():
+            raise ModelNotFoundError(f"--base {base}: no such folder (and not a Hub repo id)")
+        base_dir = base_ref
+    else:
+        base_dir = fetch_base(base_ref, fp16=fp16, what=spec.name, notify=notify, tqdm_class=tqdm_class)
+
+    lora_ref: LoraSource | Path | None = parse_lora_ref(lora) if lora else spec.lora
+    if lora_ref is None:
+        raise SetupError(f"model {spec.name}: {spec.note or 'no LoRA checkpoint registered'}")
+    if isinstance(lora_ref, Path):
+        if not lora_ref.is_file():
+            raise ModelNotFoundError(f"--lora {lora}: no such file")
+        lora_path = lora_ref
+    else:
+        lora_path = fetch_lora(lora_ref, what=spec.name, notify=notify, tqdm_class=tqdm_class)
+    return ResolvedWeights(base=base_dir, lora=lora_path)
+
+
+@dataclass(frozen=True)
+class CacheState:
+    base: Path | None  # a complete cached snapshot (fp32 or fp16 weights), if any
+    lora: Path | None
+    size_bytes: int  # what those files take on disk
+
+
+def cache_state(spec: ModelSpec) -> CacheState:
+    """What of `spec` is on disk, found without any network request."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    base, size = None, 0
+    for src in spec.base:
+        for fp16 in (False, True):
+            try:
+                folder = Path(snapshot_download(src.repo, revision=src.revision, allow_patterns=base_files(fp16), local_files_only=True))
+            except Exception:
+                continue
+            if _complete(folder, fp16):
+                base = folder
+                size = sum(p.resolve().stat().st_size for pat in base_files(fp16) for p in folder.glob(pat))
+                break
+        if base:
+            break
+    lora = None
+    if spec.lora and spec.lora.repo:
+        try:
+            lora = Path(hf_hub_download(spec.lora.repo, spec.lora.path, revision=spec.lora.revision, local_files_only=True))
+        except Exception:
+            lora = None
+    elif spec.lora and spec.lora.url and url_cache_path(spec.lora).is_file():
+        lora = url_cache_path(spec.lora)
+    if lora:
+        size += lora.resolve().stat().st_size
+    return CacheState(base=base, lora=lora, size_bytes=size)
