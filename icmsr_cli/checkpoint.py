@@ -50,10 +50,12 @@ def load_lora_checkpoint(path: str | Path) -> LoraCheckpoint:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses arbitrary objects: never fall back to a full unpickle.
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "not a tensor-only pickle"
-        raise CheckpointError(f"{path}: refused to load, not a plain tensor checkpoint ({reason})") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:
+            raise CheckpointError(f"{path}: refused to load, it contains Python code or objects ({found[1]}), not only tensors") from exc
+        raise CheckpointError(f"{path}: not a readable torch checkpoint") from exc
+    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError... on non-checkpoints
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
     return _from_dict(raw, path)
 
 

@@ -1,0 +1,65 @@
+"""The command line's contract: exit codes, one-line errors on stderr, nothing on stdout."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import photo_like
+from icmsr_cli import __version__
+from icmsr_cli.cli import app
+
+
+def run(*args):
+    return CliRunner().invoke(app, list(map(str, args)))
+
+
+def test_version():
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"icmsr {__version__}"
+
+
+def test_help_explains_every_flag():
+    result = run("upscale", "--help")
+    for flag in ("--output", "--scale", "--model", "--base", "--lora", "--prompt", "--color-fix", "--device", "--dtype", "--tile"):
+        assert flag in result.stdout
+
+
+def test_upscale_writes_exact_size_and_keeps_stdout_clean(tmp_path, tiny_base, tiny_lora):
+    src, dst = tmp_path / "odd.png", tmp_path / "big.png"
+    Image.fromarray(photo_like(45, 31)).save(src)
+    result = run("upscale", src, "-o", dst, "--base", tiny_base, "--lora", tiny_lora, "-s", "2.5", "--tile", "off")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert "big.png" in result.stderr
+    assert Image.open(dst).size == (112, 78)  # round(45*2.5)=112 (half to even), round(31*2.5)=78
+
+
+def test_missing_input_is_one_line_and_exit_1(tmp_path, tiny_base, tiny_lora):
+    result = run("upscale", tmp_path / "absent.png", "-o", tmp_path / "o.png", "--base", tiny_base, "--lora", tiny_lora)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == f"error: {tmp_path / 'absent.png'}: no such file"
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_setup_errors_exit_2_without_traceback(tmp_path, tiny_lora):
+    src = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
+    result = run("upscale", src, "-o", tmp_path / "o.png", "--base", tmp_path / "nowhere", "--lora", tiny_lora)
+    assert result.exit_code == 2 and "no such folder" in result.stderr and "Traceback" not in result.output
+    result = run("upscale", src, "-o", tmp_path / "o.png", "--color-fix", "sepia")
+    assert result.exit_code == 2 and "sepia" in result.stderr
+    result = run("upscale", src, "-o", tmp_path / "o.png", "--tile", "huge")
+    assert result.exit_code == 2 and "huge" in result.stderr
+
+
+def test_broken_lora_is_named(tmp_path, tiny_base):
+    src, bad = tmp_path / "in.png", tmp_path / "bad.pkl"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
+    bad.write_bytes(b"not a checkpoint")
+    result = run("upscale", src, "-o", tmp_path / "o.png", "--base", tiny_base, "--lora", bad)
+    assert result.exit_code == 2
+    assert f"{bad}: not a readable torch checkpoint" in result.stderr

@@ -1,0 +1,117 @@
+"""The pieces of the pipeline that are easy to get subtly wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import photo_like
+from icmsr_cli.devices import resolve_device, resolve_dtype
+from icmsr_cli.errors import NumericalError, SetupError
+from icmsr_cli.images import Picture
+from icmsr_cli.pipeline import alphas_cumprod, load_pipeline, pad_to_multiple
+from icmsr_cli.upscale import UpscaleOptions, output_size, processing_size, upscale_picture
+
+
+def test_alphas_cumprod_999_of_sd_schedule():
+    a = alphas_cumprod({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000})
+    assert a.shape == (1000,)
+    assert abs(float(a[999]) - 0.0046600) < 1e-6
+    with pytest.raises(SetupError, match="epsilon"):
+        alphas_cumprod({"prediction_type": "v_prediction"})
+
+
+@pytest.mark.parametrize(
+    "size,scale,expected",
+    [((37, 53), 4, (148, 212)), ((33, 17), 1.5, (50, 26)), ((101, 7), 2.5, (252, 18)), ((640, 480), 0.5, (320, 240)), ((3, 3), 3.3, (10, 10))],
+)
+def test_output_size_is_round_of_scaled_size(size, scale, expected):
+    assert output_size(size, scale) == expected
+
+
+def test_processing_size_lifts_short_side_to_512():
+    assert processing_size((212, 148), 512) == (733, 512)
+    assert processing_size((100, 100), 512) == (512, 512)
+    assert processing_size((600, 512), 512) == (600, 512)
+
+
+@pytest.mark.parametrize("h,w", [(17, 23), (8, 16), (64, 57), (5, 3)])
+def test_padding_keeps_the_image_and_reaches_multiples_of_8(h, w):
+    x = torch.rand(1, 3, h, w)
+    p = pad_to_multiple(x)
+    assert p.shape[-2] % 8 == 0 and p.shape[-1] % 8 == 0 and p.shape[-2] - h < 8 and p.shape[-1] - w < 8
+    assert torch.equal(p[..., :h, :w], x)  # never stretched: the original pixels sit untouched
+    if h > 8 and w > 8 and p.shape[-1] > w:
+        torch.testing.assert_close(p[..., :h, w], x[..., :h, w - 2])  # reflect, not replicate
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_base, tiny_lora, tmp_path_factory):
+    return load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("size,scale", [((23, 17), 2.0), ((31, 9), 1.7), ((40, 41), 0.75)])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_output_size_mode_and_alpha(pipe, size, scale, channels):
+    rng = np.random.default_rng(0)
+    px = rng.random((size[1], size[0], channels)).astype(np.float32)
+    out = upscale_picture(pipe, Picture(px, bit_depth=16), UpscaleOptions(scale=scale, min_side=16))
+    w, h = output_size(size, scale)
+    assert out.pixels.shape == (h, w, channels)
+    assert out.pixels.dtype == np.float32 and 0 <= out.pixels.min() and out.pixels.max() <= 1
+    if channels in (2, 4):  # alpha is bicubic-resized input alpha, untouched by the model
+        from icmsr_cli.images import resize_planes
+
+        expected = np.clip(resize_planes(px[..., -1:], (w, h), exact_8bit=False), 0, 1)
+        np.testing.assert_allclose(out.pixels[..., -1:], expected, atol=1e-6)
+
+
+def test_bf16_runs_and_returns_float32(pipe, tiny_base, tiny_lora):
+    bf = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.bfloat16)
+    x = torch.from_numpy(photo_like(64, 48).astype(np.float32) / 255).permute(2, 0, 1)[None]
+    y_bf, y_32 = bf(x, "adain"), pipe(x, "adain")
+    assert y_bf.dtype == torch.float32 and y_bf.shape == y_32.shape
+    assert (y_bf - y_32).abs().mean() < 0.05
+
+
+def test_nan_output_is_reported(tiny_base, tiny_lora):
+    bad = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad():
+        bad.vae.decoder.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(NumericalError, match="NaN/Inf.*--dtype fp32"):
+        bad(torch.rand(1, 3, 64, 64))
+
+
+def test_prompt_embedding_cached_so_text_encoder_not_built_again(tiny_base, tiny_lora, monkeypatch):
+    import transformers
+
+    built = []
+    original = transformers.CLIPTextModel.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        built.append(args[0])
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.CLIPTextModel, "from_pretrained", classmethod(counting))
+    first = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+    assert len(built) == 1
+    second = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+    assert len(built) == 1, "the second load must read the cached embedding"
+    assert torch.equal(first.prompt_embeds, second.prompt_embeds)
+    other = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32, prompt="a photo")
+    assert len(built) == 2 and not torch.equal(other.prompt_embeds, first.prompt_embeds)
+
+
+def test_device_and_dtype_choice():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(SetupError, match="--dtype"):
+        resolve_dtype("fp8", torch.device("cpu"))
+    with pytest.raises(SetupError, match="--device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SetupError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+        assert resolve_device("auto").type in ("cpu", "mps")
