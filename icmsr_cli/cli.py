@@ -20,7 +20,7 @@ from . import __version__
 from .color import COLOR_FIXES
 from .errors import IcmsrError, SetupError
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 app = typer.Typer(
     name="icmsr",
@@ -54,7 +54,7 @@ def _notify(message: str) -> None:
 def _fail(exc: IcmsrError) -> None:
     if os.environ.get("ICMSR_DEBUG"):
         raise exc
-    console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+    console.print(f"[red]error:[/] {exc}")
     raise typer.Exit(exc.exit_code)
 
 
@@ -134,7 +134,7 @@ def upscale(
             if os.environ.get("ICMSR_DEBUG"):
                 raise
             failed += 1
-            console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+            console.print(f"[red]error:[/] {exc}")
             continue
         if not quiet:
             console.print(f"{src} -> {dst} ({out_size[0]}x{out_size[1]}, {time.perf_counter() - t0:.1f} s)")
@@ -159,6 +159,100 @@ def _plan_outputs(inputs: list[Path], output: Path) -> list[tuple[Path, Path]]:
     if not output.parent.is_dir():
         raise SetupError(f"{output}: the output folder {output.parent} does not exist")
     return [(inputs[0], output)]
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """List the registry's models: name, cached or not, size on disk, description. Needs no network."""
+    from .hub import cache_state
+    from .registry import load_registry
+
+    try:
+        registry = load_registry()
+        rows = []
+        for name, spec in registry.models.items():
+            state = cache_state(spec)
+            if spec.lora is None:
+                cached = "weights not published"
+            elif state.base and state.lora:
+                cached = "cached"
+            else:
+                cached = "partly cached" if state.base or state.lora else "not cached"
+            label = f"{name} (default)" if name == registry.default else name
+            rows.append((label, cached, _human_size(state.size_bytes) if state.size_bytes else "-", spec.description))
+    except IcmsrError as exc:
+        _fail(exc)
+    widths = [max(len(r[i]) for r in rows + [("NAME", "STATUS", "SIZE", "")]) for i in range(3)]
+    typer.echo("  ".join(h.ljust(w) for h, w in zip(("NAME", "STATUS", "SIZE"), widths)) + "  DESCRIPTION")
+    for row in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+
+
+@weights_app.command("download")
+def weights_download(
+    name: Optional[str] = typer.Argument(None, help="Model name from weights.toml (default: the registry's default)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Which weights: fp32, or fp16 (also used for bf16); auto: fp16 when CUDA is present."),
+) -> None:
+    """Download a model's base weights and LoRA checkpoint into the Hugging Face cache."""
+    import torch
+
+    from .devices import resolve_device, resolve_dtype
+    from .hub import resolve_weights
+    from .registry import load_registry
+
+    try:
+        registry = load_registry()
+        spec = registry.get(name or registry.default)
+        dt = resolve_dtype(dtype, resolve_device("auto") if dtype == "auto" else torch.device("cpu"))
+        paths = resolve_weights(spec, fp16=dt != torch.float32, notify=_notify, tqdm_class=_tqdm_class())
+    except IcmsrError as exc:
+        _fail(exc)
+    console.print(f"{spec.name}: base model in {paths.base}")
+    console.print(f"{spec.name}: LoRA checkpoint {paths.lora}")
+
+
+@weights_app.command("verify")
+def weights_verify(name: Optional[str] = typer.Argument(None, help="Model name; default: every cached model.")) -> None:
+    """Re-hash cached weights (Hub blobs against their sha256 names, the LoRA against its pin). Offline."""
+    from .hub import cache_state, verify_cached
+    from .registry import load_registry
+
+    try:
+        registry = load_registry()
+        specs = [registry.get(name)] if name else [s for s in registry.models.values() if cache_state(s).base or cache_state(s).lora]
+    except IcmsrError as exc:
+        _fail(exc)
+    problems = [p for spec in specs for p in verify_cached(spec)]
+    for problem in problems:
+        console.print(f"[red]error:[/] {problem}")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"verified: {', '.join(s.name for s in specs) or 'nothing cached'}")
+
+
+@weights_app.command("convert")
+def weights_convert(
+    source: Path = typer.Argument(..., help="OSEDiff-format .pkl checkpoint."),
+    target: Path = typer.Argument(..., help="Output .safetensors file (same tensors; ranks and module lists in metadata)."),
+) -> None:
+    """Convert an OSEDiff .pkl LoRA checkpoint to safetensors (loads without unpickling)."""
+    from .checkpoint import load_lora_checkpoint, save_lora_safetensors
+
+    if target.suffix != ".safetensors":
+        raise typer.BadParameter(f"{target}: the output must end in .safetensors", param_hint="TARGET")
+    try:
+        save_lora_safetensors(load_lora_checkpoint(source), target)
+    except IcmsrError as exc:
+        _fail(exc)
+    console.print(f"{source} -> {target}")
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 def main() -> None:

@@ -273,3 +273,30 @@ def cache_state(spec: ModelSpec) -> CacheState:
     if lora:
         size += lora.resolve().stat().st_size
     return CacheState(base=base, lora=lora, size_bytes=size)
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def verify_cached(spec: ModelSpec) -> list[str]:
+    """Re-hash what is cached for `spec`, offline; return the problems found (empty: all good).
+
+    Hub LFS blobs are stored under their sha256, so every cached weights file can be checked
+    without a request; the LoRA is checked against the registry's pin when there is one.
+    """
+    state = cache_state(spec)
+    problems = []
+    if state.base is None:
+        problems.append(f"{spec.name}: base model not downloaded")
+    else:
+        for path in sorted(state.base.rglob("*")):
+            blob = path.resolve()
+            if path.is_file() and _SHA256.match(blob.name) and sha256_of(blob) != blob.name:
+                problems.append(f"{spec.name}: {path.relative_to(state.base)} is corrupt (sha256 {sha256_of(blob)}, expected {blob.name})")
+    if spec.lora is None:
+        return problems
+    if state.lora is None:
+        problems.append(f"{spec.name}: LoRA checkpoint not downloaded")
+    elif spec.lora.sha256 and (actual := sha256_of(state.lora)) != spec.lora.sha256.lower():
+        problems.append(f"{spec.name}: {state.lora.name} is corrupt (sha256 {actual}, expected {spec.lora.sha256})")
+    return problems

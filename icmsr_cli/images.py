@@ -16,6 +16,9 @@ from PIL import Image, ImageOps
 
 from .errors import ImageError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @dataclass(frozen=True)
 class Picture:
@@ -133,8 +136,9 @@ def write_image(picture: Picture, path: str | Path) -> None:
     image = picture_to_pil(picture)
     if fmt == "JPEG" and image.mode in ("LA", "RGBA"):
         raise ImageError(f"{path}: JPEG cannot store the alpha channel; write PNG, WebP or TIFF")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt, **_save_options(fmt, picture.info))
         os.replace(tmp, path)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import tomllib
+import os
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from .errors import SetupError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,12 @@ class Registry:
 
 
 def load_registry(path: str | Path | None = None) -> Registry:
-    """Parse weights.toml (the copy shipped in the package unless `path` is given)."""
-    text = Path(path).read_text() if path else resources.files("icmsr_cli").joinpath("weights.toml").read_text()
+    """Parse weights.toml: `path`, else $ICMSR_REGISTRY, else the copy shipped in the package."""
+    path = path or os.environ.get("ICMSR_REGISTRY")
+    try:
+        text = Path(path).read_text() if path else resources.files("icmsr_cli").joinpath("weights.toml").read_text()
+    except OSError as exc:
+        raise SetupError(f"{path}: cannot read the model registry ({exc.strerror})") from exc
     try:
         raw = tomllib.loads(text)
         models = {name: _spec(name, entry) for name, entry in raw["models"].items()}

