@@ -6,8 +6,10 @@ errors with their traceback instead of the one-line message.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from rich.console import Console
 from . import __version__
 from .color import COLOR_FIXES
 from .errors import IcmsrError, SetupError
+from .images import DEFAULT_MAX_PIXELS, FORMATS
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -80,8 +83,8 @@ def _tqdm_class():
 
 @app.command()
 def upscale(
-    inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Image files to upscale."),
-    output: str = typer.Option(..., "-o", "--output", help="Output file (one input) or directory (several inputs)."),
+    inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Image files, directories, globs, or - for standard input."),
+    output: str = typer.Option(..., "-o", "--output", help="Output file, directory (mirrors the input tree), or - for standard output."),
     scale: float = typer.Option(4.0, "-s", "--scale", help="Scale factor; the output is exactly round(W*s) x round(H*s)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name from weights.toml (see `icmsr weights list`)."),
     base: Optional[str] = typer.Option(None, "--base", help="Base SD-2.1 model: a local diffusers folder or a Hub repo id."),
@@ -91,11 +94,19 @@ def upscale(
     device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."),
     tile: str = typer.Option("auto", "--tile", help="Latent tile size: auto (from free memory), off (whole image), or N."),
+    recursive: bool = typer.Option(False, "-r", "--recursive", help="Descend into subfolders of directory inputs."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Output format png, jpg, webp, tiff or bmp (default: the input's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (default: skip them, so a rerun resumes)."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse inputs with more pixels than this (decompression-bomb guard)."),
+    json_lines: bool = typer.Option(False, "--json", help="One JSON line per file on stdout (input, output, sizes, seconds, status, error)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only errors."),
 ) -> None:
-    """Upscale images with the one-step diffusion model."""
-    from .images import read_image, write_image
-    from .upscale import UpscaleOptions, output_size
+    """Upscale images with the one-step diffusion model.
+
+    Exit codes: 0 all done (or skipped), 1 some inputs failed, 2 usage or setup error.
+    """
+    from . import batch
+    from .upscale import UpscaleOptions
     from .upscaler import load_upscaler
 
     _parse_tile(tile)
@@ -103,62 +114,91 @@ def upscale(
         raise typer.BadParameter(f"{color_fix!r}: expected one of {', '.join(COLOR_FIXES)}", param_hint="--color-fix")
     if not scale > 0:
         raise typer.BadParameter(f"{scale}: must be positive", param_hint="--scale")
-    if not quiet:
-        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    if fmt is not None and fmt.lower() not in FORMATS:
+        raise typer.BadParameter(f"{fmt!r}: expected one of {', '.join(FORMATS)}", param_hint="--format")
+    fmt = fmt.lower() if fmt else None
+    if json_lines and output == batch.STDIO:
+        raise typer.BadParameter("--json writes to stdout, which -o - already carries the image on", param_hint="--json")
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _interrupt)
+
     try:
-        out_path = Path(output)
-        jobs = _plan_outputs([Path(p) for p in inputs], out_path)
+        jobs, missing = batch.plan(inputs, output, recursive=recursive, fmt=fmt)
+        if not jobs and not missing:
+            raise SetupError("no images found in the inputs (folders yield .png .jpg .jpeg .webp .tif .tiff .bmp files)")
         start = time.perf_counter()
-        with console.status("loading model", spinner="dots") if not quiet else _nothing():
-            upscaler = load_upscaler(
-                model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt,
-                options=UpscaleOptions(scale=scale, color_fix=color_fix),
-                notify=_notify, tqdm_class=_tqdm_class(),
-            )
-        if not quiet:
-            pipe = upscaler.pipe
-            console.print(f"model ready on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')}) in {time.perf_counter() - start:.1f} s")
+        upscaler = None
+        if any(not batch.is_skipped(j, overwrite) for j in jobs):
+            with console.status("loading model", spinner="dots") if not quiet else _nothing():
+                upscaler = load_upscaler(
+                    model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt,
+                    options=UpscaleOptions(scale=scale, color_fix=color_fix),
+                    notify=_notify, tqdm_class=_tqdm_class(),
+                )
+            if not quiet:
+                pipe = upscaler.pipe
+                console.print(f"model ready on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')}) in {time.perf_counter() - start:.1f} s")
     except IcmsrError as exc:
         _fail(exc)
 
-    failed = 0
-    for src, dst in jobs:
-        t0 = time.perf_counter()
-        try:
-            picture = read_image(src)
-            out_size = output_size(picture.size, scale)
-            with console.status(f"{src}: {picture.size[0]}x{picture.size[1]} -> {out_size[0]}x{out_size[1]}") if not quiet else _nothing():
-                result = upscaler.upscale_picture(picture)
-            write_image(result, dst)
-        except IcmsrError as exc:
-            if os.environ.get("ICMSR_DEBUG"):
-                raise
-            failed += 1
-            console.print(f"[red]error:[/] {exc}")
-            continue
-        if not quiet:
-            console.print(f"{src} -> {dst} ({out_size[0]}x{out_size[1]}, {time.perf_counter() - t0:.1f} s)")
-    if failed:
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+
+    def report(result: batch.JobResult) -> None:
+        counts[result.status] += 1
+        if result.status == "failed":
+            console.print(f"[red]error:[/] {result.error}")
+        elif not quiet and not bar:
+            if result.status == "done":
+                w, h = result.output_size
+                console.print(f"{result.job.name} -> {result.job.target or 'stdout'} ({w}x{h}, {result.seconds:.1f} s)")
+            else:
+                console.print(f"{result.job.name}: {result.job.target} exists, skipped (--overwrite replaces it)")
+        if json_lines:
+            sys.stdout.write(json.dumps(result.as_json()) + "\n")
+            sys.stdout.flush()
+        if result.data is not None:
+            sys.stdout.buffer.write(result.data)
+            sys.stdout.buffer.flush()
+
+    for arg in missing:
+        report(batch.JobResult(batch.Job(None, None, arg), "failed", error=f"{arg}: no such file, folder or matching image"))
+    bar = _progress() if not quiet and console.is_terminal and len(jobs) > 1 else None
+    settings = batch.BatchSettings(scale=scale, overwrite=overwrite, max_pixels=max_pixels)
+    try:
+        with bar or _nothing():
+            task = bar.add_task("upscaling", total=len(jobs)) if bar else None
+            for result in batch.run(jobs, upscaler.upscale_picture if upscaler else None, settings):
+                report(result)
+                if bar:
+                    bar.advance(task)
+    except IcmsrError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted:[/] finished outputs are complete; rerun to resume")
+        raise typer.Exit(130)
+    if not quiet and len(jobs) + len(missing) > 1:
+        console.print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
+    if counts["failed"]:
         raise typer.Exit(1)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=False)
 
 
 class _nothing:
     def __enter__(self):
-        return self
+        return None
 
     def __exit__(self, *exc):
         return False
-
-
-def _plan_outputs(inputs: list[Path], output: Path) -> list[tuple[Path, Path]]:
-    if len(inputs) > 1 or output.is_dir():
-        if output.exists() and not output.is_dir():
-            raise SetupError(f"{output}: several inputs need an output directory, and this is a file")
-        output.mkdir(parents=True, exist_ok=True)
-        return [(p, output / p.name) for p in inputs]
-    if not output.parent.is_dir():
-        raise SetupError(f"{output}: the output folder {output.parent} does not exist")
-    return [(inputs[0], output)]
 
 
 @weights_app.command("list")

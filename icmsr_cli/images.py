@@ -6,6 +6,7 @@ Pixels travel as float32 arrays H x W x C in [0, 1] with C = 1 (gray), 2 (gray +
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,7 @@ class Picture:
     pixels: np.ndarray  # H x W x C float32 in [0, 1]
     bit_depth: int = 8  # 8 or 16: the precision the output is rounded to
     info: dict = field(default_factory=dict)  # icc_profile / exif bytes to keep in the output
+    format: str | None = None  # the source file's Pillow format name, when read from a file
 
     @property
     def size(self) -> tuple[int, int]:
@@ -67,28 +69,74 @@ def picture_from_pil(image: Image.Image) -> Picture:
     return Picture(arr.astype(np.float32) / 255.0, 8, info)
 
 
-def read_image(path: str | Path, *, max_pixels: int | None = None) -> Picture:
-    """Read an image file fully (EXIF orientation applied); ImageError names the file and reason."""
-    path = Path(path)
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = max_pixels
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+#: Pillow's own default decompression-bomb limit (~89.5 megapixels)
+DEFAULT_MAX_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
+_ORIENT = {  # EXIF orientation -> numpy ops that undo it (as ImageOps.exif_transpose does)
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 1)[::-1], 8: lambda a: np.rot90(a, 1),
+}
+
+
+def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
+    """Decode an image file (or its bytes) fully, EXIF orientation applied.
+
+    16-bit colour PNG/TIFF, which Pillow would cut to 8 bits, is decoded with OpenCV; Pillow
+    still supplies the metadata. Every failure is an ImageError naming the file and the reason.
+    """
+    name = name or str(source)
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            picture = picture_from_pil(image)
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{name}: no such file") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: too large ({exc}); raise --max-pixels to allow it") from None
+        raise ImageError(f"{name}: is a directory") from None
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read ({exc.strerror})") from None
+    if not data:
+        raise ImageError(f"{name}: cannot read image (empty file)")
+    try:
+        # the limit is checked here, from the header, so a bomb is refused before any decoding
+        previous_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        with Image.open(io.BytesIO(data)) as image:
+            w, h = image.size
+            if w * h > max_pixels:
+                raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}; raise --max-pixels to allow it")
+            if _is_16bit_color(image, data):
+                return replace(_read_16bit_color(image, data, name), format=image.format)
+            image.load()
+            return replace(picture_from_pil(ImageOps.exif_transpose(image)), format=image.format)
+    except ImageError:
+        raise
     except Image.UnidentifiedImageError:
-        reason = "empty file" if path.stat().st_size == 0 else "not a recognised image format"
-        raise ImageError(f"{path}: cannot read image ({reason})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: cannot read image ({exc})") from None
-    return picture
+        raise ImageError(f"{name}: cannot read image (not a recognised image format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{name}: cannot read image ({exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _is_16bit_color(image: Image.Image, data: bytes) -> bool:
+    if image.format == "PNG":  # IHDR: bit depth at byte 24, colour type (2 RGB, 6 RGBA) at 25
+        return data[24] == 16 and data[25] in (2, 6)
+    if image.format == "TIFF":
+        bits = image.tag_v2.get(258)
+        return isinstance(bits, tuple) and len(bits) >= 3 and bits[0] == 16
+    return False
+
+
+def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
+        raise ImageError(f"{name}: cannot decode this 16-bit image")
+    arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
+    orientation = image.getexif().get(0x0112, 1)
+    if orientation in _ORIENT:
+        arr = _ORIENT[orientation](arr)
+    info = {k: image.info[k] for k in ("icc_profile",) if image.info.get(k)}
+    return Picture((np.ascontiguousarray(arr).astype(np.float32) / 65535.0), 16, info)
 
 
 # ------------------------------------------------------------------------------------ resizing
@@ -114,45 +162,88 @@ def resize_planes(pixels: np.ndarray, size: tuple[int, int], *, exact_8bit: bool
 # ------------------------------------------------------------------------------------ encoding
 
 
+FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tiff", "bmp": ".bmp"}
+
+
 def picture_to_pil(picture: Picture) -> Image.Image:
-    """Round the planes to the picture's bit depth (round, not truncate) and build a Pillow image."""
+    """Round the planes to 8 bits, or 16 for gray, (round, not truncate) as a Pillow image."""
     px = np.clip(picture.pixels, 0, 1)
     channels = px.shape[2]
     if picture.bit_depth == 16 and channels == 1:
         return Image.fromarray(np.rint(px[..., 0] * 65535).astype(np.uint16), mode="I;16")
-    if picture.bit_depth == 16:
-        raise ImageError("16-bit colour images are written through write_image, not Pillow")
     arr = np.rint(px * 255).astype(np.uint8)
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
     return Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=mode)
 
 
-def write_image(picture: Picture, path: str | Path) -> None:
-    """Write atomically: a temporary file in the target folder, renamed into place when complete."""
-    path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ImageError(f"{path}: unknown image format {path.suffix!r}")
+def format_for(path: str | Path) -> str:
+    """Pillow format name from a file name's suffix."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt not in ("PNG", "JPEG", "WEBP", "TIFF", "BMP"):
+        raise ImageError(f"{path}: cannot write {Path(path).suffix or 'files without a suffix'}; use .png, .jpg, .webp, .tiff or .bmp")
+    return fmt
+
+
+def encode_image(picture: Picture, fmt: str, name: str = "output") -> bytes:
+    """Encode to PNG/JPEG/WEBP/TIFF/BMP bytes, keeping ICC and EXIF where the format can hold them.
+
+    16-bit colour goes out as 16-bit PNG/TIFF (through OpenCV, which cannot embed metadata);
+    formats without 16-bit support get 8 bits.
+    """
+    if fmt == "JPEG" and picture.has_alpha:
+        raise ImageError(f"{name}: JPEG cannot store the alpha channel; use --format png, webp or tiff")
+    if picture.bit_depth == 16 and fmt not in ("PNG", "TIFF"):
+        picture = replace(picture, bit_depth=8)
+    if picture.bit_depth == 16 and not picture.is_gray:
+        import cv2
+
+        arr = np.rint(np.clip(picture.pixels, 0, 1) * 65535).astype(np.uint16)
+        ok, buf = cv2.imencode(".png" if fmt == "PNG" else ".tiff", np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]]))
+        if not ok:
+            raise ImageError(f"{name}: cannot encode as 16-bit {fmt}")
+        return buf.tobytes()
     image = picture_to_pil(picture)
-    if fmt == "JPEG" and image.mode in ("LA", "RGBA"):
-        raise ImageError(f"{path}: JPEG cannot store the alpha channel; write PNG, WebP or TIFF")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    out = io.BytesIO()
+    image.save(out, format=fmt, **_save_options(fmt, picture.info))
+    return out.getvalue()
+
+
+def temp_name(path: Path) -> str:
+    """Prefix of the hidden temporary files written beside `path` (so stale ones can be found)."""
+    return f".{path.name}.icmsr-"
+
+
+def write_bytes_atomically(data: bytes, path: str | Path) -> None:
+    """A temporary file in the target folder, renamed into place only when complete: an
+    interruption never leaves a partial output. Stale temporaries of a killed run are removed."""
+    path = Path(path)
+    for stale in path.parent.glob(temp_name(path) + "*.tmp"):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name(path), suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt, **_save_options(fmt, picture.info))
+            f.write(data)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise ImageError(f"{path}: cannot write ({exc})") from None
+            raise ImageError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
 
 
+def write_image(picture: Picture, path: str | Path) -> None:
+    """Encode by the suffix's format and write atomically."""
+    write_bytes_atomically(encode_image(picture, format_for(path), str(path)), path)
+
+
 def _save_options(fmt: str, info: dict) -> dict:
-    options = {k: v for k, v in info.items() if k in ("icc_profile", "exif")}
+    keep = {"PNG": ("icc_profile", "exif"), "JPEG": ("icc_profile", "exif"), "WEBP": ("icc_profile", "exif"), "TIFF": ("icc_profile", "exif")}
+    options = {k: v for k, v in info.items() if k in keep.get(fmt, ())}
     if fmt == "JPEG":
         options.update(quality=95, subsampling=0)
     elif fmt == "WEBP":
         options.update(quality=95)
+    elif fmt == "TIFF":
+        options.update(compression="tiff_deflate")
     return options

@@ -40,7 +40,7 @@ def test_missing_input_is_one_line_and_exit_1(tmp_path, tiny_base, tiny_lora):
     result = run("upscale", tmp_path / "absent.png", "-o", tmp_path / "o.png", "--base", tiny_base, "--lora", tiny_lora)
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
-    assert lines[-1] == f"error: {tmp_path / 'absent.png'}: no such file"
+    assert lines[-1] == f"error: {tmp_path / 'absent.png'}: no such file, folder or matching image"
     assert "Traceback" not in result.output
     assert not (tmp_path / "o.png").exists()
 

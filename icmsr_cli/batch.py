@@ -1,0 +1,189 @@
+"""Many images through one loaded model: finding inputs, planning outputs, running the batch.
+
+Reading the next image overlaps with the model's work on the current one. Every job ends in a
+JobResult (done, skipped or failed with a one-line reason); one bad file never stops the batch.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import IcmsrError, ImageError, SetupError
+from .images import DEFAULT_MAX_PIXELS, FORMATS, IMAGE_SUFFIXES, Picture, encode_image, format_for, read_image, write_bytes_atomically
+from .upscale import output_size
+
+STDIO = "-"
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path | None  # None: standard input
+    target: Path | None  # None: standard output
+    name: str  # how messages name the input
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job: Job
+    status: str  # done | skipped | failed
+    seconds: float = 0.0
+    input_size: tuple[int, int] | None = None
+    output_size: tuple[int, int] | None = None
+    error: str | None = None
+    data: bytes | None = None  # the encoded image when the target is standard output
+
+    def as_json(self) -> dict:
+        return {
+            "input": self.job.name,
+            "output": str(self.job.target) if self.job.target else STDIO,
+            "status": self.status,
+            "input_size": list(self.input_size) if self.input_size else None,
+            "output_size": list(self.output_size) if self.output_size else None,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+        }
+
+
+def _is_candidate(path: Path, root: Path) -> bool:
+    """Folders yield image files only, and nothing hidden (no dot-files or dot-folders)."""
+    rel = path.relative_to(root)
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in rel.parts)
+
+
+def discover(inputs: list[str], *, recursive: bool) -> tuple[list[tuple[Path | None, Path]], list[str]]:
+    """Expand files, folders and globs into (source, relative output path) pairs.
+
+    Returns the pairs and the inputs that matched nothing (reported as failures, not fatal).
+    """
+    found: list[tuple[Path | None, Path]] = []
+    missing: list[str] = []
+    for arg in inputs:
+        if arg == STDIO:
+            found.append((None, Path("stdin.png")))
+            continue
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            walk = path.rglob("*") if recursive else path.glob("*")
+            found.extend((p, p.relative_to(path)) for p in sorted(walk) if _is_candidate(p, path))
+        elif path.exists():
+            found.append((path, Path(path.name)))
+        elif glob.has_magic(arg):
+            matches = [Path(m) for m in sorted(glob.glob(arg, recursive=recursive)) if Path(m).is_file()]
+            found.extend((m, Path(m.name)) for m in matches)
+            if not matches:
+                missing.append(arg)
+        else:
+            missing.append(arg)
+    return found, missing
+
+
+def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | None = None) -> tuple[list[Job], list[str]]:
+    """Jobs for the inputs; a folder output mirrors the input tree with the same names (and formats
+    unless `fmt` says otherwise). Raises SetupError for contradictions no file can fix."""
+    found, missing = discover(inputs, recursive=recursive)
+    suffix = FORMATS[fmt] if fmt else None
+    to_stdout = output == STDIO
+    out = Path(output).expanduser()
+    many = len(found) + len(missing) > 1 or any(Path(a).is_dir() for a in inputs if a != STDIO)
+    if to_stdout and many:
+        raise SetupError("-o - writes one image to standard output; give exactly one input")
+    if (None, Path("stdin.png")) in found and not to_stdout and (many or out.is_dir()):
+        raise SetupError("- (standard input) needs an output file or -o -, not a directory")
+    folder = not to_stdout and (many or out.is_dir() or output.endswith(("/", "\\")))
+    if folder and out.exists() and not out.is_dir():
+        raise SetupError(f"{out}: several inputs need an output directory, and this is a file")
+    if not folder and not to_stdout:
+        if not out.parent.is_dir():
+            raise SetupError(f"{out}: the output folder {out.parent} does not exist")
+        format_for(out if not suffix else out.with_suffix(suffix))
+    jobs = []
+    for source, rel in found:
+        name = str(source) if source else "<stdin>"
+        if to_stdout:
+            target = None
+        elif folder:
+            target = out / rel
+        else:
+            target = out
+        if target is not None and suffix:
+            target = target.with_suffix(suffix)
+        jobs.append(Job(source, target, name))
+    return jobs, missing
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    scale: float
+    overwrite: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    stdout_format: str | None = None  # Pillow format for -o - (default: the input's, else PNG)
+
+
+def run(
+    jobs: list[Job],
+    upscale: Callable[[Picture], Picture],
+    settings: BatchSettings,
+    *,
+    read_stdin: Callable[[], bytes] = lambda: sys.stdin.buffer.read(),
+) -> Iterator[JobResult]:
+    """Run the jobs in order, yielding one result each; the next input decodes while this one runs."""
+    todo = [j for j in jobs if not is_skipped(j, settings.overwrite)]
+    skipped = {id(j) for j in jobs} - {id(j) for j in todo}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="icmsr-read") as reader:
+        pending: dict[int, Future] = {}
+
+        def prefetch(index: int) -> None:
+            if index < len(todo) and index not in pending:
+                job = todo[index]
+                pending[index] = reader.submit(_read, job, settings, read_stdin)
+
+        prefetch(0)
+        position = 0
+        for job in jobs:
+            if id(job) in skipped:
+                yield JobResult(job, "skipped")
+                continue
+            future = pending.pop(position)
+            position += 1
+            prefetch(position)
+            t0 = time.perf_counter()
+            try:
+                picture, fmt = future.result()
+                out = output_size(picture.size, settings.scale)
+                result = upscale(picture)
+                data = encode_image(result, fmt if job.target is None else format_for(job.target), str(job.target or job.name))
+                if job.target is not None:
+                    job.target.parent.mkdir(parents=True, exist_ok=True)
+                    write_bytes_atomically(data, job.target)
+                    data = None
+            except IcmsrError as exc:
+                yield JobResult(job, "failed", time.perf_counter() - t0, error=str(exc))
+                if not isinstance(exc, ImageError):
+                    raise  # numerical or setup trouble will hit every file: stop the batch
+                continue
+            yield JobResult(job, "done", time.perf_counter() - t0, picture.size, out, data=data)
+
+
+def is_skipped(job: Job, overwrite: bool) -> bool:
+    """An existing output is kept (a rerun resumes) unless overwriting; an input is never its own output."""
+    return job.target is not None and job.target.exists() and not overwrite and not _same_file(job)
+
+
+def _same_file(job: Job) -> bool:
+    return job.source is not None and job.target is not None and job.target.exists() and job.source.resolve() == job.target.resolve()
+
+
+def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes]) -> tuple[Picture, str]:
+    """Decode one input; also say which format it goes out in when the target is standard output."""
+    if _same_file(job):
+        raise ImageError(f"{job.name}: the output would overwrite the input; choose another output")
+    source = read_stdin() if job.source is None else job.source
+    picture = read_image(source, name=job.name, max_pixels=settings.max_pixels)
+    writable = picture.format in ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+    return picture, settings.stdout_format or (picture.format if writable else "PNG")
