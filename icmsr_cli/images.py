@@ -144,6 +144,7 @@ def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
 
 def resize_planes(pixels: np.ndarray, size: tuple[int, int], *, exact_8bit: bool) -> np.ndarray:
     """Bicubic resize of every channel to size (W, H) with Pillow, as the reference inference does.
+    (Pillow picks the mode from the dtype: uint8 -> L, float32 -> F.)
 
     With `exact_8bit` the channels are 8-bit values and are resized as 8-bit images, which gives
     Pillow's RGB result bit for bit; otherwise they are resized in float (mode F), unclipped.
@@ -151,10 +152,10 @@ def resize_planes(pixels: np.ndarray, size: tuple[int, int], *, exact_8bit: bool
     out = []
     for c in range(pixels.shape[2]):
         if exact_8bit:
-            plane = Image.fromarray(np.rint(pixels[..., c] * 255).astype(np.uint8), mode="L")
+            plane = Image.fromarray(np.rint(pixels[..., c] * 255).astype(np.uint8))
             out.append(np.asarray(plane.resize(size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0)
         else:
-            plane = Image.fromarray(np.ascontiguousarray(pixels[..., c], dtype=np.float32), mode="F")
+            plane = Image.fromarray(np.ascontiguousarray(pixels[..., c], dtype=np.float32))
             out.append(np.asarray(plane.resize(size, Image.Resampling.BICUBIC), dtype=np.float32))
     return np.stack(out, axis=2)
 
@@ -170,10 +171,9 @@ def picture_to_pil(picture: Picture) -> Image.Image:
     px = np.clip(picture.pixels, 0, 1)
     channels = px.shape[2]
     if picture.bit_depth == 16 and channels == 1:
-        return Image.fromarray(np.rint(px[..., 0] * 65535).astype(np.uint16), mode="I;16")
+        return Image.fromarray(np.rint(px[..., 0] * 65535).astype(np.uint16))  # I;16
     arr = np.rint(px * 255).astype(np.uint8)
-    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
-    return Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=mode)
+    return Image.fromarray(arr[..., 0] if channels == 1 else arr)  # L, LA, RGB or RGBA by shape
 
 
 def format_for(path: str | Path) -> str:

@@ -83,7 +83,7 @@ class Reference:
         y = {"adain": ref_adain, "wavelet": ref_wavelet, "none": lambda c, s: c}[color_fix](y, x)
         y = y.clamp(0, 1)[0, :, :run_h, :run_w].permute(1, 2, 0).numpy()
         if (run_w, run_h) != (out_w, out_h):
-            y = np.stack([np.asarray(Image.fromarray(y[..., c], "F").resize((out_w, out_h), Image.BICUBIC)) for c in range(3)], 2)
+            y = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(y[..., c], dtype=np.float32)).resize((out_w, out_h), Image.BICUBIC)) for c in range(3)], 2)
         return np.clip(y, 0, 1) * 255
 
 

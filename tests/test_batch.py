@@ -1,0 +1,184 @@
+"""Folders, pipes and every kind of image, with real files through real encoders and decoders."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import photo_like
+from icmsr_cli.cli import app
+
+
+def _png_bomb(path: Path, w: int = 60000, h: int = 60000) -> None:
+    """A small, valid-looking PNG whose header claims w x h pixels."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+
+
+def _truncated(path: Path, fmt: str) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(64, 48, seed=9)).save(buf, format=fmt)
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    rgb = photo_like(30, 20, seed=1)
+    Image.fromarray(rgb).save(src / "rgb.png")
+    Image.fromarray(np.dstack([rgb, np.linspace(0, 255, 30 * 20).reshape(20, 30).astype(np.uint8)])).save(src / "rgba.png")
+    Image.fromarray(rgb).convert("L").save(src / "gray.png")
+    Image.fromarray((np.linspace(0, 65535, 30 * 20).reshape(20, 30)).astype(np.uint16)).save(src / "gray16.png")
+    cv2.imwrite(str(src / "rgb16.png"), (rgb.astype(np.uint16) * 257 + 3)[..., ::-1])
+    Image.fromarray(rgb).convert("CMYK").save(src / "cmyk.jpg")
+    Image.fromarray(rgb).save(src / "sub" / "nested.webp")
+    Image.fromarray(rgb).save(src / "photo.tiff")
+    Image.fromarray(rgb).save(src / "pic.bmp")
+    Image.fromarray(rgb).save(src / ".hidden.png")
+    (src / "notes.txt").write_text("not an image, and not named like one")
+    (src / "empty.png").write_bytes(b"")
+    (src / "text.jpg").write_text("hello, I am text")
+    _truncated(src / "trunc.png", "PNG")
+    _truncated(src / "trunc.jpg", "JPEG")
+    _png_bomb(src / "bomb.png")
+    return src
+
+
+GOOD = {  # name: (mode, bit depth) expected of the output
+    "rgb.png": ("RGB", 8), "rgba.png": ("RGBA", 8), "gray.png": ("L", 8), "gray16.png": ("I;16", 16),
+    "rgb16.png": ("RGB", 16), "cmyk.jpg": ("RGB", 8), "sub/nested.webp": ("RGB", 8), "photo.tiff": ("RGB", 8), "pic.bmp": ("RGB", 8),
+}
+BROKEN = {"empty.png": "empty file", "text.jpg": "not a recognised image format", "trunc.png": "truncated",
+          "trunc.jpg": "truncated", "bomb.png": "over the limit"}
+
+
+def _mode_and_depth(path: Path) -> tuple[str, int]:
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    with Image.open(path) as im:
+        if arr is not None and arr.dtype == np.uint16 and arr.ndim == 3:
+            return "RGB", 16
+        return im.mode, 16 if im.mode.startswith("I;16") else 8
+
+
+def test_mixed_folder(tmp_path, mixed, tiny_base, tiny_lora):
+    out = tmp_path / "out"
+    args = ["upscale", str(mixed), "-r", "-o", str(out), "-s", "2", "--base", str(tiny_base), "--lora", str(tiny_lora), "--tile", "off", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    for name, (mode, depth) in GOOD.items():
+        path = out / name
+        assert path.is_file(), name
+        assert Image.open(path).size == (60, 40), name
+        assert _mode_and_depth(path) == (mode, depth), name
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    for name, reason in BROKEN.items():
+        assert not (out / name).exists()
+        assert any(f"{mixed / name}:" in line and reason in line.lower() for line in errors), (name, errors)
+    assert len(errors) == len(BROKEN)
+    assert not (out / ".hidden.png").exists() and not (out / "notes.txt").exists()
+    assert "hidden" not in result.stderr and "notes.txt" not in result.stderr
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temporary files left behind"
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(r["status"] for r in records) == ["done"] * len(GOOD) + ["failed"] * len(BROKEN)
+    assert all(r["output_size"] == [60, 40] for r in records if r["status"] == "done")
+
+    # 16-bit stays 16-bit in value, not just in container: the gradient keeps fine steps
+    g16 = np.asarray(Image.open(out / "gray16.png"), dtype=np.int64)
+    assert len(np.unique(g16)) > 256
+    # alpha is the bicubic-resized input alpha, so it keeps the gradient exactly in range
+    alpha = np.asarray(Image.open(out / "rgba.png"))[..., 3]
+    assert alpha[:, 0].mean() < alpha[:, -1].mean() + 255 and alpha.min() <= 10 and alpha.max() >= 245
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    rerun = CliRunner().invoke(app, args[:-1])
+    assert rerun.exit_code == 1
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before, "a rerun must not rewrite finished outputs"
+    assert f"{len(GOOD)} skipped" in rerun.stderr
+
+
+def test_metadata_orientation_and_format(tmp_path, tiny_base, tiny_lora):
+    src = tmp_path / "portrait.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
+    exif[0x010F] = "TestCam"
+    icc = b"\0" * 128  # opaque bytes: Pillow carries ICC profiles without parsing them
+    Image.fromarray(photo_like(40, 20)).save(src, exif=exif.tobytes(), icc_profile=icc)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["upscale", str(src), "-o", str(out) + "/", "--format", "png", "-s", "1.5",
+                                      "--base", str(tiny_base), "--lora", str(tiny_lora), "--tile", "off"])
+    assert result.exit_code == 0, result.output
+    with Image.open(out / "portrait.png") as im:
+        assert im.size == (30, 60)  # orientation applied before scaling: 20x40 upright
+        assert im.info.get("icc_profile") == icc
+        kept = im.getexif()
+        assert kept.get(0x010F) == "TestCam" and kept.get(0x0112, 1) == 1
+
+
+def test_output_never_overwrites_input(tmp_path, tiny_base, tiny_lora):
+    src = tmp_path / "same.png"
+    Image.fromarray(photo_like(16, 16)).save(src)
+    before = src.read_bytes()
+    result = CliRunner().invoke(app, ["upscale", str(src), "-o", str(src), "--overwrite", "--base", str(tiny_base), "--lora", str(tiny_lora)])
+    assert result.exit_code == 1 and "would overwrite the input" in result.stderr
+    assert src.read_bytes() == before
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "icmsr_cli", *map(str, args)]
+
+
+def test_pipe_stdin_to_stdout(tmp_path, tiny_base, tiny_lora):
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(24, 18)).save(src)
+    cmd = f"cat {src} | {' '.join(_cli('upscale', '-', '-o', '-', '--base', tiny_base, '--lora', tiny_lora, '--tile', 'off'))} > {tmp_path / 'out.png'}"
+    proc = subprocess.run(cmd, shell=True, capture_output=True, env={**os.environ}, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    data = (tmp_path / "out.png").read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        assert im.size == (96, 72) and im.format == "PNG"
+    # nothing but the image: the PNG ends exactly at the IEND chunk
+    assert data.endswith(b"IEND\xaeB`\x82")
+
+
+def test_killed_batch_leaves_no_partial_file_and_rerun_completes(tmp_path, tiny_base, tiny_lora):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(8):
+        Image.fromarray(photo_like(32, 24, seed=i)).save(src / f"img{i}.png")
+    args = _cli("upscale", src, "-o", out, "--base", tiny_base, "--lora", tiny_lora, "--tile", "off", "-q")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out.is_dir() and list(out.glob("*.png"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted(out.glob("*.png"))
+    assert 0 < len(finished) < 8, "the kill should land mid-batch"
+    for path in finished:  # every visible output is a complete image
+        with Image.open(path) as im:
+            im.load()
+            assert im.size == (128, 96)
+    rerun = subprocess.run(args, capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert sorted(p.name for p in out.iterdir()) == [f"img{i}.png" for i in range(8)], "no temporaries may remain"
