@@ -62,9 +62,10 @@ def _fail(exc: IcmsrError) -> None:
 
 
 def _parse_tile(value: str) -> int | None | str:
+    """--tile: "auto", None for off (the whole image at once), or a latent tile size."""
     value = value.strip().lower()
     if value in ("auto", "off"):
-        return value
+        return None if value == "off" else value
     if value.isdigit() and int(value) >= 8:
         return int(value)
     raise typer.BadParameter(f"{value!r}: expected auto, off, or a latent tile size of at least 8")
@@ -109,7 +110,7 @@ def upscale(
     from .upscale import UpscaleOptions
     from .upscaler import load_upscaler
 
-    _parse_tile(tile)
+    tile_size = _parse_tile(tile)
     if color_fix not in COLOR_FIXES:
         raise typer.BadParameter(f"{color_fix!r}: expected one of {', '.join(COLOR_FIXES)}", param_hint="--color-fix")
     if not scale > 0:
@@ -132,7 +133,7 @@ def upscale(
             with console.status("loading model", spinner="dots") if not quiet else _nothing():
                 upscaler = load_upscaler(
                     model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt,
-                    options=UpscaleOptions(scale=scale, color_fix=color_fix),
+                    options=UpscaleOptions(scale=scale, color_fix=color_fix, tile=tile_size),
                     notify=_notify, tqdm_class=_tqdm_class(),
                 )
             if not quiet:
@@ -162,11 +163,15 @@ def upscale(
 
     for arg in missing:
         report(batch.JobResult(batch.Job(None, None, arg), "failed", error=f"{arg}: no such file, folder or matching image"))
-    bar = _progress() if not quiet and console.is_terminal and len(jobs) > 1 else None
+    bar = _progress() if not quiet and console.is_terminal else None
+    if upscaler is not None:
+        upscaler.pipe.notify = _notify
+        if bar is not None:
+            upscaler.pipe.progress = _tile_progress(bar)
     settings = batch.BatchSettings(scale=scale, overwrite=overwrite, max_pixels=max_pixels)
     try:
         with bar or _nothing():
-            task = bar.add_task("upscaling", total=len(jobs)) if bar else None
+            task = bar.add_task("images", total=len(jobs)) if bar else None
             for result in batch.run(jobs, upscaler.upscale_picture if upscaler else None, settings):
                 report(result)
                 if bar:
@@ -184,6 +189,20 @@ def upscale(
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def _tile_progress(bar):
+    """Tile progress of the current image, one bar per stage, replaced image by image."""
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks or (done <= 1 and bar.tasks[tasks[stage]].completed >= total):
+            if stage in tasks:
+                bar.remove_task(tasks[stage])
+            tasks[stage] = bar.add_task(f"  {stage} tiles", total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return update
 
 
 def _progress():

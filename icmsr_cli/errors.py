@@ -37,3 +37,7 @@ class ImageError(IcmsrError):
 
 class NumericalError(IcmsrError):
     """The model produced NaN or Inf (typically fp16 overflow)."""
+
+
+class ResourceError(IcmsrError):
+    """Not enough memory, even after retrying with the smallest tiles."""

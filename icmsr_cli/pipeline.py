@@ -14,13 +14,17 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import LoraCheckpoint, load_lora_checkpoint, merge_lora
 from .color import apply_color_fix
-from .errors import ModelNotFoundError, NumericalError, SetupError
+from .devices import available_memory
+from .errors import ModelNotFoundError, NumericalError, ResourceError, SetupError
+from .tiled_vae import decoder_ops, encoder_ops, run_tiled
+from .tiling import auto_tile_size, plan_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,19 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = VAE_FACTOR) -> torch.Tensor
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
+#: tiles overlap by a quarter (UNet) or an eighth (VAE, which also gets context padding) of their size
+UNET_OVERLAP, VAE_OVERLAP = 4, 8
+#: receptive-field context around each VAE tile: image pixels for the encoder, latent pixels for the decoder
+ENCODER_PAD, DECODER_PAD = 64, 12
+#: tile sizes are halved after an out-of-memory error down to this many latent pixels
+MIN_TILE = 16
+# working set of one tile per latent pixel: the decoder's last level holds ~6 float32 maps of
+# 128 channels at 8x8 image pixels per latent pixel
+_BYTES_PER_LATENT_PX = 64 * 128 * 6 * 4
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
 @dataclass
 class OneStepSR:
     """ICM-SR / OSEDiff inference graph on float tensors in [0, 1], with merged LoRA weights."""
@@ -69,6 +86,11 @@ class OneStepSR:
     alpha_t: float  # alphas_cumprod[999]
     device: torch.device
     dtype: torch.dtype
+    tile_batch: int = 4  # tiles per model call
+    progress: Progress | None = None  # told about tiles done, for long images
+    notify: Callable[[str], None] = logger.warning  # one-line notes (out-of-memory retries)
+
+    # ----------------------------------------------------------------------------- whole image
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,38 +99,137 @@ class OneStepSR:
         return self.vae.encode(x).latent_dist.mode() * LATENT_SCALE
 
     @torch.no_grad()
-    def denoise(self, z: torch.Tensor) -> torch.Tensor:
-        """One UNet call at t=999, then x0 = (z - sqrt(1-a) eps) / sqrt(a) in float32.
-
-        The 1/sqrt(a) ~ 14.6x gain would magnify bf16 rounding, hence the float32 arithmetic.
-        """
+    def eps(self, z: torch.Tensor) -> torch.Tensor:
+        """One UNet call at t=999 with the prompt embedding."""
         c = self.prompt_embeds.to(self.device, self.dtype).expand(z.shape[0], -1, -1)
         t = torch.full((z.shape[0],), TIMESTEP, device=self.device, dtype=torch.long)
-        eps = self.unet(z.to(self.dtype), t, encoder_hidden_states=c).sample
+        z = z.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+        return self.unet(z, t, encoder_hidden_states=c).sample
+
+    def x0(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x0 = (z - sqrt(1-a) eps) / sqrt(a), in float32: the 1/sqrt(a) ~ 14.6x gain would
+        magnify bf16 rounding."""
         a = self.alpha_t
-        x0 = (z.float() - math.sqrt(1 - a) * eps.float()) / math.sqrt(a)
-        return x0.to(self.dtype)
+        return (z.float() - math.sqrt(1 - a) * eps.float()) / math.sqrt(a)
+
+    @torch.no_grad()
+    def denoise(self, z: torch.Tensor) -> torch.Tensor:
+        return self.x0(z, self.eps(z)).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """y = clamp(D(x0 / 0.18215), -1, 1) * 0.5 + 0.5, returned in float32."""
-        y = self.vae.decode(x0 / LATENT_SCALE).sample
+        y = self.vae.decode((x0 / LATENT_SCALE).to(self.device, self.dtype)).sample
         return y.float().clamp(-1, 1) * 0.5 + 0.5
 
+    # ----------------------------------------------------------------------------------- tiled
+
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, color_fix: str = "adain") -> torch.Tensor:
-        """Run the graph on x (B, 3, H, W) in [0, 1] at the output size; returns float32 in [0, 1]."""
+    def encode_tiled(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+        h, w = x.shape[-2] // VAE_FACTOR, x.shape[-1] // VAE_FACTOR
+        overlap = tile // VAE_OVERLAP
+        moments = run_tiled(
+            encoder_ops(self.vae), x * 2 - 1,
+            plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR), plan_tiles(h, w, tile, overlap),
+            pad=ENCODER_PAD, device=self.device, dtype=self.dtype, batch=self.tile_batch, progress=self._stage("encode"),
+        )
+        return moments[:, : moments.shape[1] // 2] * LATENT_SCALE  # the posterior mode is its mean
+
+    @torch.no_grad()
+    def denoise_tiled(self, z: torch.Tensor, tile: int) -> torch.Tensor:
+        """eps blended across tiles with the planner's windows, then x0 on the whole latent."""
+        tiles = plan_tiles(z.shape[-2], z.shape[-1], tile, tile // UNET_OVERLAP)
+        eps = torch.zeros(z.shape, dtype=torch.float32, device=z.device)
+        total = torch.zeros((1, 1, *z.shape[-2:]), dtype=torch.float32, device=z.device)
+        report = self._stage("unet")
+        for start in range(0, len(tiles), self.tile_batch):
+            chunk = tiles[start : start + self.tile_batch]
+            # all tiles have the same size, so a chunk is one batched UNet call
+            crops = torch.cat([z[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in (t.core for t in chunk)])
+            out = self.eps(crops).float().to(z.device)
+            for k, t in enumerate(chunk):
+                y0, y1, x0, x1 = t.core
+                wgt = t.weight.to(z.device, torch.float32)
+                eps[:, :, y0:y1, x0:x1] += out[k : k + 1] * wgt
+                total[:, :, y0:y1, x0:x1] += wgt
+            if report:
+                report(start + len(chunk), len(tiles))
+        return self.x0(z, eps / total)
+
+    @torch.no_grad()
+    def decode_tiled(self, x0: torch.Tensor, tile: int) -> torch.Tensor:
+        h, w = x0.shape[-2:]
+        overlap = tile // VAE_OVERLAP
+        y = run_tiled(
+            decoder_ops(self.vae), x0 / LATENT_SCALE,
+            plan_tiles(h, w, tile, overlap), plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR),
+            pad=DECODER_PAD, device=self.device, dtype=self.dtype, batch=self.tile_batch, progress=self._stage("decode"),
+        )
+        return y.float().clamp(-1, 1) * 0.5 + 0.5
+
+    def _stage(self, name: str):
+        return (lambda done, total: self.progress(name, done, total)) if self.progress else None
+
+    # ------------------------------------------------------------------------------- the graph
+
+    def auto_tile(self, height: int, width: int) -> int | None:
+        """Latent tile size from free memory; None when the whole image fits in one tile."""
+        side = auto_tile_size(available_memory(self.device), _BYTES_PER_LATENT_PX * self.tile_batch)
+        return None if max(height, width) <= side * VAE_FACTOR else side
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, color_fix: str = "adain", tile: int | str | None = None) -> torch.Tensor:
+        """Run the graph on x (1, 3, H, W) in [0, 1] at the output size; returns float32 in [0, 1].
+
+        `tile`: latent tile size for all three stages, None for the whole image, or "auto".
+        Out of memory, the tile size is halved (down to MIN_TILE) and the image run again.
+        """
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
-        x = pad_to_multiple(x.to(self.device, torch.float32))
-        y = self.decode(self.denoise(self.encode(x)))
+        x = pad_to_multiple(x.float())
+        if tile == "auto":
+            tile = self.auto_tile(*x.shape[-2:])
+        while True:
+            try:
+                y = self._graph(x, tile)
+                break
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+                if not _is_out_of_memory(exc):
+                    raise
+                smaller = (tile or max(x.shape[-2:]) // VAE_FACTOR) // 2 // 8 * 8
+                if smaller < MIN_TILE:
+                    raise ResourceError(f"out of memory on {self.device} even with {tile}-pixel tiles; free memory or use the CPU") from exc
+                self.notify(f"out of memory on {self.device} with {f'{tile}-pixel tiles' if tile else 'the whole image'}; retrying with {smaller}-pixel tiles")
+                tile = smaller
+                _release(self.device)
         if not bool(torch.isfinite(y).all()):
             raise NumericalError(
                 f"the model produced NaN/Inf in {str(self.dtype).removeprefix('torch.')} on {self.device}; rerun with --dtype fp32"
             )
-        y = apply_color_fix(color_fix, y, x)
+        y = apply_color_fix(color_fix, y, x.to(y.device))
         return y.clamp(0, 1)[..., :h, :w]
+
+    def _graph(self, x: torch.Tensor, tile: int | None) -> torch.Tensor:
+        if tile is None:
+            return self.decode(self.denoise(self.encode(x)))
+        z = self.encode_tiled(x, tile)
+        return self.decode_tiled(self.denoise_tiled(z, tile), tile)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def _release(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -22,6 +22,7 @@ class UpscaleOptions:
     scale: float = 4.0  # output size is (round(W*scale), round(H*scale))
     color_fix: str = "adain"  # adain | wavelet | none, applied to the whole image
     min_side: int = 512  # short side the model runs at, at least (its training crop)
+    tile: int | str | None = "auto"  # latent tile size for all stages, None: whole image, "auto": from free memory
 
     def __post_init__(self) -> None:
         if not (self.scale > 0 and np.isfinite(self.scale)):
@@ -59,7 +60,7 @@ def upscale_picture(pipe: OneStepSR, picture: Picture, options: UpscaleOptions =
     x = resize_planes(color, run_at, exact_8bit=exact_8bit)
     if n_color == 1:
         x = np.repeat(x, 3, axis=2)
-    y = pipe(torch.from_numpy(x).permute(2, 0, 1)[None], options.color_fix)
+    y = pipe(torch.from_numpy(x).permute(2, 0, 1)[None], options.color_fix, options.tile)
     y = y[0].permute(1, 2, 0).cpu().numpy()
     if run_at != out:
         y = np.clip(resize_planes(y, out, exact_8bit=False), 0, 1)

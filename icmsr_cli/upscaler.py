@@ -28,8 +28,8 @@ class Upscaler:
         return upscale_picture(self.pipe, picture, _with(self.options, overrides))
 
     def enhance(self, x: torch.Tensor, color_fix: str | None = None) -> torch.Tensor:
-        """The model on a (B, 3, H, W) tensor in [0, 1] already at the output size."""
-        return self.pipe(x, color_fix or self.options.color_fix)
+        """The model on a (1, 3, H, W) tensor in [0, 1] already at the output size."""
+        return self.pipe(x, color_fix or self.options.color_fix, self.options.tile)
 
 
 def _with(options: UpscaleOptions, overrides: dict) -> UpscaleOptions:

@@ -1,0 +1,219 @@
+"""The VAE encoder and decoder run tile by tile with GroupNorm statistics shared by all tiles.
+
+A network is flattened into a list of ops; GroupNorms split it into segments. All tiles advance
+one segment at a time: each tile's activation is parked between segments (on the CPU when the
+compute device is a GPU, so GPU memory holds one batch of tiles), and at every GroupNorm the
+per-tile statistics, taken over the tile's own part of a partition of the image, are merged
+into the image's mean and total variance (within-tile plus between-tile terms). Tiles therefore
+share one tone, and a single tile covering the image reproduces the untiled network.
+Tiles carry extra context (`pad`) for the convolutions' receptive field; outputs are blended
+with the planner's windows. Attention in the mid-block sees one tile at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tiling import Tile
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class _Op:
+    kind: str  # module | norm | save | add | attn
+    module: nn.Module | None = None
+    act: bool = False  # SiLU after the norm
+    scale: float = 1.0  # divisor of the residual sum
+
+
+def _resnet_ops(r) -> list[_Op]:
+    return [
+        _Op("save"),
+        _Op("norm", r.norm1, act=True),
+        _Op("module", r.conv1),
+        _Op("norm", r.norm2, act=True),
+        _Op("module", r.conv2),
+        _Op("add", r.conv_shortcut, scale=r.output_scale_factor),
+    ]
+
+
+def _mid_ops(mid) -> list[_Op]:
+    ops = _resnet_ops(mid.resnets[0])
+    for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+        if attn is not None:
+            ops += [_Op("save"), _Op("norm", attn.group_norm), _Op("attn", attn), _Op("add", None, scale=attn.rescale_output_factor)]
+        ops += _resnet_ops(resnet)
+    return ops
+
+
+def encoder_ops(vae) -> list[_Op]:
+    """AutoencoderKL.encode up to the posterior moments (encoder, then quant_conv)."""
+    enc = vae.encoder
+    ops = [_Op("module", enc.conv_in)]
+    for block in enc.down_blocks:
+        for r in block.resnets:
+            ops += _resnet_ops(r)
+        ops += [_Op("module", d) for d in (block.downsamplers or [])]
+    ops += _mid_ops(enc.mid_block)
+    ops += [_Op("norm", enc.conv_norm_out, act=True), _Op("module", enc.conv_out)]
+    if getattr(vae, "quant_conv", None) is not None:
+        ops.append(_Op("module", vae.quant_conv))
+    return ops
+
+
+def decoder_ops(vae) -> list[_Op]:
+    """AutoencoderKL.decode: post_quant_conv, then the decoder."""
+    dec = vae.decoder
+    ops = [_Op("module", vae.post_quant_conv)] if getattr(vae, "post_quant_conv", None) is not None else []
+    ops.append(_Op("module", dec.conv_in))
+    ops += _mid_ops(dec.mid_block)
+    for block in dec.up_blocks:
+        for r in block.resnets:
+            ops += _resnet_ops(r)
+        ops += [_Op("module", u) for u in (block.upsamplers or [])]
+    ops += [_Op("norm", dec.conv_norm_out, act=True), _Op("module", dec.conv_out)]
+    return ops
+
+
+def _attention(attn, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' AttnProcessor2_0 without its group norm and residual (done as separate ops)."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h * w).transpose(1, 2)
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    head_dim = k.shape[-1] // attn.heads
+    q, k, v = (t.view(b, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(q.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    return out.transpose(-1, -2).reshape(b, c, h, w)
+
+
+@dataclass
+class _State:
+    x: torch.Tensor  # the tile's activation, parked between segments
+    saved: torch.Tensor | None = None  # the residual branch's input, while a block is open
+
+
+def _group_stats(x: torch.Tensor, groups: int, own: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean and (population) variance per group over the owned region of one tile, in float64."""
+    y0, y1, x0, x1 = own
+    part = x[:, y0:y1, x0:x1].float().reshape(groups, -1)
+    var, mean = torch.var_mean(part, dim=1, unbiased=False)
+    return mean.double(), var.double(), part.shape[1]
+
+
+def merge_stats(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled mean and total variance: sum n_i (var_i + (mean_i - mean)^2) / N."""
+    n = sum(p[2] for p in parts)
+    mean = sum(p[0] * p[2] for p in parts) / n
+    var = sum(p[2] * (p[1] + (p[0] - mean) ** 2) for p in parts) / n
+    return mean, var
+
+
+def _apply_norm(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, act: bool) -> torch.Tensor:
+    b, c, h, w = x.shape
+    g = norm.num_groups
+    mean = mean.to(x.device, torch.float32).view(1, g, 1, 1, 1)
+    rstd = torch.rsqrt(var.to(x.device, torch.float32) + norm.eps).view(1, g, 1, 1, 1)
+    y = ((x.float().view(b, g, c // g, h, w) - mean) * rstd).view(b, c, h, w)
+    if norm.affine:
+        y = y * norm.weight.float().view(1, c, 1, 1) + norm.bias.float().view(1, c, 1, 1)
+    if act:
+        y = F.silu(y)
+    return y.to(x.dtype)
+
+
+def run_tiled(
+    ops: list[_Op],
+    x: torch.Tensor,
+    in_tiles: list[Tile],
+    out_tiles: list[Tile],
+    *,
+    pad: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int = 4,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Run `ops` over x (1, C, H, W) tile by tile. `in_tiles` are boxes in x's pixels (grown by
+    `pad` of context), `out_tiles` the same tiles in output pixels with their blend windows.
+    Returns the blended output as float32 on the parking device."""
+    if x.shape[0] != 1:
+        raise ValueError("tiled VAE runs one image at a time")
+    _, _, height, width = x.shape
+    park = torch.device("cpu") if device.type != "cpu" else device
+    boxes = [t.padded(pad, height, width) for t in in_tiles]
+    states = [_State(x[:, :, y0:y1, x0:x1].to(park)) for y0, y1, x0, x1 in boxes]
+    segments: list[list[_Op]] = [[]]
+    for op in ops:
+        if op.kind == "norm":
+            segments.append([])
+        segments[-1].append(op)
+    batches = _batches(states, batch)  # shapes change alike for all tiles, so the grouping holds
+    total, done = len(segments) * len(states), 0
+
+    merged = None
+    for index, segment in enumerate(segments):
+        next_norm = segments[index + 1][0].module if index + 1 < len(segments) else None
+        collected = []
+        for members in batches:
+            h = torch.cat([states[i].x for i in members]).to(device, dtype, non_blocking=True)
+            saved = None
+            if states[members[0]].saved is not None:
+                saved = torch.cat([states[i].saved for i in members]).to(device, dtype, non_blocking=True)
+            for op in segment:
+                if op.kind == "norm":
+                    h = _apply_norm(op.module, h, merged[0], merged[1], op.act)
+                elif op.kind == "module":
+                    h = op.module(h)
+                elif op.kind == "save":
+                    saved = h
+                elif op.kind == "add":
+                    h = ((op.module(saved) if op.module is not None else saved) + h) / op.scale
+                    saved = None
+                elif op.kind == "attn":
+                    h = _attention(op.module, h)
+            for k, i in enumerate(members):
+                if next_norm is not None:
+                    own = _own_in_feature(in_tiles[i].own, boxes[i], h.shape[-2:])
+                    collected.append(_group_stats(h[k], next_norm.num_groups, own))
+                states[i].x = h[k : k + 1].to(park, non_blocking=True)
+                states[i].saved = saved[k : k + 1].to(park, non_blocking=True) if saved is not None else None
+            done += len(members)
+            if progress:
+                progress(done, total)
+        if next_norm is not None:
+            merged = merge_stats(collected)
+
+    scale = out_tiles[-1].core[1] / in_tiles[-1].core[1]  # output pixels per input pixel
+    out = torch.zeros(1, states[0].x.shape[1], round(height * scale), round(width * scale), device=park)
+    norm = torch.zeros(1, 1, out.shape[2], out.shape[3], device=park)
+    for tile, box, state in zip(out_tiles, boxes, states):
+        cy0, cy1, cx0, cx1 = tile.core
+        oy, ox = round(box[0] * scale), round(box[2] * scale)
+        w = tile.weight.to(park, torch.float32)[None, None]
+        out[:, :, cy0:cy1, cx0:cx1] += state.x[:, :, cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox].float() * w
+        norm[:, :, cy0:cy1, cx0:cx1] += w
+    return out / norm
+
+
+def _own_in_feature(own, box, feat_hw) -> tuple[int, int, int, int]:
+    """A tile's owned box (x's pixels) in the pixels of its current feature map (exact: every
+    box edge lies on the 8-pixel grid the feature maps are resampled on)."""
+    y0, y1, x0, x1 = box
+    fy, fx = feat_hw[0] / (y1 - y0), feat_hw[1] / (x1 - x0)
+    return (round((own[0] - y0) * fy), round((own[1] - y0) * fy), round((own[2] - x0) * fx), round((own[3] - x0) * fx))
+
+
+def _batches(states: list[_State], size: int) -> list[list[int]]:
+    """Indices of equally shaped tiles, in chunks of `size` (border tiles can be smaller)."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, s in enumerate(states):
+        by_shape.setdefault(tuple(s.x.shape), []).append(i)
+    return [group[i : i + size] for group in by_shape.values() for i in range(0, len(group), size)]
