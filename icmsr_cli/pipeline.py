@@ -109,8 +109,8 @@ class OneStepSR:
     def x0(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x0 = (z - sqrt(1-a) eps) / sqrt(a), in float32: the 1/sqrt(a) ~ 14.6x gain would
         magnify bf16 rounding."""
-        a = self.alpha_t
-        return (z.float() - math.sqrt(1 - a) * eps.float()) / math.sqrt(a)
+        a, acc = self.alpha_t, torch.promote_types(self.dtype, torch.float32)
+        return (z.to(acc) - math.sqrt(1 - a) * eps.to(acc)) / math.sqrt(a)
 
     @torch.no_grad()
     def denoise(self, z: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ class OneStepSR:
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """y = clamp(D(x0 / 0.18215), -1, 1) * 0.5 + 0.5, returned in float32."""
         y = self.vae.decode((x0 / LATENT_SCALE).to(self.device, self.dtype)).sample
-        return y.float().clamp(-1, 1) * 0.5 + 0.5
+        return y.to(torch.promote_types(y.dtype, torch.float32)).clamp(-1, 1) * 0.5 + 0.5
 
     # ----------------------------------------------------------------------------------- tiled
 
@@ -139,17 +139,18 @@ class OneStepSR:
     def denoise_tiled(self, z: torch.Tensor, tile: int) -> torch.Tensor:
         """eps blended across tiles with the planner's windows, then x0 on the whole latent."""
         tiles = plan_tiles(z.shape[-2], z.shape[-1], tile, tile // UNET_OVERLAP)
-        eps = torch.zeros(z.shape, dtype=torch.float32, device=z.device)
-        total = torch.zeros((1, 1, *z.shape[-2:]), dtype=torch.float32, device=z.device)
+        acc = torch.promote_types(self.dtype, torch.float32)
+        eps = torch.zeros(z.shape, dtype=acc, device=z.device)
+        total = torch.zeros((1, 1, *z.shape[-2:]), dtype=acc, device=z.device)
         report = self._stage("unet")
         for start in range(0, len(tiles), self.tile_batch):
             chunk = tiles[start : start + self.tile_batch]
             # all tiles have the same size, so a chunk is one batched UNet call
             crops = torch.cat([z[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in (t.core for t in chunk)])
-            out = self.eps(crops).float().to(z.device)
+            out = self.eps(crops).to(z.device, acc)
             for k, t in enumerate(chunk):
                 y0, y1, x0, x1 = t.core
-                wgt = t.weight.to(z.device, torch.float32)
+                wgt = t.weight.to(z.device, acc)
                 eps[:, :, y0:y1, x0:x1] += out[k : k + 1] * wgt
                 total[:, :, y0:y1, x0:x1] += wgt
             if report:
@@ -165,7 +166,7 @@ class OneStepSR:
             plan_tiles(h, w, tile, overlap), plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR),
             pad=DECODER_PAD, device=self.device, dtype=self.dtype, batch=self.tile_batch, progress=self._stage("decode"),
         )
-        return y.float().clamp(-1, 1) * 0.5 + 0.5
+        return y.clamp(-1, 1) * 0.5 + 0.5
 
     def _stage(self, name: str):
         return (lambda done, total: self.progress(name, done, total)) if self.progress else None
@@ -187,7 +188,7 @@ class OneStepSR:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
-        x = pad_to_multiple(x.float())
+        x = pad_to_multiple(x.to(torch.promote_types(self.dtype, torch.float32)))
         if tile == "auto":
             tile = self.auto_tile(*x.shape[-2:])
         while True:

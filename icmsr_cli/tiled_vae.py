@@ -100,10 +100,15 @@ class _State:
     saved: torch.Tensor | None = None  # the residual branch's input, while a block is open
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and blending run in float32 at least (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _group_stats(x: torch.Tensor, groups: int, own: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Mean and (population) variance per group over the owned region of one tile, in float64."""
     y0, y1, x0, x1 = own
-    part = x[:, y0:y1, x0:x1].float().reshape(groups, -1)
+    part = x[:, y0:y1, x0:x1].to(_acc(x.dtype)).reshape(groups, -1)
     var, mean = torch.var_mean(part, dim=1, unbiased=False)
     return mean.double(), var.double(), part.shape[1]
 
@@ -119,11 +124,12 @@ def merge_stats(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[to
 def _apply_norm(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, act: bool) -> torch.Tensor:
     b, c, h, w = x.shape
     g = norm.num_groups
-    mean = mean.to(x.device, torch.float32).view(1, g, 1, 1, 1)
-    rstd = torch.rsqrt(var.to(x.device, torch.float32) + norm.eps).view(1, g, 1, 1, 1)
-    y = ((x.float().view(b, g, c // g, h, w) - mean) * rstd).view(b, c, h, w)
+    acc = _acc(x.dtype)
+    mean = mean.to(x.device, acc).view(1, g, 1, 1, 1)
+    rstd = torch.rsqrt(var.to(x.device, acc) + norm.eps).view(1, g, 1, 1, 1)
+    y = ((x.to(acc).view(b, g, c // g, h, w) - mean) * rstd).view(b, c, h, w)
     if norm.affine:
-        y = y * norm.weight.float().view(1, c, 1, 1) + norm.bias.float().view(1, c, 1, 1)
+        y = y * norm.weight.to(acc).view(1, c, 1, 1) + norm.bias.to(acc).view(1, c, 1, 1)
     if act:
         y = F.silu(y)
     return y.to(x.dtype)
@@ -143,7 +149,7 @@ def run_tiled(
 ) -> torch.Tensor:
     """Run `ops` over x (1, C, H, W) tile by tile. `in_tiles` are boxes in x's pixels (grown by
     `pad` of context), `out_tiles` the same tiles in output pixels with their blend windows.
-    Returns the blended output as float32 on the parking device."""
+    Returns the blended output (float32 at least) on the parking device."""
     if x.shape[0] != 1:
         raise ValueError("tiled VAE runs one image at a time")
     _, _, height, width = x.shape
@@ -192,13 +198,14 @@ def run_tiled(
             merged = merge_stats(collected)
 
     scale = out_tiles[-1].core[1] / in_tiles[-1].core[1]  # output pixels per input pixel
-    out = torch.zeros(1, states[0].x.shape[1], round(height * scale), round(width * scale), device=park)
-    norm = torch.zeros(1, 1, out.shape[2], out.shape[3], device=park)
+    acc = _acc(dtype)
+    out = torch.zeros(1, states[0].x.shape[1], round(height * scale), round(width * scale), device=park, dtype=acc)
+    norm = torch.zeros(1, 1, out.shape[2], out.shape[3], device=park, dtype=acc)
     for tile, box, state in zip(out_tiles, boxes, states):
         cy0, cy1, cx0, cx1 = tile.core
         oy, ox = round(box[0] * scale), round(box[2] * scale)
-        w = tile.weight.to(park, torch.float32)[None, None]
-        out[:, :, cy0:cy1, cx0:cx1] += state.x[:, :, cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox].float() * w
+        w = tile.weight.to(park, acc)[None, None]
+        out[:, :, cy0:cy1, cx0:cx1] += state.x[:, :, cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox].to(acc) * w
         norm[:, :, cy0:cy1, cx0:cx1] += w
     return out / norm
 

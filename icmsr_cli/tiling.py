@@ -72,8 +72,9 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, unit: int = 1) 
     """The 2-D plan over a (height, width) latent grid, with boxes and windows in units of
     `unit` pixels per latent pixel (8 for image space). The order is the same for every unit."""
     ys, xs = plan_spans(height, tile, overlap), plan_spans(width, tile, overlap)
+    # ownership is cut on the latent grid, so it maps exactly onto every VAE feature map
+    oys, oxs = ([(a * unit, b * unit) for a, b in ownership(spans)] for spans in (ys, xs))
     ys, xs = [(a * unit, b * unit) for a, b in ys], [(a * unit, b * unit) for a, b in xs]
-    oys, oxs = ownership(ys), ownership(xs)
     wys, wxs = [window(ys, i) for i in range(len(ys))], [window(xs, j) for j in range(len(xs))]
     return [
         Tile((*ys[i], *xs[j]), (*oys[i], *oxs[j]), wys[i][:, None] * wxs[j][None, :])

@@ -1,0 +1,152 @@
+"""Tiling: the planner and windows as pure functions, the statistics merge, and the whole tiled
+pipeline against the untiled one with pointwise stand-ins for the UNet and VAE convolutions."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from icmsr_cli.errors import ResourceError
+from icmsr_cli.pipeline import load_pipeline
+from icmsr_cli.tiled_vae import merge_stats
+from icmsr_cli.tiling import auto_tile_size, ownership, plan_spans, plan_tiles, window
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(100, 32, 8), (33, 32, 8), (257, 64, 16), (64, 64, 8), (20, 32, 8), (1000, 96, 24)])
+def test_spans_are_even_full_size_and_cover(length, tile, overlap):
+    spans = plan_spans(length, tile, overlap)
+    assert spans[0][0] == 0 and spans[-1][1] == length
+    assert all(e - s == min(tile, length) for s, e in spans)  # no sliver: every tile full size
+    starts = [s for s, _ in spans]
+    steps = np.diff(starts)
+    assert len(steps) == 0 or steps.max() - steps.min() <= 1  # evenly spaced
+    assert all(spans[i][1] - spans[i + 1][0] >= overlap for i in range(len(spans) - 1))
+    own = ownership(spans)
+    assert own[0][0] == 0 and own[-1][1] == length and all(own[i][1] == own[i + 1][0] for i in range(len(own) - 1))
+    assert all(s <= a < b <= e for (s, e), (a, b) in zip(spans, own))
+
+
+def test_windows_are_a_partition_of_unity_that_hands_over_across_the_whole_overlap():
+    spans = plan_spans(200, 64, 24)
+    total = np.zeros(200)
+    ws = [window(spans, i).numpy() for i in range(len(spans))]
+    for (s, e), w in zip(spans, ws):
+        total[s:e] += w
+    np.testing.assert_allclose(total, 1.0, atol=1e-12)  # equal overlaps: the raw windows already sum to 1
+    (s0, e0), (s1, _) = spans[0], spans[1]
+    left = ws[0][s1 - s0 :]  # the first tile's weight across its overlap with the second
+    assert left[0] > 0.99 and left[-1] < 0.01 and np.all(np.diff(left) < 0)
+    # a hand-over spread over the overlap, not a near-hard switch (Gaussian sigma=0.1T would fail)
+    assert ((left > 0.1) & (left < 0.9)).sum() >= 0.6 * len(left)
+
+
+def test_plan_tiles_units_keep_order_and_scale():
+    a, b = plan_tiles(40, 70, 16, 4), plan_tiles(40, 70, 16, 4, unit=8)
+    assert len(a) == len(b) == len(plan_spans(40, 16, 4)) * len(plan_spans(70, 16, 4))
+    for ta, tb in zip(a, b):
+        assert tuple(v * 8 for v in ta.core) == tb.core and tuple(v * 8 for v in ta.own) == tb.own
+        assert tb.weight.shape == (tb.core[1] - tb.core[0], tb.core[3] - tb.core[2])
+
+
+def test_merge_stats_includes_the_between_tile_term():
+    torch.manual_seed(0)
+    parts = [torch.randn(2, 50, dtype=torch.float64) + 3, torch.randn(2, 80, dtype=torch.float64) - 1, torch.randn(2, 7, dtype=torch.float64)]
+    stats = [(p.mean(1), p.var(1, unbiased=False), p.shape[1]) for p in parts]
+    mean, var = merge_stats(stats)
+    whole = torch.cat(parts, 1)
+    torch.testing.assert_close(mean, whole.mean(1))
+    torch.testing.assert_close(var, whole.var(1, unbiased=False))
+    naive = sum(s[1] * s[2] for s in stats) / sum(s[2] for s in stats)  # mean of variances
+    assert (var - naive).abs().min() > 0.5
+
+
+def test_auto_tile_size():
+    assert auto_tile_size(64 * 2**30, 200_000) == 256
+    assert auto_tile_size(1 * 2**30, 200_000) == 32
+    assert auto_tile_size(0, 200_000) == 16
+    assert auto_tile_size(8 * 2**30, 200_000) % 8 == 0
+
+
+# ------------------------------------------------------------------- pointwise model stand-ins
+
+
+class PointwiseUNet(nn.Module):
+    """eps depends on the latent pixel alone: tiling must not change it at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Conv2d(4, 4, 1)
+
+    def forward(self, z, t, encoder_hidden_states):
+        return SimpleNamespace(sample=torch.tanh(self.mix(z)) + 0.1 * encoder_hidden_states.mean())
+
+
+def _pointwise_vae(vae):
+    """The tiny VAE with every 3x3 conv made 1x1 (downsamplers 2x2, stride 2) and no attention:
+    each output pixel depends on its own 8x8 block and on the GroupNorm statistics only."""
+    for name, module in list(vae.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1):
+                torch.manual_seed(hash(f"{name}.{child_name}") % 2**31)
+                # 1x1, or 2x2 for the stride-2 downsamplers (after their (0,1,0,1) pad: same output size)
+                k = 2 if child.stride == (2, 2) else 1
+                setattr(module, child_name, nn.Conv2d(child.in_channels, child.out_channels, k, stride=child.stride))
+    for mid in (vae.encoder.mid_block, vae.decoder.mid_block):
+        mid.attentions = nn.ModuleList([None] * len(mid.attentions))
+    return vae.eval()
+
+
+@pytest.fixture(scope="module")
+def pointwise_pipe(tiny_base, tiny_lora):
+    # float64, so the comparison measures the tiling and not float32 rounding through ~30 norms
+    pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float64)
+    torch.manual_seed(0)
+    pipe.unet = PointwiseUNet().double().eval()
+    pipe.vae = _pointwise_vae(pipe.vae).double()
+    return pipe
+
+
+@pytest.mark.parametrize("size", [(72, 136), (129, 77), (200, 264), (64, 64)])
+@pytest.mark.parametrize("tile", [8, 16, 24])
+def test_tiled_equals_untiled_for_pointwise_models(pointwise_pipe, size, tile):
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, *size, dtype=torch.float64)
+    whole = pointwise_pipe(x, "none", None)
+    tiled = pointwise_pipe(x, "none", tile)
+    assert tiled.shape == whole.shape == x.shape
+    assert (tiled - whole).abs().max() < 1e-5
+    assert whole.std() > 0.02  # the stand-ins do produce an image
+
+
+def test_one_tile_covering_the_image_is_the_untiled_result(tiny_base, tiny_lora):
+    pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float64)
+    torch.manual_seed(2)
+    x = torch.rand(1, 3, 120, 200, dtype=torch.float64)
+    torch.testing.assert_close(pipe(x, "adain", 32), pipe(x, "adain", None), rtol=0, atol=1e-6)
+
+
+def test_out_of_memory_halves_the_tile_then_gives_up(tiny_base, tiny_lora, monkeypatch):
+    pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+    notes, tried = [], []
+    pipe.notify = notes.append
+    real = pipe._graph
+
+    def limited(x, tile):
+        tried.append(tile)
+        if tile is None or tile > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x, tile)
+
+    monkeypatch.setattr(pipe, "_graph", limited)
+    out = pipe(torch.rand(1, 3, 256, 320), "none", None)
+    assert out.shape == (1, 3, 256, 320)
+    assert tried == [None, 16]
+    assert notes == ["out of memory on cpu with the whole image; retrying with 16-pixel tiles"]
+
+    monkeypatch.setattr(pipe, "_graph", lambda x, tile: (_ for _ in ()).throw(RuntimeError("DefaultCPUAllocator: can't allocate memory")))
+    with pytest.raises(ResourceError, match="out of memory on cpu even with 16-pixel tiles"):
+        pipe(torch.rand(1, 3, 256, 320), "none", 32)
