@@ -122,16 +122,18 @@ def merge_stats(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[to
 
 
 def _apply_norm(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, act: bool) -> torch.Tensor:
+    """GroupNorm with given statistics (then SiLU), in place on one working copy to keep the
+    batch's working set small."""
     b, c, h, w = x.shape
     g = norm.num_groups
     acc = _acc(x.dtype)
-    mean = mean.to(x.device, acc).view(1, g, 1, 1, 1)
-    rstd = torch.rsqrt(var.to(x.device, acc) + norm.eps).view(1, g, 1, 1, 1)
-    y = ((x.to(acc).view(b, g, c // g, h, w) - mean) * rstd).view(b, c, h, w)
+    y = x.to(acc, copy=True).view(b, g, c // g, h, w)
+    y.sub_(mean.to(x.device, acc).view(1, g, 1, 1, 1)).mul_(torch.rsqrt(var.to(x.device, acc) + norm.eps).view(1, g, 1, 1, 1))
+    y = y.view(b, c, h, w)
     if norm.affine:
-        y = y * norm.weight.to(acc).view(1, c, 1, 1) + norm.bias.to(acc).view(1, c, 1, 1)
+        y.mul_(norm.weight.to(acc).view(1, c, 1, 1)).add_(norm.bias.to(acc).view(1, c, 1, 1))
     if act:
-        y = F.silu(y)
+        F.silu(y, inplace=True)
     return y.to(x.dtype)
 
 
