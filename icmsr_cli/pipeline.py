@@ -87,6 +87,8 @@ class OneStepSR:
     device: torch.device
     dtype: torch.dtype
     tile_batch: int = 4  # tiles per model call
+    memory_format: torch.memory_format = torch.channels_last  # faster convolutions on CPU and GPU (see BENCHMARKS.md)
+    park_budget: float | None = None  # host bytes for waiting VAE tiles before files; None: a third of free RAM
     progress: Progress | None = None  # told about tiles done, for long images
     notify: Callable[[str], None] = logger.warning  # one-line notes (out-of-memory retries)
 
@@ -95,7 +97,7 @@ class OneStepSR:
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """z = E(2x - 1).mode() * 0.18215 (the posterior mode keeps runs reproducible)."""
-        x = (x.to(self.device, self.dtype) * 2 - 1).contiguous(memory_format=torch.channels_last)
+        x = (x.to(self.device, self.dtype) * 2 - 1).contiguous(memory_format=self.memory_format)
         return self.vae.encode(x).latent_dist.mode() * LATENT_SCALE
 
     @torch.no_grad()
@@ -103,7 +105,7 @@ class OneStepSR:
         """One UNet call at t=999 with the prompt embedding."""
         c = self.prompt_embeds.to(self.device, self.dtype).expand(z.shape[0], -1, -1)
         t = torch.full((z.shape[0],), TIMESTEP, device=self.device, dtype=torch.long)
-        z = z.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+        z = z.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         return self.unet(z, t, encoder_hidden_states=c).sample
 
     def x0(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -132,6 +134,7 @@ class OneStepSR:
             encoder_ops(self.vae), x * 2 - 1,
             plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR), plan_tiles(h, w, tile, overlap),
             pad=ENCODER_PAD, device=self.device, dtype=self.dtype, batch=self.tile_batch, progress=self._stage("encode"),
+            park_budget=self._park_budget(),
         )
         return moments[:, : moments.shape[1] // 2] * LATENT_SCALE  # the posterior mode is its mean
 
@@ -165,8 +168,12 @@ class OneStepSR:
             decoder_ops(self.vae), x0 / LATENT_SCALE,
             plan_tiles(h, w, tile, overlap), plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR),
             pad=DECODER_PAD, device=self.device, dtype=self.dtype, batch=self.tile_batch, progress=self._stage("decode"),
+            park_budget=self._park_budget(),
         )
         return y.clamp(-1, 1) * 0.5 + 0.5
+
+    def _park_budget(self) -> float:
+        return self.park_budget if self.park_budget is not None else available_memory(torch.device("cpu")) / 3
 
     def _stage(self, name: str):
         return (lambda done, total: self.progress(name, done, total)) if self.progress else None

@@ -12,9 +12,12 @@ with the planner's windows. Attention in the mid-block sees one tile at a time.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,10 +97,55 @@ def _attention(attn, x: torch.Tensor) -> torch.Tensor:
     return out.transpose(-1, -2).reshape(b, c, h, w)
 
 
+class Parking:
+    """Where tile activations wait between segments: host memory up to a byte budget, then files.
+
+    The parked activations of all tiles grow with the image (tens of channels per pixel), so
+    beyond the budget they go to a temporary folder and the page cache, which keeps the resident
+    memory of an 8K run bounded; reading a batch back costs sequential disk traffic.
+    """
+
+    def __init__(self, device: torch.device, budget_bytes: float = float("inf")):
+        self.device = device
+        self.budget = budget_bytes
+        self.in_memory = 0
+        self._folder = None
+        self._count = 0
+
+    def put(self, t: torch.Tensor):
+        t = t.to(self.device)
+        size = t.numel() * t.element_size()
+        if self.device.type == "cpu" and self.in_memory + size > self.budget:
+            if self._folder is None:
+                self._folder = tempfile.TemporaryDirectory(prefix="icmsr-tiles-")
+            self._count += 1
+            path = os.path.join(self._folder.name, f"{self._count}.bin")
+            t.contiguous().view(-1).view(torch.uint8).numpy().tofile(path)
+            return (path, t.shape, t.dtype)
+        self.in_memory += size
+        return t.clone() if t._base is not None else t  # a view would keep its whole batch alive
+
+    def get(self, handle) -> torch.Tensor:
+        if isinstance(handle, torch.Tensor):
+            return handle
+        path, shape, dtype = handle
+        data = torch.from_numpy(np.fromfile(path, dtype=np.uint8)).view(dtype).view(shape)
+        os.unlink(path)
+        return data
+
+    def release(self, handle) -> None:
+        if isinstance(handle, torch.Tensor):
+            self.in_memory -= handle.numel() * handle.element_size()
+
+    def close(self) -> None:
+        if self._folder is not None:
+            self._folder.cleanup()
+
+
 @dataclass
 class _State:
-    x: torch.Tensor  # the tile's activation, parked between segments
-    saved: torch.Tensor | None = None  # the residual branch's input, while a block is open
+    x: object  # the tile's activation (a tensor or a Parking handle), between segments
+    saved: object | None = None  # the residual branch's input, while a block is open
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -148,22 +196,31 @@ def run_tiled(
     dtype: torch.dtype,
     batch: int = 4,
     progress: Progress | None = None,
+    park_budget: float = float("inf"),
 ) -> torch.Tensor:
     """Run `ops` over x (1, C, H, W) tile by tile. `in_tiles` are boxes in x's pixels (grown by
     `pad` of context), `out_tiles` the same tiles in output pixels with their blend windows.
-    Returns the blended output (float32 at least) on the parking device."""
+    Waiting tiles are kept in host memory up to `park_budget` bytes, then in temporary files.
+    Returns the blended output (float32 at least) on the CPU."""
     if x.shape[0] != 1:
         raise ValueError("tiled VAE runs one image at a time")
+    park = Parking(torch.device("cpu"), park_budget)  # on a GPU, waiting tiles leave GPU memory
+    try:
+        return _run(ops, x, in_tiles, out_tiles, park, pad=pad, device=device, dtype=dtype, batch=batch, progress=progress)
+    finally:
+        park.close()
+
+
+def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batch, progress) -> torch.Tensor:
     _, _, height, width = x.shape
-    park = torch.device("cpu") if device.type != "cpu" else device
     boxes = [t.padded(pad, height, width) for t in in_tiles]
-    states = [_State(x[:, :, y0:y1, x0:x1].to(park)) for y0, y1, x0, x1 in boxes]
+    states = [_State(park.put(x[:, :, y0:y1, x0:x1])) for y0, y1, x0, x1 in boxes]
     segments: list[list[_Op]] = [[]]
     for op in ops:
         if op.kind == "norm":
             segments.append([])
         segments[-1].append(op)
-    batches = _batches(states, batch)  # shapes change alike for all tiles, so the grouping holds
+    batches = _batches([tuple(b[1] - b[0] for b in (box[:2], box[2:])) for box in boxes], batch)
     total, done = len(segments) * len(states), 0
 
     merged = None
@@ -171,10 +228,10 @@ def run_tiled(
         next_norm = segments[index + 1][0].module if index + 1 < len(segments) else None
         collected = []
         for members in batches:
-            h = torch.cat([states[i].x for i in members]).to(device, dtype, non_blocking=True)
+            h = torch.cat([_take(park, states[i], "x") for i in members]).to(device, dtype, non_blocking=True)
             saved = None
             if states[members[0]].saved is not None:
-                saved = torch.cat([states[i].saved for i in members]).to(device, dtype, non_blocking=True)
+                saved = torch.cat([_take(park, states[i], "saved") for i in members]).to(device, dtype, non_blocking=True)
             for op in segment:
                 if op.kind == "norm":
                     h = _apply_norm(op.module, h, merged[0], merged[1], op.act)
@@ -191,8 +248,9 @@ def run_tiled(
                 if next_norm is not None:
                     own = _own_in_feature(in_tiles[i].own, boxes[i], h.shape[-2:])
                     collected.append(_group_stats(h[k], next_norm.num_groups, own))
-                states[i].x = h[k : k + 1].to(park, non_blocking=True)
-                states[i].saved = saved[k : k + 1].to(park, non_blocking=True) if saved is not None else None
+                states[i].x = park.put(h[k : k + 1])
+                states[i].saved = park.put(saved[k : k + 1]) if saved is not None else None
+            del h, saved
             done += len(members)
             if progress:
                 progress(done, total)
@@ -201,15 +259,24 @@ def run_tiled(
 
     scale = out_tiles[-1].core[1] / in_tiles[-1].core[1]  # output pixels per input pixel
     acc = _acc(dtype)
-    out = torch.zeros(1, states[0].x.shape[1], round(height * scale), round(width * scale), device=park, dtype=acc)
-    norm = torch.zeros(1, 1, out.shape[2], out.shape[3], device=park, dtype=acc)
-    for tile, box, state in zip(out_tiles, boxes, states):
+    outs = [_take(park, s, "x") for s in states]
+    out = torch.zeros(1, outs[0].shape[1], round(height * scale), round(width * scale), dtype=acc)
+    norm = torch.zeros(1, 1, out.shape[2], out.shape[3], dtype=acc)
+    for tile, box, part in zip(out_tiles, boxes, outs):
         cy0, cy1, cx0, cx1 = tile.core
         oy, ox = round(box[0] * scale), round(box[2] * scale)
-        w = tile.weight.to(park, acc)[None, None]
-        out[:, :, cy0:cy1, cx0:cx1] += state.x[:, :, cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox].to(acc) * w
+        w = tile.weight.to(acc)[None, None]
+        out[:, :, cy0:cy1, cx0:cx1] += part[:, :, cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox].to(acc) * w
         norm[:, :, cy0:cy1, cx0:cx1] += w
     return out / norm
+
+
+def _take(park: Parking, state: _State, field: str) -> torch.Tensor:
+    """Fetch a parked tensor and drop the state's hold on it."""
+    handle = getattr(state, field)
+    setattr(state, field, None)
+    park.release(handle)
+    return park.get(handle)
 
 
 def _own_in_feature(own, box, feat_hw) -> tuple[int, int, int, int]:
@@ -220,9 +287,9 @@ def _own_in_feature(own, box, feat_hw) -> tuple[int, int, int, int]:
     return (round((own[0] - y0) * fy), round((own[1] - y0) * fy), round((own[2] - x0) * fx), round((own[3] - x0) * fx))
 
 
-def _batches(states: list[_State], size: int) -> list[list[int]]:
+def _batches(shapes: list[tuple[int, int]], size: int) -> list[list[int]]:
     """Indices of equally shaped tiles, in chunks of `size` (border tiles can be smaller)."""
     by_shape: dict[tuple, list[int]] = {}
-    for i, s in enumerate(states):
-        by_shape.setdefault(tuple(s.x.shape), []).append(i)
+    for i, shape in enumerate(shapes):
+        by_shape.setdefault(shape, []).append(i)
     return [group[i : i + size] for group in by_shape.values() for i in range(0, len(group), size)]

@@ -122,6 +122,22 @@ def test_tiled_equals_untiled_for_pointwise_models(pointwise_pipe, size, tile):
     assert whole.std() > 0.02  # the stand-ins do produce an image
 
 
+def test_tiles_parked_in_files_give_the_same_result(pointwise_pipe, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    torch.manual_seed(3)
+    x = torch.rand(1, 3, 96, 160, dtype=torch.float64)
+    in_memory = pointwise_pipe(x, "none", 8)
+    pointwise_pipe.park_budget = 0  # every waiting tile goes to a temporary file
+    try:
+        on_disk = pointwise_pipe(x, "none", 8)
+    finally:
+        pointwise_pipe.park_budget = None
+    torch.testing.assert_close(on_disk, in_memory, rtol=0, atol=1e-12)  # layouts may differ, values not
+    assert list(tmp_path.iterdir()) == [], "temporary tile files must be removed"
+
+
 def test_one_tile_covering_the_image_is_the_untiled_result(tiny_base, tiny_lora):
     pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float64)
     torch.manual_seed(2)
