@@ -108,7 +108,7 @@ def save_lora_safetensors(ckpt: LoraCheckpoint, path: str | Path) -> None:
 
 def lora_delta(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """dW = scaling * B @ A, for linear layers and for convs (A has the layer's kernel, B is 1x1)."""
-    delta = b.flatten(1).double() @ a.flatten(1).double()
+    delta = b.flatten(1).float() @ a.flatten(1).float()
     if delta.numel() != weight.numel():
         raise ValueError(f"LoRA of shape {tuple(b.shape)} @ {tuple(a.shape)} does not fit weight {tuple(weight.shape)}")
     return (scaling * delta).view(weight.shape)
@@ -149,8 +149,11 @@ def merge_lora(model: nn.Module, state_dict: dict[str, torch.Tensor], rank: int,
                 delta = lora_delta(module.weight, halves["A"], halves["B"], scaling)
             except ValueError as exc:
                 raise CheckpointError(f"{what}: {module_name}: {exc}") from exc
-            # accumulate in float64 so a bf16/fp16 base loses no more than one final rounding
-            module.weight.copy_((module.weight.double() + delta).to(module.weight.dtype))
+            # add in float32 at least, so a bf16/fp16 base loses no more than one final rounding
+            if module.weight.dtype in (torch.float32, torch.float64):
+                module.weight.add_(delta.to(module.weight.dtype))
+            else:
+                module.weight.copy_(module.weight.float().add_(delta))
     return len(pairs)
 
 

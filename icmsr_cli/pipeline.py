@@ -88,7 +88,7 @@ class OneStepSR:
     dtype: torch.dtype
     tile_batch: int = 4  # tiles per model call
     memory_format: torch.memory_format = torch.channels_last  # faster convolutions on CPU and GPU (see BENCHMARKS.md)
-    park_budget: float | None = None  # host bytes for waiting VAE tiles before files; None: a third of free RAM
+    park_budget: float | None = None  # host bytes for waiting VAE tiles before files; None: see _park_budget
     progress: Progress | None = None  # told about tiles done, for long images
     notify: Callable[[str], None] = logger.warning  # one-line notes (out-of-memory retries)
 
@@ -173,7 +173,11 @@ class OneStepSR:
         return y.clamp(-1, 1) * 0.5 + 0.5
 
     def _park_budget(self) -> float:
-        return self.park_budget if self.park_budget is not None else available_memory(torch.device("cpu")) / 3
+        """Up to 1 GiB (or a third of free RAM) of waiting tiles in memory, the rest in files:
+        writes land in the page cache, so spilling costs little while keeping RSS flat."""
+        if self.park_budget is not None:
+            return self.park_budget
+        return min(2**30, available_memory(torch.device("cpu")) / 3)
 
     def _stage(self, name: str):
         return (lambda done, total: self.progress(name, done, total)) if self.progress else None
@@ -260,7 +264,7 @@ def load_pipeline(
     scheduler_config = _read_json(base / "scheduler" / "scheduler_config.json")
     alpha_t = float(alphas_cumprod(scheduler_config)[TIMESTEP])
 
-    # the LoRA is merged in the compute dtype, with float64 accumulation inside merge_lora
+    # the LoRA is merged in the compute dtype, with float32 arithmetic inside merge_lora
     unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=dtype, **_variant(base / "unet", "diffusion_pytorch_model"))
     vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=dtype, **_variant(base / "vae", "diffusion_pytorch_model"))
     merge_lora(unet, ckpt.state_dict_unet, ckpt.rank_unet, what="UNet")
