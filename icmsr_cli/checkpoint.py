@@ -106,12 +106,15 @@ def save_lora_safetensors(ckpt: LoraCheckpoint, path: str | Path) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
-def lora_delta(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """dW = scaling * B @ A, for linear layers and for convs (A has the layer's kernel, B is 1x1)."""
-    delta = b.flatten(1).float() @ a.flatten(1).float()
-    if delta.numel() != weight.numel():
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B @ A for linear layers and convs (A has the layer's kernel, B is 1x1),
+    computed in float32 at least in one fused addmm and returned in W's dtype."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    b2, a2 = b.flatten(1).to(acc), a.flatten(1).to(acc)
+    if b2.shape[0] * a2.shape[1] != weight.numel() or b2.shape[1] != a2.shape[0]:
         raise ValueError(f"LoRA of shape {tuple(b.shape)} @ {tuple(a.shape)} does not fit weight {tuple(weight.shape)}")
-    return (scaling * delta).view(weight.shape)
+    merged = torch.addmm(weight.reshape(b2.shape[0], -1).to(acc), b2, a2, alpha=scaling)
+    return merged.view(weight.shape).to(weight.dtype)
 
 
 def merge_lora(model: nn.Module, state_dict: dict[str, torch.Tensor], rank: int, *, what: str) -> int:
@@ -146,14 +149,11 @@ def merge_lora(model: nn.Module, state_dict: dict[str, torch.Tensor], rank: int,
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 raise CheckpointError(f"{what}: {module_name} is a {type(module).__name__}, not a Linear or Conv2d")
             try:
-                delta = lora_delta(module.weight, halves["A"], halves["B"], scaling)
+                merged = merged_weight(module.weight, halves["A"], halves["B"], scaling)
             except ValueError as exc:
                 raise CheckpointError(f"{what}: {module_name}: {exc}") from exc
-            # add in float32 at least, so a bf16/fp16 base loses no more than one final rounding
-            if module.weight.dtype in (torch.float32, torch.float64):
-                module.weight.add_(delta.to(module.weight.dtype))
-            else:
-                module.weight.copy_(module.weight.float().add_(delta))
+            # a new tensor, not an in-place add: the base weights are often mmap'd from safetensors
+            module.weight = nn.Parameter(merged, requires_grad=False)
     return len(pairs)
 
 
