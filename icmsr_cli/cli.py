@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 import os
 import signal
 import sys
@@ -130,7 +131,7 @@ def upscale(
         start = time.perf_counter()
         upscaler = None
         if any(not batch.is_skipped(j, overwrite) for j in jobs):
-            with console.status("loading model", spinner="dots") if not quiet else _nothing():
+            with console.status("loading model", spinner="dots") if not quiet else nullcontext():
                 upscaler = load_upscaler(
                     model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt,
                     options=UpscaleOptions(scale=scale, color_fix=color_fix, tile=tile_size),
@@ -170,7 +171,7 @@ def upscale(
             upscaler.pipe.progress = _tile_progress(bar)
     settings = batch.BatchSettings(scale=scale, overwrite=overwrite, max_pixels=max_pixels)
     try:
-        with bar or _nothing():
+        with bar or nullcontext():
             task = bar.add_task("images", total=len(jobs)) if bar else None
             for result in batch.run(jobs, upscaler.upscale_picture if upscaler else None, settings):
                 report(result)
@@ -210,14 +211,6 @@ def _progress():
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=console, transient=False)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @weights_app.command("list")

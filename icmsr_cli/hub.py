@@ -49,17 +49,37 @@ def _complete(folder: Path, fp16: bool) -> bool:
     return all(any(folder.glob(p)) for p in base_files(fp16))
 
 
+def _cached_base(src: HubSource, fp16: bool) -> Path | None:
+    """A complete cached snapshot of `src` for these weights, found with no network request."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(src.repo, revision=src.revision, allow_patterns=base_files(fp16), local_files_only=True))
+    except Exception:
+        return None
+    return folder if _complete(folder, fp16) else None
+
+
+def _cached_lora(src: LoraSource) -> Path | None:
+    """The cached LoRA file of `src`, found with no network request."""
+    if src.repo:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(src.repo, src.path, revision=src.revision, local_files_only=True))
+        except Exception:
+            return None
+    path = url_cache_path(src) if src.url else None
+    return path if path and path.is_file() else None
+
+
 def fetch_base(sources: tuple[HubSource, ...], *, fp16: bool, what: str, notify: Notify, tqdm_class=None) -> Path:
     """A local SD-2.1-base snapshot: from the cache with no request if complete, else the first mirror that answers."""
     from huggingface_hub import snapshot_download
 
     patterns = base_files(fp16)
     for src in sources:  # a complete cached snapshot of any mirror needs no network at all
-        try:
-            folder = Path(snapshot_download(src.repo, revision=src.revision, allow_patterns=patterns, local_files_only=True))
-        except Exception:
-            continue
-        if _complete(folder, fp16):
+        if folder := _cached_base(src, fp16):
             return folder
     if is_offline():
         raise ModelNotFoundError(f"{what}: base model not downloaded and HF_HUB_OFFLINE is set; run `icmsr weights download {what}` online first")
@@ -97,10 +117,8 @@ def fetch_lora(src: LoraSource, *, what: str, notify: Notify, tqdm_class=None) -
 def _fetch_hub_file(src: LoraSource, *, what: str, tqdm_class) -> Path:
     from huggingface_hub import hf_hub_download
 
-    try:
-        return Path(hf_hub_download(src.repo, src.path, revision=src.revision, local_files_only=True))
-    except Exception:
-        pass
+    if cached := _cached_lora(src):
+        return cached
     if is_offline():
         raise ModelNotFoundError(f"{what}: LoRA checkpoint not downloaded and HF_HUB_OFFLINE is set; run `icmsr weights download {what}` online first")
     try:
@@ -120,9 +138,9 @@ def url_cache_path(src: LoraSource) -> Path:
 def _fetch_url(src: LoraSource, *, what: str, tqdm_class) -> Path:
     from huggingface_hub.file_download import http_get
 
+    if cached := _cached_lora(src):
+        return cached
     path = url_cache_path(src)
-    if path.is_file():
-        return path
     if is_offline():
         raise ModelNotFoundError(f"{what}: LoRA checkpoint not downloaded and HF_HUB_OFFLINE is set; run `icmsr weights download {what}` online first")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,29 +265,15 @@ class CacheState:
 
 def cache_state(spec: ModelSpec) -> CacheState:
     """What of `spec` is on disk, found without any network request."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-
     base, size = None, 0
     for src in spec.base:
         for fp16 in (False, True):
-            try:
-                folder = Path(snapshot_download(src.repo, revision=src.revision, allow_patterns=base_files(fp16), local_files_only=True))
-            except Exception:
-                continue
-            if _complete(folder, fp16):
-                base = folder
-                size = sum(p.resolve().stat().st_size for pat in base_files(fp16) for p in folder.glob(pat))
+            if base := _cached_base(src, fp16):
+                size = sum(p.resolve().stat().st_size for pat in base_files(fp16) for p in base.glob(pat))
                 break
         if base:
             break
-    lora = None
-    if spec.lora and spec.lora.repo:
-        try:
-            lora = Path(hf_hub_download(spec.lora.repo, spec.lora.path, revision=spec.lora.revision, local_files_only=True))
-        except Exception:
-            lora = None
-    elif spec.lora and spec.lora.url and url_cache_path(spec.lora).is_file():
-        lora = url_cache_path(spec.lora)
+    lora = _cached_lora(spec.lora) if spec.lora else None
     if lora:
         size += lora.resolve().stat().st_size
     return CacheState(base=base, lora=lora, size_bytes=size)

@@ -37,7 +37,7 @@ def test_windows_are_a_partition_of_unity_that_hands_over_across_the_whole_overl
     for (s, e), w in zip(spans, ws):
         total[s:e] += w
     np.testing.assert_allclose(total, 1.0, atol=1e-12)  # equal overlaps: the raw windows already sum to 1
-    (s0, e0), (s1, _) = spans[0], spans[1]
+    (s0, _), (s1, _) = spans[0], spans[1]
     left = ws[0][s1 - s0 :]  # the first tile's weight across its overlap with the second
     assert left[0] > 0.99 and left[-1] < 0.01 and np.all(np.diff(left) < 0)
     # a hand-over spread over the overlap, not a near-hard switch (Gaussian sigma=0.1T would fail)
