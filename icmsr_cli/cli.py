@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 import os
 import signal
 import sys
@@ -72,15 +72,60 @@ def _parse_tile(value: str) -> int | None | str:
     raise typer.BadParameter(f"{value!r}: expected auto, off, or a latent tile size of at least 8")
 
 
-def _tqdm_class():
-    """huggingface_hub progress bars drawn with rich on stderr."""
-    import warnings
+@contextmanager
+def _loading(label: str, quiet: bool = False):
+    """One live display on stderr for a "loading" line and huggingface_hub's download bars; yields the
+    tqdm class to hand to the downloads: None off a terminal (hf's own bars then stay silent), a silent
+    one with --quiet.
 
-    from tqdm import TqdmExperimentalWarning
-    from tqdm.rich import tqdm_rich
+    Not tqdm.rich: it starts a rich live display per bar, huggingface_hub leaves two of its bars open,
+    and the leftover refresh threads are a hazard at interpreter exit. Here one Progress holds every bar
+    and is stopped when loading ends, whatever the downloads left open.
+    """
+    if not console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from tqdm import tqdm
 
-    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)
-    return tqdm_rich
+    if quiet:
+        class Silent(tqdm):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**kwargs, "disable": True})
+
+        yield Silent
+        return
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
+                        TimeElapsedColumn(), console=console, transient=True)
+    progress.add_task(label, total=None, amount="")
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "gui": True})  # gui: tqdm draws nothing itself, display() does
+            if not self.disable:
+                self._task = progress.add_task(self.desc or "", total=None, amount="")
+                self.display()
+
+        def display(self, *_, **__):
+            if not hasattr(self, "_task"):
+                return
+            n, total = self.n, self.total or None
+            if self.unit == "B":
+                amount = self.format_sizeof(n, "B", 1024) + (f"/{self.format_sizeof(total, 'B', 1024)}" if total else "")
+            else:
+                amount = f"{n}/{total}" if total else str(n)
+            progress.update(self._task, completed=n, total=total, description=self.desc or "", amount=amount)
+
+        def clear(self, *_, **__):
+            pass
+
+        def close(self):
+            self.display()
+            super().close()
+
+    with progress:
+        yield Bar
 
 
 @app.command()
@@ -131,11 +176,11 @@ def upscale(
         start = time.perf_counter()
         upscaler = None
         if any(not batch.is_skipped(j, overwrite) for j in jobs):
-            with console.status("loading model", spinner="dots") if not quiet else nullcontext():
+            with _loading("loading model", quiet) as bars:
                 upscaler = load_upscaler(
                     model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt,
                     options=UpscaleOptions(scale=scale, color_fix=color_fix, tile=tile_size),
-                    notify=_notify, tqdm_class=_tqdm_class(),
+                    notify=_notify, tqdm_class=bars,
                 )
             if not quiet:
                 pipe = upscaler.pipe
@@ -256,7 +301,8 @@ def weights_download(
         registry = load_registry()
         spec = registry.get(name or registry.default)
         dt = resolve_dtype(dtype, resolve_device("auto") if dtype == "auto" else torch.device("cpu"))
-        paths = resolve_weights(spec, fp16=dt != torch.float32, notify=_notify, tqdm_class=_tqdm_class())
+        with _loading(f"downloading {spec.name}") as bars:
+            paths = resolve_weights(spec, fp16=dt != torch.float32, notify=_notify, tqdm_class=bars)
     except IcmsrError as exc:
         _fail(exc)
     console.print(f"{spec.name}: base model in {paths.base}")

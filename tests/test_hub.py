@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,7 +79,48 @@ def env(tmp_path, hub, tiny_lora):
 
 
 def icmsr(env, *args):
-    return subprocess.run([sys.executable, "-m", "icmsr_cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    """Run the CLI; a run that hangs is aborted with every thread's stack on stderr (faulthandler)."""
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "icmsr_cli", *map(str, args)]
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate()
+            pytest.fail(f"icmsr {' '.join(map(str, args))} hung; its threads:\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def icmsr_in_terminal(env, *args) -> tuple[int, str]:
+    """Run the CLI with stderr on a pseudo-terminal, as a user sees it: live progress bars drawn."""
+    import pty
+    import select
+
+    controller, terminal = pty.openpty()
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "icmsr_cli", *map(str, args)]
+    proc = subprocess.Popen(cmd, env={**env, "TERM": "xterm", "COLUMNS": "120"}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    screen = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if select.select([controller], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal closes when the process exits
+                break
+            if not chunk:
+                break
+            screen += chunk
+        elif proc.poll() is not None:
+            break
+    else:
+        proc.send_signal(signal.SIGABRT)
+        proc.wait()
+        pytest.fail(f"icmsr {' '.join(map(str, args))} hung in a terminal:\n{screen.decode(errors='replace')[-6000:]}")
+    os.close(controller)
+    proc.stdout.close()
+    return proc.wait(timeout=60), screen.decode(errors="replace")
 
 
 def _allowed(path: str, fp16: bool) -> bool:
@@ -118,6 +162,17 @@ def test_fp16_download_takes_only_the_fp16_weights(hub, env):
     fetched = hub.downloaded()
     assert all(_allowed(p, fp16=True) for p in fetched), fetched
     assert sum(p.endswith(".fp16.safetensors") for p in fetched) == 3
+
+
+def test_download_in_a_terminal_draws_bars_and_exits(hub, env):
+    # The live display (one rich Progress fed by huggingface_hub's bars, some of which hf never closes)
+    # must draw byte counts and stop cleanly so the process exits.
+    code, screen = icmsr_in_terminal(env, "weights", "download", "--dtype", "fp16")
+    assert code == 0, screen
+    assert "downloading osediff" in screen and "Fetching 12 files" in screen and "12/12" in screen, screen
+    assert re.search(r"osediff\.pkl .*\d\.\d+MB/\d\.\d+MB", screen), screen
+    assert "LoRA checkpoint" in screen
+    assert sum(p.endswith(".fp16.safetensors") for p in hub.downloaded()) == 3
 
 
 def test_missing_mirror_falls_through_to_the_next(tmp_path, hub, env):
