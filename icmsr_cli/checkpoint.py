@@ -106,18 +106,30 @@ def save_lora_safetensors(ckpt: LoraCheckpoint, path: str | Path) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
-def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """W + scaling * B @ A for linear layers and convs (A has the layer's kernel, B is 1x1),
-    computed in float32 at least in one fused addmm and returned in W's dtype."""
+    computed in float32 at least in one addmm into a fresh buffer, returned in W's dtype.
+
+    For a conv with `memory_format=torch.channels_last` the result is laid out channels-last straight
+    away: W and A are read in (out, kh, kw, in) order, so no second pass converts the merged weight.
+    """
     acc = torch.promote_types(weight.dtype, torch.float32)
-    b2, a2 = b.flatten(1).to(acc), a.flatten(1).to(acc)
+    b2 = b.flatten(1).to(weight.device, acc)
+    order = (0, 2, 3, 1) if weight.dim() == 4 and memory_format == torch.channels_last else tuple(range(weight.dim()))
+    a2 = (a.permute(order) if a.dim() == len(order) else a).flatten(1).to(weight.device, acc)
     if b2.shape[0] * a2.shape[1] != weight.numel() or b2.shape[1] != a2.shape[0]:
         raise ValueError(f"LoRA of shape {tuple(b.shape)} @ {tuple(a.shape)} does not fit weight {tuple(weight.shape)}")
-    merged = torch.addmm(weight.reshape(b2.shape[0], -1).to(acc), b2, a2, alpha=scaling)
-    return merged.view(weight.shape).to(weight.dtype)
+    laid_out = weight.permute(order)
+    # our own buffer, so the addmm can run in place: the base weights are often mmap'd from safetensors
+    merged = torch.empty(laid_out.shape, dtype=acc, device=weight.device).copy_(laid_out)
+    merged.view(b2.shape[0], -1).addmm_(b2, a2, alpha=scaling)
+    inverse = tuple(order.index(i) for i in range(len(order)))
+    return merged.permute(inverse).to(weight.dtype)
 
 
-def merge_lora(model: nn.Module, state_dict: dict[str, torch.Tensor], rank: int, *, what: str) -> int:
+def merge_lora(model: nn.Module, state_dict: dict[str, torch.Tensor], rank: int, *, what: str,
+               memory_format: torch.memory_format = torch.contiguous_format) -> int:
     """Merge every LoRA pair of `state_dict` into `model`'s weights in place; return the pair count.
 
     `{m}.base_layer.{weight,bias}` entries replace `{m}`'s own parameters (OSEDiff's trained conv_in).
@@ -149,10 +161,9 @@ def merge_lora(model: nn.Module, state_dict: dict[str, torch.Tensor], rank: int,
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 raise CheckpointError(f"{what}: {module_name} is a {type(module).__name__}, not a Linear or Conv2d")
             try:
-                merged = merged_weight(module.weight, halves["A"], halves["B"], scaling)
+                merged = merged_weight(module.weight, halves["A"], halves["B"], scaling, memory_format)
             except ValueError as exc:
                 raise CheckpointError(f"{what}: {module_name}: {exc}") from exc
-            # a new tensor, not an in-place add: the base weights are often mmap'd from safetensors
             module.weight = nn.Parameter(merged, requires_grad=False)
     return len(pairs)
 

@@ -154,6 +154,7 @@ def upscale(
     """
     from . import batch
     from .upscale import UpscaleOptions
+    from .devices import keep_freed_memory
     from .upscaler import load_upscaler
 
     tile_size = _parse_tile(tile)
@@ -176,6 +177,7 @@ def upscale(
         start = time.perf_counter()
         upscaler = None
         if any(not batch.is_skipped(j, overwrite) for j in jobs):
+            keep_freed_memory()  # this process is ours: reuse freed activations instead of page-faulting new ones
             with _loading("loading model", quiet) as bars:
                 upscaler = load_upscaler(
                     model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt,

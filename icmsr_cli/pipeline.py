@@ -1,7 +1,7 @@
 """The one-step model on tensors: encode -> UNet at t=999 -> x0 -> decode -> colour fix.
 
-Loading merges the LoRA into plain diffusers modules once, so inference has no adapter overhead.
-The prompt embedding is computed once per (base model, prompt) and cached on disk, so later
+Loading merges the LoRA into plain diffusers modules once, so inference has no adapter overhead,
+and keeps the merged modules on disk (merged.py) so later runs skip the merge. The prompt embedding is computed once per (base model, prompt) and cached on disk, so later
 runs never load the text encoder.
 """
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .checkpoint import LoraCheckpoint, load_lora_checkpoint, merge_lora
 from .color import apply_color_fix
 from .devices import available_memory
+from .merged import file_identity
 from .errors import ModelNotFoundError, NumericalError, ResourceError, SetupError
 from .tiled_vae import decoder_ops, encoder_ops, run_tiled
 from .tiling import auto_tile_size, plan_tiles
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 #: SD's latent scaling constant: z = E(2x-1).mode() * LATENT_SCALE
 LATENT_SCALE = 0.18215
 #: the single UNet step runs at the last training timestep
+MEMORY_FORMAT = torch.channels_last  # faster convolutions on CPU and GPU (see BENCHMARKS.md)
 TIMESTEP = 999
 #: the VAE downsamples by 8; inputs are reflect-padded to a multiple of it
 VAE_FACTOR = 8
@@ -87,7 +89,7 @@ class OneStepSR:
     device: torch.device
     dtype: torch.dtype
     tile_batch: int = 4  # tiles per model call
-    memory_format: torch.memory_format = torch.channels_last  # faster convolutions on CPU and GPU (see BENCHMARKS.md)
+    memory_format: torch.memory_format = MEMORY_FORMAT
     park_budget: float | None = None  # host bytes for waiting VAE tiles before files; None: see _park_budget
     progress: Progress | None = None  # told about tiles done, for long images
     notify: Callable[[str], None] = logger.warning  # one-line notes (out-of-memory retries)
@@ -254,25 +256,52 @@ def load_pipeline(
     device: torch.device,
     dtype: torch.dtype,
     prompt: str = "",
+    merged_cache: bool | None = None,
 ) -> OneStepSR:
-    """Load SD-2.1-base from a local diffusers folder, merge the LoRA, fetch the prompt embedding."""
+    """Load SD-2.1-base from a local diffusers folder, merge the LoRA, fetch the prompt embedding.
+
+    With a LoRA file and `merged_cache` (default: on unless ICMSR_MERGED_CACHE=0), the merged modules
+    are kept on disk under `cache_dir()` and later loads map them instead of merging again.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from . import merged
 
     base = Path(base)
     _check_base_folder(base)
-    ckpt = lora if isinstance(lora, LoraCheckpoint) else load_lora_checkpoint(lora)
     scheduler_config = _read_json(base / "scheduler" / "scheduler_config.json")
     alpha_t = float(alphas_cumprod(scheduler_config)[TIMESTEP])
-
-    # the LoRA is merged in the compute dtype, with float32 arithmetic inside merge_lora
-    unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=dtype, **_variant(base / "unet", "diffusion_pytorch_model"))
-    vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=dtype, **_variant(base / "vae", "diffusion_pytorch_model"))
-    merge_lora(unet, ckpt.state_dict_unet, ckpt.rank_unet, what="UNet")
-    merge_lora(vae, ckpt.state_dict_vae, ckpt.rank_vae, what="VAE")
-    for module in (unet, vae):
-        module.requires_grad_(False).eval().to(device, memory_format=torch.channels_last)
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
+    entry = None
+    if not isinstance(lora, LoraCheckpoint) and (merged.enabled() if merged_cache is None else merged_cache):
+        weights = {part: _weight_files(base / part) for part in classes}
+        entry = merged.entry_dir(cache_dir() / "merged", base, Path(lora), dtype, weights)
+    modules = merged.load(entry, base, classes) if entry else None
+    if modules is None:
+        modules = _merge(base, lora, classes, device=device, dtype=dtype)
+        if entry:
+            merged.save(entry, modules, about={"base": str(base.resolve()), "lora": str(Path(lora).resolve()), "dtype": str(dtype)})
+    for module in modules.values():
+        module.requires_grad_(False).eval().to(device)
     embeds = prompt_embedding(base, prompt)
-    return OneStepSR(vae=vae, unet=unet, prompt_embeds=embeds, alpha_t=alpha_t, device=device, dtype=dtype)
+    return OneStepSR(vae=modules["vae"], unet=modules["unet"], prompt_embeds=embeds, alpha_t=alpha_t, device=device, dtype=dtype)
+
+
+def _merge(base: Path, lora: str | Path | LoraCheckpoint, classes: dict, *, device: torch.device, dtype: torch.dtype) -> dict:
+    """Base modules with the LoRA merged in, convs channels-last, on `device`."""
+    ckpt = lora if isinstance(lora, LoraCheckpoint) else load_lora_checkpoint(lora)
+    loras = {"unet": (ckpt.state_dict_unet, ckpt.rank_unet, "UNet"), "vae": (ckpt.state_dict_vae, ckpt.rank_vae, "VAE")}
+    modules = {}
+    for part, cls in classes.items():
+        module = cls.from_pretrained(base / part, torch_dtype=dtype, **_variant(base / part, "diffusion_pytorch_model"))
+        # onto the device first so a GPU does the merging; the merge writes its convs channels-last
+        # directly and the final .to() converts only the convs without a LoRA. The LoRA is merged
+        # in the compute dtype, with float32 arithmetic inside merge_lora.
+        module.requires_grad_(False).eval().to(device)
+        state_dict, rank, what = loras[part]
+        merge_lora(module, state_dict, rank, what=what, memory_format=MEMORY_FORMAT)
+        modules[part] = module.to(memory_format=MEMORY_FORMAT)
+    return modules
 
 
 def _check_base_folder(base: Path) -> None:
@@ -325,8 +354,7 @@ def _text_encoder_identity(base: Path) -> str:
         if path.is_file():
             h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     for path in _weight_files(base / "text_encoder"):
-        st = path.stat()
-        h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}\0".encode())
+        h.update(f"{file_identity(path)}\0".encode())
     return h.hexdigest()
 
 
@@ -351,12 +379,19 @@ def prompt_embedding(base: Path, prompt: str) -> torch.Tensor:
 
 def _encode_prompt(base: Path, prompt: str) -> torch.Tensor:
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
 
     logger.info("computing the prompt embedding (once per base model and prompt)")
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    encoder = CLIPTextModel.from_pretrained(
-        base / "text_encoder", torch_dtype=torch.float32, **_variant(base / "text_encoder", "model")
-    ).eval()
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would land in the middle of ours
+    try:
+        encoder = CLIPTextModel.from_pretrained(
+            base / "text_encoder", torch_dtype=torch.float32, **_variant(base / "text_encoder", "model")
+        ).eval()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     ids = tokenizer(
         prompt, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
     ).input_ids

@@ -46,17 +46,23 @@ def _peft_block(rank: int, seed: int):
     return plain, adapted, state
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("rank", [4, 2])
-def test_merge_matches_peft_for_conv_and_linear(rank):
+def test_merge_matches_peft_for_conv_and_linear(rank, memory_format):
     plain, adapted, state = _peft_block(rank, seed=rank)
     assert any(".lora_B.enc." in k for k in state) and any("proj.lora_A.others" in k for k in state)
     x = torch.randn(2, 3, 17, 19)
     with torch.no_grad():
         before = plain(x)
-        assert merge_lora(plain, state, rank, what="test") == 4
+        assert merge_lora(plain, state, rank, what="test", memory_format=memory_format) == 4
         expected, got = adapted(x), plain(x)
     assert (expected - before).abs().max() > 0.1, "the adapters must change the output for the test to mean anything"
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name in ("conv_in", "down", "skip"):  # merged straight into the requested layout
+        weight = getattr(plain, name).weight
+        assert weight.is_contiguous(memory_format=memory_format), name
+        torch.testing.assert_close(weight, getattr(adapted, name).get_delta_weight("enc" if name != "skip" else "others")
+                                   + getattr(adapted, name).base_layer.weight, rtol=1e-5, atol=1e-6)
 
 
 def test_scaling_is_alpha_8_over_rank():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,55 @@ def test_device_and_dtype_choice():
         with pytest.raises(SetupError, match="CUDA is not available"):
             resolve_device("cuda:0")
         assert resolve_device("auto").type in ("cpu", "mps")
+
+
+def _weights(pipe) -> dict[str, torch.Tensor]:
+    return {f"{part}.{k}": v for part in ("unet", "vae") for k, v in getattr(pipe, part).state_dict().items()}
+
+
+def test_merged_weights_cache_serves_the_same_weights_without_merging(tiny_base, tiny_lora, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    from icmsr_cli import merged, pipeline
+
+    lora = tmp_path / "osediff.pkl"
+    shutil.copy(tiny_lora, lora)
+    root = tmp_path / "icmsr-cache" / "merged"
+    first = load_pipeline(tiny_base, lora, device=torch.device("cpu"), dtype=torch.float32)
+    entries = [p for p in root.iterdir() if (p / "entry.json").is_file()]
+    assert len(entries) == 1
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("a cached load must not merge")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "_merge", no_merge)
+        second = load_pipeline(tiny_base, lora, device=torch.device("cpu"), dtype=torch.float32)
+    a, b = _weights(first), _weights(second)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].stride() == b[k].stride() for k in a), "cached weights differ"
+    assert second.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, 32, 40)
+    assert torch.equal(first(x, "adain", None), second(x, "adain", None))
+
+    # a damaged entry is a miss: a one-line warning, a fresh merge, the same weights
+    unet_file = entries[0] / "unet.safetensors"
+    unet_file.write_bytes(unet_file.read_bytes()[: unet_file.stat().st_size // 2])
+    third = load_pipeline(tiny_base, lora, device=torch.device("cpu"), dtype=torch.float32)
+    assert "merged-weights cache" in caplog.text and "unusable" in caplog.text
+    assert all(torch.equal(a[k], v) for k, v in _weights(third).items())
+
+    # another LoRA file (same path, new contents) is another entry; only the newest KEEP stay
+    for i in range(merged.KEEP + 1):
+        lora.write_bytes(tiny_lora.read_bytes())
+        os.utime(lora, ns=(10**18 + i, 10**18 + i))
+        load_pipeline(tiny_base, lora, device=torch.device("cpu"), dtype=torch.bfloat16 if i % 2 else torch.float32)
+    kept = [p for p in root.iterdir() if (p / "entry.json").is_file()]
+    assert len(kept) == merged.KEEP
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_merged_weights_cache_can_be_turned_off(tiny_base, tiny_lora, tmp_path, monkeypatch):
+    monkeypatch.setenv("ICMSR_MERGED_CACHE", "0")
+    load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+    assert not (tmp_path / "icmsr-cache" / "merged").exists()
