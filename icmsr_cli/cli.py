@@ -151,6 +151,10 @@ def upscale(
     """Upscale images with the one-step diffusion model.
 
     Exit codes: 0 all done (or skipped), 1 some inputs failed, 2 usage or setup error.
+
+    Environment: ICMSR_CACHE_DIR (prompt embeddings and merged weights; default: the user cache
+    folder), ICMSR_MERGED_CACHE=0 (do not keep merged weights on disk), ICMSR_DEBUG=1 (tracebacks),
+    HF_HOME / HF_HUB_OFFLINE / HF_TOKEN / HF_ENDPOINT (downloads).
     """
     from . import batch
     from .upscale import UpscaleOptions

@@ -90,6 +90,7 @@ class OneStepSR:
     dtype: torch.dtype
     tile_batch: int = 4  # tiles per model call
     memory_format: torch.memory_format = MEMORY_FORMAT
+    decoder_dtype: torch.dtype | None = None  # None: dtype; float32 once fp16 overflowed in the decoder
     park_budget: float | None = None  # host bytes for waiting VAE tiles before files; None: see _park_budget
     progress: Progress | None = None  # told about tiles done, for long images
     notify: Callable[[str], None] = logger.warning  # one-line notes (out-of-memory retries)
@@ -123,7 +124,7 @@ class OneStepSR:
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """y = clamp(D(x0 / 0.18215), -1, 1) * 0.5 + 0.5, returned in float32."""
-        y = self.vae.decode((x0 / LATENT_SCALE).to(self.device, self.dtype)).sample
+        y = self.vae.decode((x0 / LATENT_SCALE).to(self.device, self.decoder_dtype or self.dtype)).sample
         return y.to(torch.promote_types(y.dtype, torch.float32)).clamp(-1, 1) * 0.5 + 0.5
 
     # ----------------------------------------------------------------------------------- tiled
@@ -169,7 +170,7 @@ class OneStepSR:
         y = run_tiled(
             decoder_ops(self.vae), x0 / LATENT_SCALE,
             plan_tiles(h, w, tile, overlap), plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR),
-            pad=DECODER_PAD, device=self.device, dtype=self.dtype, batch=self.tile_batch, progress=self._stage("decode"),
+            pad=DECODER_PAD, device=self.device, dtype=self.decoder_dtype or self.dtype, batch=self.tile_batch, progress=self._stage("decode"),
             park_budget=self._park_budget(),
         )
         return y.clamp(-1, 1) * 0.5 + 0.5
@@ -225,10 +226,26 @@ class OneStepSR:
         return y.clamp(0, 1)[..., :h, :w]
 
     def _graph(self, x: torch.Tensor, tile: int | None) -> torch.Tensor:
-        if tile is None:
-            return self.decode(self.denoise(self.encode(x)))
-        z = self.encode_tiled(x, tile)
-        return self.decode_tiled(self.denoise_tiled(z, tile), tile)
+        x0 = self.denoise(self.encode(x)) if tile is None else self.denoise_tiled(self.encode_tiled(x, tile), tile)
+        y = self._decoded(x0, tile)
+        if not bool(torch.isfinite(y).all()) and self._upcast_decoder():
+            y = self._decoded(x0, tile)
+        return y
+
+    def _decoded(self, x0: torch.Tensor, tile: int | None) -> torch.Tensor:
+        return self.decode(x0) if tile is None else self.decode_tiled(x0, tile)
+
+    def _upcast_decoder(self) -> bool:
+        """SD's VAE decoder can overflow fp16's range (diffusers marks it force_upcast); rather than
+        decode every image in float32, switch only when it happens. False when there is nothing to switch."""
+        if self.dtype != torch.float16 or self.decoder_dtype is not None:
+            return False
+        self.notify("the VAE decoder overflowed in fp16; decoding in fp32 from now on")
+        self.decoder_dtype = torch.float32
+        for module in (getattr(self.vae, "post_quant_conv", None), self.vae.decoder):
+            if module is not None:
+                module.float()
+        return True
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

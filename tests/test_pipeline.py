@@ -169,3 +169,29 @@ def test_merged_weights_cache_can_be_turned_off(tiny_base, tiny_lora, tmp_path, 
     monkeypatch.setenv("ICMSR_MERGED_CACHE", "0")
     load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
     assert not (tmp_path / "icmsr-cache" / "merged").exists()
+
+
+def test_fp16_decoder_overflow_falls_back_to_fp32_decoding(tiny_base, tiny_lora):
+    """A decoder whose activations pass fp16's 65504 but are brought back by a GroupNorm: in fp16 the
+    image would be NaN; the pipeline says so once and decodes in fp32 from then on."""
+    def overflowing(pipe):
+        with torch.no_grad():
+            conv = pipe.vae.decoder.mid_block.resnets[0].conv1  # followed by norm2, which rescales it
+            conv.weight.mul_(1e6)  # weights stay representable in fp16; their sums do not
+            conv.bias.mul_(1e6)
+        return pipe
+
+    half = overflowing(load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float16))
+    full = overflowing(load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32))
+    x = torch.from_numpy(photo_like(48, 40).astype(np.float32) / 255).permute(2, 0, 1)[None]
+    notes = []
+    half.notify = notes.append
+    with torch.no_grad():
+        z = half.denoise(half.encode(x))
+        assert not torch.isfinite(half.decode(z)).all(), "the test needs a decoder that overflows in fp16"
+    y = half(x, "none", None)
+    assert notes == ["the VAE decoder overflowed in fp16; decoding in fp32 from now on"]
+    assert torch.isfinite(y).all() and half.vae.decoder.conv_out.weight.dtype == torch.float32
+    assert (y - full(x, "none", None)).abs().mean() < 0.02  # only the fp16 encoder and UNet differ
+    half(x, "none", 16)  # later images, tiled too, decode in fp32 without another note
+    assert len(notes) == 1
