@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from sd21_factory import make_osediff_checkpoint, write_base_model  # noqa: E402
+
+# benchmark runs keep their prompt embeddings and merged weights beside their models, not in the
+# user's cache (unless ICMSR_CACHE_DIR says otherwise)
+os.environ.setdefault("ICMSR_CACHE_DIR", str(ROOT / "benchmarks" / ".models" / "icmsr-cache"))
 
 
 def random_model(kind: str, cache: Path = ROOT / "benchmarks" / ".models") -> tuple[Path, Path]:
