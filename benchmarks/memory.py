@@ -1,7 +1,7 @@
 """Peak memory against output size, with tiling on.
 
-Each size runs in a fresh process set up as the CLI sets itself up (glibc keeps freed memory,
-merged weights mapped from the cache): load a random-weight SD-2.1-layout model, upscale a random
+Each size runs in a fresh process set up as the CLI sets itself up (freed memory reused for
+images run whole, merged weights mapped from the cache): load a random-weight SD-2.1-layout model, upscale a random
 photo-like image by 4 to the output size, and report peak RSS (CPU) or peak CUDA memory, next to
 the resident size after loading and the size of the output image's float buffers.
 
@@ -36,15 +36,14 @@ def child(model: str, device: str, tile: str, size: int) -> dict:
     sys.path.insert(0, HERE)
     from _models import random_model
 
-    from icmsr_cli.devices import keep_freed_memory
     from icmsr_cli.images import Picture
     from icmsr_cli.pipeline import load_pipeline
     from icmsr_cli.upscale import UpscaleOptions, upscale_picture
 
-    keep_freed_memory()  # as the CLI runs: freed blocks stay with the process
     base, lora = random_model(model)
     dev = torch.device(device)
     pipe = load_pipeline(base, lora, device=dev, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    pipe.reuse_freed_memory = True  # as the CLI runs (it applies to images run whole)
     loaded_rss = rss_now()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

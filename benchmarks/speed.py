@@ -6,7 +6,7 @@ ms per 512x512-equivalent, achieved TFLOP/s (FLOPs counted with torch's FlopCoun
 the measured matmul peak of this machine, and peak memory. Then startup (command to first tile),
 cold and with the merged-weights cache, and the end-to-end wall time of `icmsr upscale` for a
 512x512 output against the baseline script. The baseline runs first, with glibc's default
-allocator; "ours-default-malloc" shows what `keep_freed_memory` (which the CLI turns on) is worth.
+allocator; "ours-default-malloc" shows what `reuse_freed_memory` (which the CLI turns on) is worth.
 
     python benchmarks/speed.py [--device cpu|cuda] [--sizes 512,768] [--repeats 3]
 """
@@ -31,7 +31,6 @@ sys.path.insert(0, HERE)
 from _models import random_model  # noqa: E402
 from baseline_upscale import Baseline  # noqa: E402
 
-from icmsr_cli.devices import keep_freed_memory  # noqa: E402
 from icmsr_cli.pipeline import load_pipeline  # noqa: E402
 
 
@@ -160,13 +159,8 @@ def main() -> None:
         t0 = time.perf_counter()
         pipe = load_pipeline(base, lora, device=device, dtype=fast_dtype)
         print(f"startup, ours, later runs (merged weights mapped from the cache): {time.perf_counter() - t0:.1f} s")
-        kept = False
         for name in [v for v in variants if v != "baseline"]:
-            if name == "ours-default-malloc" and kept:
-                print("ours-default-malloc skipped: it must come before the other ours variants")
-                continue
-            if name != "ours-default-malloc" and device.type == "cpu" and not kept:
-                kept = keep_freed_memory()  # what the CLI does; from here on for every "ours" row
+            pipe.reuse_freed_memory = name != "ours-default-malloc"  # what the CLI does
             pipe.memory_format = torch.contiguous_format if name == "ours-contiguous" else torch.channels_last
             dtype = torch.bfloat16 if name == "ours-bf16" else fast_dtype
             for m in (pipe.unet, pipe.vae):

@@ -158,7 +158,6 @@ def upscale(
     """
     from . import batch
     from .upscale import UpscaleOptions
-    from .devices import keep_freed_memory
     from .upscaler import load_upscaler
 
     tile_size = _parse_tile(tile)
@@ -181,7 +180,6 @@ def upscale(
         start = time.perf_counter()
         upscaler = None
         if any(not batch.is_skipped(j, overwrite) for j in jobs):
-            keep_freed_memory()  # this process is ours: reuse freed activations instead of page-faulting new ones
             with _loading("loading model", quiet) as bars:
                 upscaler = load_upscaler(
                     model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt,
@@ -218,6 +216,7 @@ def upscale(
     bar = _progress() if not quiet and console.is_terminal else None
     if upscaler is not None:
         upscaler.pipe.notify = _notify
+        upscaler.pipe.reuse_freed_memory = True  # this process is ours: see devices.freed_memory_reused
         if bar is not None:
             upscaler.pipe.progress = _tile_progress(bar)
     settings = batch.BatchSettings(scale=scale, overwrite=overwrite, max_pixels=max_pixels)

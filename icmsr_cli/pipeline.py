@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from .checkpoint import LoraCheckpoint, load_lora_checkpoint, merge_lora
 from .color import apply_color_fix
-from .devices import available_memory
+from .devices import available_memory, freed_memory_reused
 from .merged import file_identity
 from .errors import ModelNotFoundError, NumericalError, ResourceError, SetupError
 from .tiled_vae import decoder_ops, encoder_ops, run_tiled
@@ -91,6 +92,7 @@ class OneStepSR:
     tile_batch: int = 4  # tiles per model call
     memory_format: torch.memory_format = MEMORY_FORMAT
     decoder_dtype: torch.dtype | None = None  # None: dtype; float32 once fp16 overflowed in the decoder
+    reuse_freed_memory: bool = False  # CPU whole-image runs inside devices.freed_memory_reused (the CLI sets it)
     park_budget: float | None = None  # host bytes for waiting VAE tiles before files; None: see _park_budget
     progress: Progress | None = None  # told about tiles done, for long images
     notify: Callable[[str], None] = logger.warning  # one-line notes (out-of-memory retries)
@@ -207,7 +209,9 @@ class OneStepSR:
             tile = self.auto_tile(*x.shape[-2:])
         while True:
             try:
-                y = self._graph(x, tile)
+                reuse = self.reuse_freed_memory and tile is None and self.device.type == "cpu"
+                with freed_memory_reused() if reuse else nullcontext():
+                    y = self._graph(x, tile)
                 break
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
                 if not _is_out_of_memory(exc):
