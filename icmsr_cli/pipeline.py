@@ -1,8 +1,9 @@
 """The one-step model on tensors: encode -> UNet at t=999 -> x0 -> decode -> colour fix.
 
 Loading merges the LoRA into plain diffusers modules once, so inference has no adapter overhead,
-and keeps the merged modules on disk (merged.py) so later runs skip the merge. The prompt embedding is computed once per (base model, prompt) and cached on disk, so later
-runs never load the text encoder.
+and keeps the merged modules on disk (merged.py) so later runs skip the merge. The prompt
+embedding is computed once per (base model, prompt) and cached on disk, so later runs never load
+the text encoder.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 from .checkpoint import LoraCheckpoint, load_lora_checkpoint, merge_lora
 from .color import apply_color_fix
 from .devices import available_memory, freed_memory_reused
-from .merged import file_identity
 from .errors import ModelNotFoundError, NumericalError, ResourceError, SetupError
+from .merged import file_identity
 from .tiled_vae import decoder_ops, encoder_ops, run_tiled
 from .tiling import auto_tile_size, plan_tiles
 
@@ -33,8 +34,9 @@ logger = logging.getLogger(__name__)
 #: SD's latent scaling constant: z = E(2x-1).mode() * LATENT_SCALE
 LATENT_SCALE = 0.18215
 #: the single UNet step runs at the last training timestep
-MEMORY_FORMAT = torch.channels_last  # faster convolutions on CPU and GPU (see BENCHMARKS.md)
 TIMESTEP = 999
+#: activations and conv weights in channels-last order: the layout GPUs want, no slower on CPU (BENCHMARKS.md)
+MEMORY_FORMAT = torch.channels_last
 #: the VAE downsamples by 8; inputs are reflect-padded to a multiple of it
 VAE_FACTOR = 8
 BASE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -296,7 +298,10 @@ def load_pipeline(
     entry = None
     if not isinstance(lora, LoraCheckpoint) and (merged.enabled() if merged_cache is None else merged_cache):
         weights = {part: _weight_files(base / part) for part in classes}
-        entry = merged.entry_dir(cache_dir() / "merged", base, Path(lora), dtype, weights)
+        try:
+            entry = merged.entry_dir(cache_dir() / "merged", base, Path(lora), dtype, weights)
+        except OSError:
+            pass  # a missing LoRA file or config: the merge below reports it in its own words
     modules = merged.load(entry, base, classes) if entry else None
     if modules is None:
         modules = _merge(base, lora, classes, device=device, dtype=dtype)

@@ -228,3 +228,10 @@ def test_freed_memory_is_reused_inside_the_context_only():
     out = subprocess.run([sys.executable, "-c", _REUSE_PROBE], capture_output=True, text=True, check=True).stdout
     inside, outside = map(int, out.split())
     assert outside > 100 and inside < outside / 10, (inside, outside)
+
+
+def test_missing_lora_file_is_a_checkpoint_error_not_a_traceback(tiny_base, tmp_path):
+    from icmsr_cli.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="absent.pkl.*not found"):
+        load_pipeline(tiny_base, tmp_path / "absent.pkl", device=torch.device("cpu"), dtype=torch.float32)
