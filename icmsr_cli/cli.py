@@ -265,8 +265,11 @@ def _progress():
 
 @weights_app.command("list")
 def weights_list() -> None:
-    """List the registry's models: name, cached or not, size on disk, description. Needs no network."""
+    """List the registry's models: name, cached or not, size on disk, description; then the merged
+    weights kept by earlier runs. Needs no network."""
+    from . import merged
     from .hub import cache_state
+    from .pipeline import cache_dir
     from .registry import load_registry
 
     try:
@@ -288,6 +291,11 @@ def weights_list() -> None:
     typer.echo("  ".join(h.ljust(w) for h, w in zip(("NAME", "STATUS", "SIZE"), widths)) + "  DESCRIPTION")
     for row in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+    root = cache_dir() / "merged"
+    entries, size = merged.usage(root)
+    if entries:
+        typer.echo(f"merged weights: {entries} cached {'entry' if entries == 1 else 'entries'}, {_human_size(size)} in {root} "
+                   "(safe to delete; ICMSR_MERGED_CACHE=0 stops keeping them)")
 
 
 @weights_app.command("download")

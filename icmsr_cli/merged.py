@@ -107,6 +107,12 @@ def save(entry: Path, modules: dict[str, nn.Module], *, about: dict) -> None:
     _prune(entry.parent)
 
 
+def usage(root: Path) -> tuple[int, int]:
+    """(complete entries, bytes on disk) under `root`."""
+    entries = [p for p in root.iterdir() if (p / _READY).is_file()] if root.is_dir() else []
+    return len(entries), sum(f.stat().st_size for p in entries for f in p.iterdir() if f.is_file())
+
+
 def _prune(root: Path) -> None:
     """Keep the `KEEP` most recently used entries; drop what an interrupted save left over an hour ago."""
     import time

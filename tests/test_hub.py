@@ -148,6 +148,7 @@ def test_download_fetches_only_what_runs_then_cache_needs_no_request(tmp_path, h
 
     listing = icmsr(env, "weights", "list")
     assert listing.returncode == 0 and "osediff (default)  cached" in listing.stdout
+    assert "merged weights: 1 cached entry" in listing.stdout and str(tmp_path / "icmsr" / "merged") in listing.stdout
     assert icmsr(env, "weights", "verify").returncode == 0
 
     blob = next(p.resolve() for p in (tmp_path / "hf").rglob("diffusion_pytorch_model.safetensors") if "unet" in str(p))
