@@ -1,9 +1,10 @@
 """Peak memory against output size, with tiling on.
 
 Each size runs in a fresh process set up as the CLI sets itself up (freed memory reused for
-images run whole, merged weights mapped from the cache): load a random-weight SD-2.1-layout model, upscale a random
-photo-like image by 4 to the output size, and report peak RSS (CPU) or peak CUDA memory, next to
-the resident size after loading and the size of the output image's float buffers.
+images run whole, merged weights mapped from the cache): load a random-weight SD-2.1-layout
+model, upscale a random photo-like image by 4 to the output size, and report peak RSS (CPU) or
+peak CUDA memory, next to the resident size after loading and the size of the output image's
+float buffers.
 
     python benchmarks/memory.py [--model tiny|full] [--device cpu|cuda] [--tile auto|N] [--sizes 1024,2048,4096]
 """

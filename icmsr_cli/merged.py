@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -107,19 +108,22 @@ def save(entry: Path, modules: dict[str, nn.Module], *, about: dict) -> None:
     _prune(entry.parent)
 
 
+def _entries(root: Path) -> list[Path]:
+    """The complete entries under `root`."""
+    return [p for p in root.iterdir() if (p / _READY).is_file()] if root.is_dir() else []
+
+
 def usage(root: Path) -> tuple[int, int]:
     """(complete entries, bytes on disk) under `root`."""
-    entries = [p for p in root.iterdir() if (p / _READY).is_file()] if root.is_dir() else []
+    entries = _entries(root)
     return len(entries), sum(f.stat().st_size for p in entries for f in p.iterdir() if f.is_file())
 
 
 def _prune(root: Path) -> None:
     """Keep the `KEEP` most recently used entries; drop what an interrupted save left over an hour ago."""
-    import time
-
     for stale in root.glob(".*.tmp"):
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
-    entries = sorted((p for p in root.iterdir() if (p / _READY).is_file()), key=lambda p: (p / _READY).stat().st_mtime_ns, reverse=True)
+    entries = sorted(_entries(root), key=lambda p: (p / _READY).stat().st_mtime_ns, reverse=True)
     for old in entries[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)

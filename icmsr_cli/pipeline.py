@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from .checkpoint import LoraCheckpoint, load_lora_checkpoint, merge_lora
 from .color import apply_color_fix
 from .devices import available_memory, freed_memory_reused
+from . import merged
 from .errors import ModelNotFoundError, NumericalError, ResourceError, SetupError
-from .merged import file_identity
 from .tiled_vae import decoder_ops, encoder_ops, run_tiled
 from .tiling import auto_tile_size, plan_tiles
 
@@ -288,8 +288,6 @@ def load_pipeline(
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from . import merged
-
     base = Path(base)
     _check_base_folder(base)
     scheduler_config = _read_json(base / "scheduler" / "scheduler_config.json")
@@ -323,7 +321,7 @@ def _merge(base: Path, lora: str | Path | LoraCheckpoint, classes: dict, *, devi
         # onto the device first so a GPU does the merging; the merge writes its convs channels-last
         # directly and the final .to() converts only the convs without a LoRA. The LoRA is merged
         # in the compute dtype, with float32 arithmetic inside merge_lora.
-        module.requires_grad_(False).eval().to(device)
+        module.to(device)
         state_dict, rank, what = loras[part]
         merge_lora(module, state_dict, rank, what=what, memory_format=MEMORY_FORMAT)
         modules[part] = module.to(memory_format=MEMORY_FORMAT)
@@ -380,7 +378,7 @@ def _text_encoder_identity(base: Path) -> str:
         if path.is_file():
             h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     for path in _weight_files(base / "text_encoder"):
-        h.update(f"{file_identity(path)}\0".encode())
+        h.update(f"{merged.file_identity(path)}\0".encode())
     return h.hexdigest()
 
 

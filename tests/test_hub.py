@@ -78,9 +78,14 @@ def env(tmp_path, hub, tiny_lora):
     return env
 
 
+def _command(args) -> list[str]:
+    """The CLI as a subprocess; faulthandler prints every thread's stack when a hung run is aborted."""
+    return [sys.executable, "-X", "faulthandler", "-m", "icmsr_cli", *map(str, args)]
+
+
 def icmsr(env, *args):
-    """Run the CLI; a run that hangs is aborted with every thread's stack on stderr (faulthandler)."""
-    cmd = [sys.executable, "-X", "faulthandler", "-m", "icmsr_cli", *map(str, args)]
+    """Run the CLI; a run that hangs is aborted with every thread's stack on stderr."""
+    cmd = _command(args)
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             out, err = proc.communicate(timeout=120)
@@ -97,8 +102,7 @@ def icmsr_in_terminal(env, *args) -> tuple[int, str]:
     import select
 
     controller, terminal = pty.openpty()
-    cmd = [sys.executable, "-X", "faulthandler", "-m", "icmsr_cli", *map(str, args)]
-    proc = subprocess.Popen(cmd, env={**env, "TERM": "xterm", "COLUMNS": "120"}, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(_command(args), env={**env, "TERM": "xterm", "COLUMNS": "120"}, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=terminal)
     os.close(terminal)
     screen = b""
