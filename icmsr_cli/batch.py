@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import IcmsrError, ImageError, SetupError
-from .images import DEFAULT_MAX_PIXELS, FORMATS, IMAGE_SUFFIXES, Picture, encode_image, format_for, read_image, write_bytes_atomically
+from .images import DEFAULT_MAX_PIXELS, FORMATS, IMAGE_SUFFIXES, Picture, encode_image, format_for, read_image, write_bytes
 from .upscale import output_size
 
 STDIO = "-"
@@ -160,7 +160,7 @@ def run(
                 data = encode_image(result, fmt if job.target is None else format_for(job.target), str(job.target or job.name))
                 if job.target is not None:
                     job.target.parent.mkdir(parents=True, exist_ok=True)
-                    write_bytes_atomically(data, job.target)
+                    write_bytes(data, job.target)
                     data = None
             except IcmsrError as exc:
                 yield JobResult(job, "failed", time.perf_counter() - t0, error=str(exc))

@@ -41,3 +41,7 @@ class NumericalError(IcmsrError):
 
 class ResourceError(IcmsrError):
     """Not enough memory, even after retrying with the smallest tiles."""
+
+
+class DiskFullError(IcmsrError):
+    """No space left where a file had to be written: every later file would fail too, so a batch stops."""

@@ -7,18 +7,14 @@ Pixels travel as float32 arrays H x W x C in [0, 1] with C = 1 (gray), 2 (gray +
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import ImageError
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from . import atomic
+from .errors import DiskFullError, ImageError
 
 
 @dataclass(frozen=True)
@@ -208,33 +204,19 @@ def encode_image(picture: Picture, fmt: str, name: str = "output") -> bytes:
     return out.getvalue()
 
 
-def temp_name(path: Path) -> str:
-    """Prefix of the hidden temporary files written beside `path` (so stale ones can be found)."""
-    return f".{path.name}.icmsr-"
-
-
-def write_bytes_atomically(data: bytes, path: str | Path) -> None:
-    """A temporary file in the target folder, renamed into place only when complete: an
-    interruption never leaves a partial output. Stale temporaries of a killed run are removed."""
-    path = Path(path)
-    for stale in path.parent.glob(temp_name(path) + "*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_name(path), suffix=".tmp", dir=path.parent)
+def write_bytes(data: bytes, path: str | Path) -> None:
+    """Write an encoded output atomically and durably (atomic.py); a failure names the file."""
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ImageError(f"{path}: cannot write ({exc.strerror or exc})") from None
-        raise
+        atomic.write_bytes(data, path)
+    except DiskFullError:
+        raise  # a full disk fails every later file too: the batch stops on it
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def write_image(picture: Picture, path: str | Path) -> None:
     """Encode by the suffix's format and write atomically."""
-    write_bytes_atomically(encode_image(picture, format_for(path), str(path)), path)
+    write_bytes(encode_image(picture, format_for(path), str(path)), path)
 
 
 def _save_options(fmt: str, info: dict) -> dict:

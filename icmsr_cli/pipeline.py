@@ -324,7 +324,8 @@ def _merge(base: Path, lora: str | Path | LoraCheckpoint, classes: dict, *, devi
         module.to(device)
         state_dict, rank, what = loras[part]
         merge_lora(module, state_dict, rank, what=what, memory_format=MEMORY_FORMAT)
-        modules[part] = module.to(memory_format=MEMORY_FORMAT)
+        # aligned like the cached copy, so both give the same numbers (merged.py says why)
+        modules[part] = merged.aligned(module.to(memory_format=MEMORY_FORMAT))
     return modules
 
 

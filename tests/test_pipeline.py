@@ -143,6 +143,9 @@ def test_merged_weights_cache_serves_the_same_weights_without_merging(tiny_base,
         patched.setattr(pipeline, "_merge", no_merge)
         second = load_pipeline(tiny_base, lora, device=torch.device("cpu"), dtype=torch.float32)
     a, b = _weights(first), _weights(second)
+    # MKL sums differently for unaligned operands on some CPUs: both ways must give aligned weights
+    unaligned = [k for k in a if a[k].data_ptr() % 64 or b[k].data_ptr() % 64]
+    assert not unaligned, f"weights not 64-byte aligned: {unaligned[:3]}"
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) and a[k].stride() == b[k].stride() for k in a), "cached weights differ"
     assert second.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -150,7 +153,7 @@ def test_merged_weights_cache_serves_the_same_weights_without_merging(tiny_base,
     assert torch.equal(first(x, "adain", None), second(x, "adain", None))
 
     # a damaged entry is a miss: a one-line warning, a fresh merge, the same weights
-    unet_file = entries[0] / "unet.safetensors"
+    unet_file = entries[0] / "unet.pt"
     unet_file.write_bytes(unet_file.read_bytes()[: unet_file.stat().st_size // 2])
     third = load_pipeline(tiny_base, lora, device=torch.device("cpu"), dtype=torch.float32)
     assert "merged-weights cache" in caplog.text and "unusable" in caplog.text
@@ -163,7 +166,7 @@ def test_merged_weights_cache_serves_the_same_weights_without_merging(tiny_base,
         load_pipeline(tiny_base, lora, device=torch.device("cpu"), dtype=torch.bfloat16 if i % 2 else torch.float32)
     kept = [p for p in root.iterdir() if (p / "entry.json").is_file()]
     assert len(kept) == merged.KEEP
-    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
 
 
 def test_merged_weights_cache_can_be_turned_off(tiny_base, tiny_lora, tmp_path, monkeypatch):
@@ -199,26 +202,40 @@ def test_fp16_decoder_overflow_falls_back_to_fp32_decoding(tiny_base, tiny_lora)
 
 
 _REUSE_PROBE = """
-import resource, torch
+import ctypes, ctypes.util
 from icmsr_cli.devices import freed_memory_reused
 
-def faults_of_second_block():
-    torch.empty(64 << 20).fill_(1.0)  # 256 MB, touched, freed at once
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(64 << 20).fill_(2.0)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t if hasattr(libc, "mallinfo2") else ctypes.c_int) for name in fields]
+mallinfo = getattr(libc, "mallinfo2", None) or libc.mallinfo
+mallinfo.restype = Info
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 
+def block(mb):
+    # (bytes mmapped for the block, heap bytes glibc still holds once it is freed)
+    before = mallinfo().hblkhd
+    block = libc.malloc(mb << 20)
+    mapped = mallinfo().hblkhd - before
+    libc.free(block)
+    return mapped, mallinfo().arena
+
+before = block(256)
 with freed_memory_reused():
-    inside = faults_of_second_block()
-print(inside, faults_of_second_block())
+    inside = block(256)
+# larger than what the heap kept from inside: mmapped again only if the defaults are back
+after = block(512)
+print(*before, *inside, *after)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_memory_is_reused_inside_the_context_only():
-    """A freed 256 MB block comes back without page faults inside freed_memory_reused (glibc keeps
-    it), and costs its faults again once the context restored the defaults (mmap'd, unmapped on
-    free). In a fresh interpreter: a test process's fragmented heap blurs the count."""
+    """Inside freed_memory_reused a 256 MB block comes from the heap (no mmap) and stays in the heap
+    once freed (no trim); before and after, glibc's defaults hold and big blocks are mmapped. Read from
+    glibc's own accounting (mallinfo), so it does not depend on the kernel or the machine's load
+    as a page-fault count does (that figure belongs to the speed benchmark)."""
     import subprocess
 
     from icmsr_cli.devices import _glibc_mallopt
@@ -226,8 +243,10 @@ def test_freed_memory_is_reused_inside_the_context_only():
     if _glibc_mallopt() is None:
         pytest.skip("not glibc")
     out = subprocess.run([sys.executable, "-c", _REUSE_PROBE], capture_output=True, text=True, check=True).stdout
-    inside, outside = map(int, out.split())
-    assert outside > 100 and inside < outside / 10, (inside, outside)
+    mapped_before, _, mapped_inside, heap_inside, mapped_after, _ = map(int, out.split())
+    assert mapped_before >= 256 << 20, mapped_before
+    assert mapped_inside == 0 and heap_inside >= 256 << 20, (mapped_inside, heap_inside)
+    assert mapped_after >= 512 << 20, mapped_after
 
 
 def test_missing_lora_file_is_a_checkpoint_error_not_a_traceback(tiny_base, tmp_path):

@@ -1,0 +1,126 @@
+"""The one way icmsr writes a file or a folder: atomically and durably.
+
+Content goes to a hidden temporary beside the target, is flushed to the disk (fsync), and only
+then renamed over the target, whose folder is flushed too where the platform allows. A reader
+sees the old target or the whole new one; a crash, a kill or a full disk leaves no partial target,
+and the temporary is removed on any failure. Used for images, caches and downloads alike.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import DiskFullError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+TEMP_SUFFIX = ".icmsr-tmp"
+
+
+def temp_prefix(path: Path) -> str:
+    """Prefix of the hidden temporaries written beside `path` (so stale ones can be found)."""
+    return f".{path.name}."
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _NO_SPACE
+
+
+def no_space_error(path: Path, needed: int | None = None) -> DiskFullError:
+    """One line: where the disk is full, how much was needed and how much is free."""
+    try:
+        free = shutil.disk_usage(_existing_parent(path)).free
+        have = f", {_mb(free)} free"
+    except OSError:
+        have = ""
+    need = f" (needs about {_mb(needed)}{have})" if needed else (f" ({have[2:]})" if have else "")
+    return DiskFullError(f"{path}: no space left on the device{need}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} KB"
+
+
+def _existing_parent(path: Path) -> Path:
+    path = Path(path)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _fsync_path(path: Path) -> None:
+    # Windows flushes only handles open for writing; folders open read-only (POSIX)
+    fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable. Windows cannot open a folder for fsync: nothing to do there."""
+    if os.name != "nt":
+        try:
+            _fsync_path(folder)
+        except OSError:
+            pass  # some filesystems (network, FUSE) refuse fsync on folders; the file itself is synced
+
+
+def remove_stale(path: Path) -> None:
+    """Temporaries of `path` left by a killed run (a kill -9 cannot clean up after itself)."""
+    for stale in Path(path).parent.glob(temp_prefix(Path(path)) + "*" + TEMP_SUFFIX):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+@contextmanager
+def replacing(path: str | Path, *, folder: bool = False, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write (a file, or with `folder` a directory to fill);
+    on a clean exit it is synced and renamed over `path`, on any exception it is removed.
+
+    A full disk becomes a DiskFullError naming `path` and `needed` bytes; other OSErrors propagate.
+    """
+    path = Path(path)
+    remove_stale(path)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
+    try:
+        yield tmp
+        if folder:
+            for child in tmp.iterdir():
+                _fsync_path(child)
+            _fsync_folder(tmp)
+            shutil.rmtree(path, ignore_errors=True)  # a folder cannot be renamed over a full one
+        else:
+            _fsync_path(tmp)
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except BaseException as exc:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        if is_no_space(exc):
+            raise no_space_error(path, needed) from exc
+        raise
+
+
+def write_bytes(data: bytes, path: str | Path) -> None:
+    """`data` into `path`, atomically and durably."""
+    with replacing(path, needed=len(data)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
