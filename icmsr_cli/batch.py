@@ -7,6 +7,7 @@ JobResult (done, skipped or failed with a one-line reason); one bad file never s
 from __future__ import annotations
 
 import glob
+import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import IcmsrError, ImageError, SetupError
-from .images import DEFAULT_MAX_PIXELS, FORMATS, IMAGE_SUFFIXES, Picture, encode_image, format_for, read_image, write_bytes
+from .atomic import is_no_space, no_space_error
+from .errors import DiskFullError, IcmsrError, ImageError, SetupError
+from .images import DEFAULT_MAX_PIXELS, FORMATS, IMAGE_SUFFIXES, Picture, encode_image, fit_to_format, format_for, read_image, write_bytes
 from .upscale import output_size
 
 STDIO = "-"
@@ -50,14 +52,18 @@ class JobResult:
         }
 
 
-def _is_candidate(path: Path, root: Path) -> bool:
-    """Folders yield image files only, and nothing hidden (no dot-files or dot-folders)."""
+def _is_candidate(path: Path, root: Path, exclude: Path | None) -> bool:
+    """Folders yield image files only, nothing hidden (no dot-files or dot-folders), and nothing
+    under `exclude` (the output folder, so a rerun never upscales earlier outputs)."""
     rel = path.relative_to(root)
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in rel.parts)
+    if not (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in rel.parts)):
+        return False
+    return exclude is None or not path.resolve().is_relative_to(exclude)
 
 
-def discover(inputs: list[str], *, recursive: bool) -> tuple[list[tuple[Path | None, Path]], list[str]]:
-    """Expand files, folders and globs into (source, relative output path) pairs.
+def discover(inputs: list[str], *, recursive: bool, exclude: Path | None = None) -> tuple[list[tuple[Path | None, Path]], list[str]]:
+    """Expand files, folders and globs into (source, relative output path) pairs; folders and globs
+    skip what lies under `exclude`, and a file named twice is taken once.
 
     Returns the pairs and the inputs that matched nothing (reported as failures, not fatal).
     """
@@ -70,26 +76,39 @@ def discover(inputs: list[str], *, recursive: bool) -> tuple[list[tuple[Path | N
         path = Path(arg).expanduser()
         if path.is_dir():
             walk = path.rglob("*") if recursive else path.glob("*")
-            found.extend((p, p.relative_to(path)) for p in sorted(walk) if _is_candidate(p, path))
+            found.extend((p, p.relative_to(path)) for p in sorted(walk) if _is_candidate(p, path, exclude))
         elif path.exists():
             found.append((path, Path(path.name)))
         elif glob.has_magic(arg):
-            matches = [Path(m) for m in sorted(glob.glob(arg, recursive=recursive)) if Path(m).is_file()]
+            matches = [Path(m) for m in sorted(glob.glob(arg, recursive=recursive))
+                       if Path(m).is_file() and (exclude is None or not Path(m).resolve().is_relative_to(exclude))]
             found.extend((m, Path(m.name)) for m in matches)
             if not matches:
                 missing.append(arg)
         else:
             missing.append(arg)
-    return found, missing
+    seen: set[Path] = set()
+    unique = []
+    for source, rel in found:
+        key = source.resolve() if source is not None else None
+        if key is None or key not in seen:
+            seen.add(key)
+            unique.append((source, rel))
+    return unique, missing
 
 
 def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | None = None) -> tuple[list[Job], list[str]]:
     """Jobs for the inputs; a folder output mirrors the input tree with the same names (and formats
     unless `fmt` says otherwise). Raises SetupError for contradictions no file can fix."""
-    found, missing = discover(inputs, recursive=recursive)
-    suffix = FORMATS[fmt] if fmt else None
     to_stdout = output == STDIO
     out = Path(output).expanduser()
+    many_args = len(inputs) > 1 or any(Path(a).is_dir() or glob.has_magic(a) for a in inputs if a != STDIO)
+    # an output folder inside an input folder must not feed earlier outputs back in
+    exclude = out.resolve() if not to_stdout and (many_args or out.is_dir()) else None
+    if exclude is not None and any(Path(a).expanduser().resolve() == exclude for a in inputs if a != STDIO and Path(a).is_dir()):
+        raise SetupError(f"{out}: the output folder is an input folder; choose another output folder")
+    found, missing = discover(inputs, recursive=recursive, exclude=exclude)
+    suffix = FORMATS[fmt] if fmt else None
     many = len(found) + len(missing) > 1 or any(Path(a).is_dir() for a in inputs if a != STDIO)
     if to_stdout and many:
         raise SetupError("-o - writes one image to standard output; give exactly one input")
@@ -114,7 +133,23 @@ def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | 
         if target is not None and suffix:
             target = target.with_suffix(suffix)
         jobs.append(Job(source, target, name))
+    _refuse_collisions(jobs)
     return jobs, missing
+
+
+def _refuse_collisions(jobs: list[Job]) -> None:
+    """Two inputs with one output (x.png from two folders, or a.png and a.jpg with --format) would
+    overwrite each other: refuse before any work, naming both."""
+    claimed: dict[str, Job] = {}
+    for job in jobs:
+        if job.target is None:
+            continue
+        key = os.path.normcase(os.path.abspath(job.target))
+        if key in claimed:
+            first = claimed[key]
+            raise SetupError(f"{first.name} and {job.name} would both be written to {job.target}; "
+                             "upscale them into separate output folders")
+        claimed[key] = job
 
 
 @dataclass(frozen=True)
@@ -122,7 +157,7 @@ class BatchSettings:
     scale: float
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    stdout_format: str | None = None  # Pillow format for -o - (default: the input's, else PNG)
+    stdout_format: str | None = None  # Pillow format for -o - (--format; default: the input's, else PNG)
 
 
 def run(
@@ -131,10 +166,17 @@ def run(
     settings: BatchSettings,
     *,
     read_stdin: Callable[[], bytes] = lambda: sys.stdin.buffer.read(),
+    notify: Callable[[str], None] = lambda message: None,
 ) -> Iterator[JobResult]:
-    """Run the jobs in order, yielding one result each; the next input decodes while this one runs."""
+    """Run the jobs in order, yielding one result each; the next input decodes while this one runs.
+
+    A failure of one file (unreadable, out of memory, NaN) is its result and the batch goes on; a
+    full disk would fail every later file too, so after its result the batch stops. Conversions an
+    output format forces (16 to 8 bits, ...) are told to `notify` once each.
+    """
     todo = [j for j in jobs if not is_skipped(j, settings.overwrite)]
     skipped = {id(j) for j in jobs} - {id(j) for j in todo}
+    told: set[str] = set()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="icmsr-read") as reader:
         pending: dict[int, Future] = {}
 
@@ -145,29 +187,43 @@ def run(
 
         prefetch(0)
         position = 0
-        for job in jobs:
-            if id(job) in skipped:
-                yield JobResult(job, "skipped")
-                continue
-            future = pending.pop(position)
-            position += 1
-            prefetch(position)
-            t0 = time.perf_counter()
-            try:
-                picture, fmt = future.result()
-                out = output_size(picture.size, settings.scale)
-                result = upscale(picture)
-                data = encode_image(result, fmt if job.target is None else format_for(job.target), str(job.target or job.name))
-                if job.target is not None:
-                    job.target.parent.mkdir(parents=True, exist_ok=True)
-                    write_bytes(data, job.target)
-                    data = None
-            except IcmsrError as exc:
-                yield JobResult(job, "failed", time.perf_counter() - t0, error=str(exc))
-                if not isinstance(exc, ImageError):
-                    raise  # numerical or setup trouble will hit every file: stop the batch
-                continue
-            yield JobResult(job, "done", time.perf_counter() - t0, picture.size, out, data=data)
+        try:
+            for job in jobs:
+                if id(job) in skipped:
+                    yield JobResult(job, "skipped")
+                    continue
+                future = pending.pop(position)
+                position += 1
+                prefetch(position)
+                t0 = time.perf_counter()
+                try:
+                    picture, fmt, notes = future.result()
+                    for note in notes:
+                        if note not in told:
+                            told.add(note)
+                            notify(note)
+                    out = output_size(picture.size, settings.scale)
+                    data = encode_image(upscale(picture), fmt, str(job.target or job.name))
+                    if job.target is not None:
+                        job.target.parent.mkdir(parents=True, exist_ok=True)
+                        write_bytes(data, job.target)
+                        data = None
+                except DiskFullError as exc:
+                    yield JobResult(job, "failed", time.perf_counter() - t0, error=str(exc))
+                    return
+                except IcmsrError as exc:
+                    yield JobResult(job, "failed", time.perf_counter() - t0, error=str(exc))
+                    continue
+                except OSError as exc:  # making the output folder: a file in the way, no permission
+                    if is_no_space(exc):
+                        yield JobResult(job, "failed", time.perf_counter() - t0, error=str(no_space_error(job.target)))
+                        return
+                    yield JobResult(job, "failed", time.perf_counter() - t0, error=f"{job.target}: cannot write ({exc.strerror or exc})")
+                    continue
+                yield JobResult(job, "done", time.perf_counter() - t0, picture.size, out, data=data)
+        finally:
+            for future in pending.values():  # stopped early: do not wait for reads nobody will use
+                future.cancel()
 
 
 def is_skipped(job: Job, overwrite: bool) -> bool:
@@ -179,11 +235,18 @@ def _same_file(job: Job) -> bool:
     return job.source is not None and job.target is not None and job.target.exists() and job.source.resolve() == job.target.resolve()
 
 
-def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes]) -> tuple[Picture, str]:
-    """Decode one input; also say which format it goes out in when the target is standard output."""
+def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes]) -> tuple[Picture, str, list[str]]:
+    """Decode one input and settle its output format before any model work: the format (for
+    standard output: --format, else the input's), and the notes of what that format converts.
+    An input the format cannot hold (alpha to JPEG) fails here, not after the model ran."""
     if _same_file(job):
         raise ImageError(f"{job.name}: the output would overwrite the input; choose another output")
     source = read_stdin() if job.source is None else job.source
     picture = read_image(source, name=job.name, max_pixels=settings.max_pixels)
-    writable = picture.format in ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
-    return picture, settings.stdout_format or (picture.format if writable else "PNG")
+    if job.target is not None:
+        fmt = format_for(job.target)
+    else:
+        writable = picture.format in ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+        fmt = settings.stdout_format or (picture.format if writable else "PNG")
+    _, notes = fit_to_format(picture, fmt, job.name)
+    return picture, fmt, notes

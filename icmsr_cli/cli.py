@@ -1,7 +1,8 @@
 """The command line: arguments -> options, messages and progress on stderr, exit codes.
 
-Exit codes: 0 all done, 1 some inputs failed, 2 usage or setup error. ICMSR_DEBUG=1 re-raises
-errors with their traceback instead of the one-line message.
+Exit codes: 0 all done, 1 some inputs failed, 2 usage or setup error, 3 an unexpected error (a
+bug), 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM). `--debug` (anywhere on the line) or
+ICMSR_DEBUG=1 shows tracebacks instead of one-line messages.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 import os
 import signal
 import sys
@@ -38,6 +40,14 @@ weights_app = typer.Typer(help="List, download, verify and convert model weights
 app.add_typer(weights_app, name="weights")
 
 
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 128  # + the signal number, as shells report it
+
+
+def _debugging() -> bool:
+    return bool(os.environ.get("ICMSR_DEBUG"))
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"icmsr {__version__}")
@@ -47,8 +57,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors (also ICMSR_DEBUG=1); may be given anywhere on the line."),
 ) -> None:
-    """Exit codes: 0 all done, 1 some inputs failed, 2 usage or setup error. ICMSR_DEBUG=1 shows tracebacks."""
+    """Exit codes: 0 all done, 1 some inputs failed, 2 usage or setup error, 3 unexpected error, 130/143 interrupted."""
+    if debug:
+        os.environ["ICMSR_DEBUG"] = "1"
 
 
 def _notify(message: str) -> None:
@@ -56,7 +69,7 @@ def _notify(message: str) -> None:
 
 
 def _fail(exc: IcmsrError) -> None:
-    if os.environ.get("ICMSR_DEBUG"):
+    if _debugging():
         raise exc
     console.print(f"[red]error:[/] {exc}")
     raise typer.Exit(exc.exit_code)
@@ -150,7 +163,8 @@ def upscale(
 ) -> None:
     """Upscale images with the one-step diffusion model.
 
-    Exit codes: 0 all done (or skipped), 1 some inputs failed, 2 usage or setup error.
+    Exit codes: 0 all done (or skipped), 1 some inputs failed (or a full disk stopped the batch),
+    2 usage or setup error, 3 unexpected error, 130/143 interrupted (finished files are complete).
 
     Environment: ICMSR_CACHE_DIR (prompt embeddings and merged weights; default: the user cache
     folder), ICMSR_MERGED_CACHE=0 (do not keep merged weights on disk), ICMSR_DEBUG=1 (tracebacks),
@@ -158,7 +172,6 @@ def upscale(
     """
     from . import batch
     from .upscale import UpscaleOptions
-    from .upscaler import load_upscaler
 
     tile_size = _parse_tile(tile)
     if color_fix not in COLOR_FIXES:
@@ -171,10 +184,50 @@ def upscale(
     if json_lines and output == batch.STDIO:
         raise typer.BadParameter("--json writes to stdout, which -o - already carries the image on", param_hint="--json")
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(message)s", stream=sys.stderr)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # Slurm preemption and `timeout` send SIGTERM
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _interrupt)
+    tally = Tally()
+    try:
+        _run_upscale(
+            tally, inputs, output, model=model, base=base, lora=lora, prompt=prompt, device=device, dtype=dtype,
+            options=UpscaleOptions(scale=scale, color_fix=color_fix, tile=tile_size), recursive=recursive, fmt=fmt,
+            overwrite=overwrite, max_pixels=max_pixels, json_lines=json_lines, quiet=quiet,
+        )
+    except Interrupted as exc:
+        console.print(f"[red]interrupted:[/] {tally}; finished outputs are complete, rerun to resume")
+        raise typer.Exit(EXIT_INTERRUPTED + exc.signum)
+    if tally.failed or tally.left:
+        raise typer.Exit(1)
+
+
+@dataclass
+class Tally:
+    """What happened to the files of one run, for the summary line and the exit code."""
+
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+    @property
+    def left(self) -> int:
+        return self.total - self.done - self.skipped - self.failed
+
+    def __str__(self) -> str:
+        text = f"{self.done} done, {self.skipped} skipped, {self.failed} failed"
+        return text + (f", {self.left} not started" if self.left > 0 else "")
+
+
+def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, device, dtype, options, recursive, fmt,
+                 overwrite, max_pixels, json_lines, quiet) -> None:
+    from . import batch
+    from .images import format_for
+    from .upscaler import load_upscaler
 
     try:
         jobs, missing = batch.plan(inputs, output, recursive=recursive, fmt=fmt)
+        tally.total = len(jobs) + len(missing)
         if not jobs and not missing:
             raise SetupError("no images found in the inputs (folders yield .png .jpg .jpeg .webp .tif .tiff .bmp files)")
         start = time.perf_counter()
@@ -183,8 +236,7 @@ def upscale(
             with _loading("loading model", quiet) as bars:
                 upscaler = load_upscaler(
                     model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt,
-                    options=UpscaleOptions(scale=scale, color_fix=color_fix, tile=tile_size),
-                    notify=_notify, tqdm_class=bars,
+                    options=options, notify=_notify, tqdm_class=bars,
                 )
             if not quiet:
                 pipe = upscaler.pipe
@@ -192,10 +244,8 @@ def upscale(
     except IcmsrError as exc:
         _fail(exc)
 
-    counts = {"done": 0, "skipped": 0, "failed": 0}
-
     def report(result: batch.JobResult) -> None:
-        counts[result.status] += 1
+        setattr(tally, result.status, getattr(tally, result.status) + 1)
         if result.status == "failed":
             console.print(f"[red]error:[/] {result.error}")
         elif not quiet and not bar:
@@ -219,27 +269,30 @@ def upscale(
         upscaler.pipe.reuse_freed_memory = True  # this process is ours: see devices.freed_memory_reused
         if bar is not None:
             upscaler.pipe.progress = _tile_progress(bar)
-    settings = batch.BatchSettings(scale=scale, overwrite=overwrite, max_pixels=max_pixels)
-    try:
-        with bar or nullcontext():
-            task = bar.add_task("images", total=len(jobs)) if bar else None
-            for result in batch.run(jobs, upscaler.upscale_picture if upscaler else None, settings):
-                report(result)
-                if bar:
-                    bar.advance(task)
-    except IcmsrError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted:[/] finished outputs are complete; rerun to resume")
-        raise typer.Exit(130)
-    if not quiet and len(jobs) + len(missing) > 1:
-        console.print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
-    if counts["failed"]:
-        raise typer.Exit(1)
+    stdout_format = format_for("stdout" + FORMATS[fmt]) if fmt else None
+    settings = batch.BatchSettings(scale=options.scale, overwrite=overwrite, max_pixels=max_pixels, stdout_format=stdout_format)
+    with bar or nullcontext():
+        task = bar.add_task("images", total=len(jobs)) if bar else None
+        for result in batch.run(jobs, upscaler.upscale_picture if upscaler else None, settings, notify=_notify):
+            report(result)
+            if bar:
+                bar.advance(task)
+    if tally.left:
+        console.print(f"[red]stopped:[/] {tally}")
+    elif not quiet and tally.total > 1:
+        console.print(str(tally))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP: the batch stops between or inside files, never inside a write."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    raise Interrupted(signum)
 
 
 def _tile_progress(bar):
@@ -366,5 +419,22 @@ def _human_size(n: int) -> str:
     return f"{n:.1f} GB"
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The `icmsr` command. Every exception ends as one line on stderr and an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # a root option, accepted anywhere: users append it to the failing line
+        argv = ["--debug", *(a for a in argv if a != "--debug")]
+    try:
+        app(args=argv, prog_name="icmsr")
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:  # before the batch installed its handlers (imports, argument parsing)
+        console.print("[red]interrupted[/]")
+        sys.exit(EXIT_INTERRUPTED + signal.SIGINT)
+    except Exception as exc:  # noqa: BLE001 - the edge of the program: a bug still gets one line
+        if _debugging():
+            raise
+        line = (str(exc).strip().splitlines() or [""])[0]
+        console.print(f"[red]error:[/] unexpected {type(exc).__name__}{': ' + line if line else ''} "
+                      "(this is a bug in icmsr; rerun with --debug for the traceback and report it)")
+        sys.exit(EXIT_INTERNAL)

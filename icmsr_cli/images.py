@@ -70,7 +70,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 DEFAULT_MAX_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
 _ORIENT = {  # EXIF orientation -> numpy ops that undo it (as ImageOps.exif_transpose does)
     2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 1)[::-1], 8: lambda a: np.rot90(a, 1),
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: np.rot90(a, 1),
 }
 
 
@@ -180,16 +180,29 @@ def format_for(path: str | Path) -> str:
     return fmt
 
 
+def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Picture, list[str]]:
+    """What `fmt` can hold of `picture`, with a note for each conversion. Losing the alpha channel
+    is refused (ImageError) rather than done: callers check inputs with this before any model work."""
+    notes = []
+    if fmt == "JPEG" and picture.has_alpha:
+        raise ImageError(f"{name}: has an alpha channel, which JPEG cannot store; use --format png, webp or tiff")
+    if picture.bit_depth == 16 and fmt not in ("PNG", "TIFF"):
+        picture = replace(picture, bit_depth=8)
+        notes.append(f"{fmt} holds 8 bits per channel: 16-bit images are written with 8")
+    if fmt == "BMP" and picture.pixels.shape[2] == 2:  # Pillow's BMP writer has no gray + alpha mode
+        gray, alpha = picture.pixels[..., :1], picture.pixels[..., 1:]
+        picture = picture.with_pixels(np.concatenate([gray, gray, gray, alpha], axis=2))
+        notes.append("BMP cannot store gray with alpha: such images are written as RGBA")
+    return picture, notes
+
+
 def encode_image(picture: Picture, fmt: str, name: str = "output") -> bytes:
     """Encode to PNG/JPEG/WEBP/TIFF/BMP bytes, keeping ICC and EXIF where the format can hold them.
 
     16-bit colour goes out as 16-bit PNG/TIFF (through OpenCV, which cannot embed metadata);
-    formats without 16-bit support get 8 bits.
+    other conversions are those of fit_to_format.
     """
-    if fmt == "JPEG" and picture.has_alpha:
-        raise ImageError(f"{name}: JPEG cannot store the alpha channel; use --format png, webp or tiff")
-    if picture.bit_depth == 16 and fmt not in ("PNG", "TIFF"):
-        picture = replace(picture, bit_depth=8)
+    picture, _ = fit_to_format(picture, fmt, name)
     if picture.bit_depth == 16 and not picture.is_gray:
         import cv2
 
@@ -200,7 +213,10 @@ def encode_image(picture: Picture, fmt: str, name: str = "output") -> bytes:
         return buf.tobytes()
     image = picture_to_pil(picture)
     out = io.BytesIO()
-    image.save(out, format=fmt, **_save_options(fmt, picture.info))
+    try:
+        image.save(out, format=fmt, **_save_options(fmt, picture.info))
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{name}: cannot encode as {fmt} ({exc})") from None
     return out.getvalue()
 
 

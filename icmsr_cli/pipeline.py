@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 from .checkpoint import LoraCheckpoint, load_lora_checkpoint, merge_lora
 from .color import apply_color_fix
 from .devices import available_memory, freed_memory_reused
-from . import merged
-from .errors import ModelNotFoundError, NumericalError, ResourceError, SetupError
+from . import atomic, merged
+from .errors import DiskFullError, ModelNotFoundError, NumericalError, ResourceError, SetupError
 from .tiled_vae import decoder_ops, encoder_ops, run_tiled
 from .tiling import auto_tile_size, plan_tiles
 
@@ -225,9 +226,7 @@ class OneStepSR:
                 tile = smaller
                 _release(self.device)
         if not bool(torch.isfinite(y).all()):
-            raise NumericalError(
-                f"the model produced NaN/Inf in {str(self.dtype).removeprefix('torch.')} on {self.device}; rerun with --dtype fp32"
-            )
+            raise NumericalError(f"the model produced NaN/Inf in {str(self.dtype).removeprefix('torch.')} on {self.device}; {_nan_advice(self.dtype)}")
         y = apply_color_fix(color_fix, y, x.to(y.device))
         return y.clamp(0, 1)[..., :h, :w]
 
@@ -252,6 +251,14 @@ class OneStepSR:
             if module is not None:
                 module.float()
         return True
+
+
+def _nan_advice(dtype: torch.dtype) -> str:
+    if dtype == torch.float16:
+        return "rerun with --dtype bf16 (GPUs from Ampere on) or fp32"
+    if dtype == torch.bfloat16:
+        return "rerun with --dtype fp32"
+    return "the weights or the input hold NaN/Inf, or the weights do not belong to this model"
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -294,10 +301,11 @@ def load_pipeline(
     alpha_t = float(alphas_cumprod(scheduler_config)[TIMESTEP])
     classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
     entry = None
-    if not isinstance(lora, LoraCheckpoint) and (merged.enabled() if merged_cache is None else merged_cache):
+    use_cache = not isinstance(lora, LoraCheckpoint) and (merged.enabled() if merged_cache is None else merged_cache)
+    if use_cache and (root := writable_cache_dir()) is not None:
         weights = {part: _weight_files(base / part) for part in classes}
         try:
-            entry = merged.entry_dir(cache_dir() / "merged", base, Path(lora), dtype, weights)
+            entry = merged.entry_dir(root / "merged", base, Path(lora), dtype, weights)
         except OSError:
             pass  # a missing LoRA file or config: the merge below reports it in its own words
     modules = merged.load(entry, base, classes) if entry else None
@@ -368,6 +376,27 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("icmsr"))
 
 
+_unusable_caches: set[Path] = set()
+
+
+def writable_cache_dir() -> Path | None:
+    """cache_dir() if files can be written there, else None, with one warning per process: the
+    caches only save time, so a read-only home or a path under a file must not stop a run."""
+    root = cache_dir()
+    if root in _unusable_caches:
+        return None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+        return root
+    except OSError as exc:
+        _unusable_caches.add(root)
+        logger.warning("cache folder %s is not usable (%s); running without caches (set ICMSR_CACHE_DIR to a writable folder)",
+                       root, exc.strerror or exc)
+        return None
+
+
 def _text_encoder_identity(base: Path) -> str:
     """Hash of what determines the embedding: configs, tokenizer files, and the weights' identity.
 
@@ -387,18 +416,23 @@ def prompt_embedding(base: Path, prompt: str) -> torch.Tensor:
     """Text-encoder output [0] (1 x 77 x D, float32) for `prompt`, cached on disk per base model."""
     from safetensors.torch import load_file, save_file
 
+    root = writable_cache_dir()
+    if root is None:
+        return _encode_prompt(base, prompt)
     key = hashlib.sha256((_text_encoder_identity(base) + "\0" + prompt).encode()).hexdigest()[:32]
-    path = cache_dir() / "prompt-embeddings" / f"{key}.safetensors"
+    path = root / "prompt-embeddings" / f"{key}.safetensors"
     if path.is_file():
         try:
             return load_file(str(path))["prompt_embeds"]
         except Exception as exc:  # a damaged cache entry is recomputed, not fatal
             logger.warning("ignoring unreadable prompt-embedding cache %s (%s)", path, exc)
     embeds = _encode_prompt(base, prompt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"prompt_embeds": embeds.contiguous()}, str(tmp), metadata={"prompt": prompt})
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.replacing(path) as tmp:
+            save_file({"prompt_embeds": embeds.contiguous()}, str(tmp), metadata={"prompt": prompt})
+    except (OSError, DiskFullError) as exc:
+        logger.warning("could not save the prompt embedding in %s (%s); the next run computes it again", path.parent, exc)
     return embeds
 
 

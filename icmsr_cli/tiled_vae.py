@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import is_no_space, no_space_error
 from .tiling import Tile
 
 Progress = Callable[[int, int], None]
@@ -120,7 +122,12 @@ class Parking:
                 self._folder = tempfile.TemporaryDirectory(prefix="icmsr-tiles-")
             self._count += 1
             path = os.path.join(self._folder.name, f"{self._count}.bin")
-            t.contiguous().view(-1).view(torch.uint8).numpy().tofile(path)
+            try:
+                t.contiguous().view(-1).view(torch.uint8).numpy().tofile(path)
+            except OSError as exc:
+                if is_no_space(exc):  # the folder goes when the run ends (close), whatever happened
+                    raise no_space_error(Path(self._folder.name), size) from None
+                raise
             return (path, t.shape, t.dtype)
         self.in_memory += size
         return t.clone() if t._base is not None else t  # a view would keep its whole batch alive
