@@ -119,6 +119,13 @@ def replacing(path: str | Path, *, folder: bool = False, needed: int | None = No
         raise
 
 
+def sync_and_rename(tmp: Path, path: Path) -> None:
+    """Finish a temporary written elsewhere (a resumable download): sync it, rename it into place."""
+    _fsync_path(Path(tmp))
+    os.replace(tmp, path)
+    _fsync_folder(Path(path).parent)
+
+
 def write_bytes(data: bytes, path: str | Path) -> None:
     """`data` into `path`, atomically and durably."""
     with replacing(path, needed=len(data)) as tmp:

@@ -56,24 +56,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPES.items()}[dtype]
-
-
 def available_memory(device: torch.device) -> int:
-    """Bytes free for tensors: free CUDA memory, else the system's available RAM."""
+    """Bytes free for tensors: free CUDA memory, else the system's available RAM (psutil: Linux,
+    macOS and Windows alike)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
+    import psutil
 
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return psutil.virtual_memory().available
 
 
 # glibc mallopt parameters (malloc.h) and their defaults

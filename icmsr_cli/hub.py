@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import atomic
 from .errors import IntegrityError, ModelNotFoundError, SetupError
 from .registry import HubSource, LoraSource, ModelSpec
 
@@ -111,6 +112,8 @@ def fetch_lora(src: LoraSource, *, what: str, notify: Notify, tqdm_class=None) -
         raise SetupError(f"{what}: LoRA source names neither a Hub file nor a URL")
     if src.sha256:
         verify_sha256(path, src.sha256, what=what)
+    if src.git_blob_sha1:
+        verify_git_blob(path, src.git_blob_sha1, what=what)
     return path
 
 
@@ -150,7 +153,7 @@ def _fetch_url(src: LoraSource, *, what: str, tqdm_class) -> Path:
             http_get(src.url, f, resume_size=f.tell(), displayed_filename=src.filename, tqdm_class=tqdm_class)
     except Exception as exc:
         raise ModelNotFoundError(f"{what}: cannot download {src.url} ({_reason(exc)})") from exc
-    os.replace(part, path)
+    atomic.sync_and_rename(part, path)
     return path
 
 
@@ -162,14 +165,30 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def git_blob_sha1_of(path: Path) -> str:
+    """git's object id of a file: sha1 of `blob <size>\0` followed by the bytes."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def verify_sha256(path: Path, expected: str, *, what: str) -> None:
+    _verify(path, "sha256", sha256_of(path), expected, what=what)
+
+
+def verify_git_blob(path: Path, expected: str, *, what: str) -> None:
+    _verify(path, "git blob sha1", git_blob_sha1_of(path), expected, what=what)
+
+
+def _verify(path: Path, kind: str, actual: str, expected: str, *, what: str) -> None:
     """On mismatch, delete the file (and its Hub blob) so the next run downloads it afresh."""
-    actual = sha256_of(path)
     if actual != expected.lower():
         real = path.resolve()
         path.unlink(missing_ok=True)
         real.unlink(missing_ok=True)
-        raise IntegrityError(f"{what}: {path.name} failed verification (expected sha256 {expected}, got {actual}); the file was deleted")
+        raise IntegrityError(f"{what}: {path.name} failed verification (expected {kind} {expected}, got {actual}); the file was deleted")
 
 
 def _reason(exc: Exception) -> str:
@@ -301,6 +320,9 @@ def verify_cached(spec: ModelSpec) -> list[str]:
         return problems
     if state.lora is None:
         problems.append(f"{spec.name}: LoRA checkpoint not downloaded")
-    elif spec.lora.sha256 and (actual := sha256_of(state.lora)) != spec.lora.sha256.lower():
-        problems.append(f"{spec.name}: {state.lora.name} is corrupt (sha256 {actual}, expected {spec.lora.sha256})")
+    else:
+        if spec.lora.sha256 and (actual := sha256_of(state.lora)) != spec.lora.sha256.lower():
+            problems.append(f"{spec.name}: {state.lora.name} is corrupt (sha256 {actual}, expected {spec.lora.sha256})")
+        if spec.lora.git_blob_sha1 and (actual := git_blob_sha1_of(state.lora)) != spec.lora.git_blob_sha1.lower():
+            problems.append(f"{spec.name}: {state.lora.name} is corrupt (git blob sha1 {actual}, expected {spec.lora.git_blob_sha1})")
     return problems

@@ -199,17 +199,21 @@ def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Pic
 def encode_image(picture: Picture, fmt: str, name: str = "output") -> bytes:
     """Encode to PNG/JPEG/WEBP/TIFF/BMP bytes, keeping ICC and EXIF where the format can hold them.
 
-    16-bit colour goes out as 16-bit PNG/TIFF (through OpenCV, which cannot embed metadata);
-    other conversions are those of fit_to_format.
+    16-bit colour goes out as 16-bit PNG/TIFF and BMP with alpha as a BMP with an alpha mask,
+    both through OpenCV (which cannot embed metadata); other conversions are those of fit_to_format.
     """
     picture, _ = fit_to_format(picture, fmt, name)
-    if picture.bit_depth == 16 and not picture.is_gray:
+    # OpenCV writes what Pillow cannot: 16-bit colour, and BMP with alpha (Pillow's RGBA BMP has
+    # no alpha mask, so every reader, Pillow and OpenCV included, drops the alpha channel)
+    if (picture.bit_depth == 16 and not picture.is_gray) or (fmt == "BMP" and picture.has_alpha):
         import cv2
 
-        arr = np.rint(np.clip(picture.pixels, 0, 1) * 65535).astype(np.uint16)
-        ok, buf = cv2.imencode(".png" if fmt == "PNG" else ".tiff", np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]]))
+        scale, dtype = (65535, np.uint16) if picture.bit_depth == 16 else (255, np.uint8)
+        arr = np.rint(np.clip(picture.pixels, 0, 1) * scale).astype(dtype)
+        suffix = {"PNG": ".png", "TIFF": ".tiff", "BMP": ".bmp"}[fmt]
+        ok, buf = cv2.imencode(suffix, np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]]))
         if not ok:
-            raise ImageError(f"{name}: cannot encode as 16-bit {fmt}")
+            raise ImageError(f"{name}: cannot encode as {picture.bit_depth}-bit {fmt}")
         return buf.tobytes()
     image = picture_to_pil(picture)
     out = io.BytesIO()

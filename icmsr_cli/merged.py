@@ -34,6 +34,7 @@ FORMAT = "icmsr-merged-2"
 KEEP = 3  # entries kept: e.g. two models, or one model in fp32 and in bf16
 _PARTS = ("unet", "vae")
 _READY = "entry.json"  # written last: an entry without it is incomplete
+_SPARE = 1 << 30  # free bytes left beside a new entry, for the outputs and everything else
 
 
 def enabled() -> bool:
@@ -103,9 +104,13 @@ def save(entry: Path, modules: dict[str, nn.Module], *, about: dict) -> None:
     needed = sum(t.numel() * t.element_size() for m in modules.values() for t in m.state_dict().values())
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(entry.parent).free < needed + _SPARE:  # a cache must not fill the disk outputs need
+            raise atomic.no_space_error(entry, needed)
         with atomic.replacing(entry, folder=True, needed=needed) as tmp:
             for part in _PARTS:
-                torch.save({k: v.cpu() for k, v in modules[part].state_dict().items()}, tmp / f"{part}.pt")
+                # through a Python file, so a full disk is an OSError (torch's own writer raises RuntimeError)
+                with open(tmp / f"{part}.pt", "wb") as f:
+                    torch.save({k: v.cpu() for k, v in modules[part].state_dict().items()}, f)
             (tmp / _READY).write_text(json.dumps({"format": FORMAT, **about}, indent=1))
     except (OSError, DiskFullError) as exc:
         reason = exc if isinstance(exc, DiskFullError) else (exc.strerror or exc)

@@ -24,13 +24,16 @@ class HubSource:
 
 @dataclass(frozen=True)
 class LoraSource:
-    """Where a LoRA checkpoint lives: a Hub file (repo + path) or an https URL, with optional sha256."""
+    """Where a LoRA checkpoint lives: a Hub file (repo + path) or an https URL, with the hashes that
+    pin its bytes: sha256, and for files served from a git repository the git blob id (what `git
+    ls-tree` prints, so a pin can be read off the repository without downloading)."""
 
     repo: str | None = None
     path: str | None = None
     revision: str = "main"
     url: str | None = None
     sha256: str | None = None
+    git_blob_sha1: str | None = None  # git's object id of the file (sha1 of "blob <size>\0" + bytes)
 
     @property
     def filename(self) -> str:

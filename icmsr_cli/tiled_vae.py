@@ -123,7 +123,8 @@ class Parking:
             self._count += 1
             path = os.path.join(self._folder.name, f"{self._count}.bin")
             try:
-                t.contiguous().view(-1).view(torch.uint8).numpy().tofile(path)
+                with open(path, "wb") as f:  # not ndarray.tofile: its short write carries no errno
+                    f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
             except OSError as exc:
                 if is_no_space(exc):  # the folder goes when the run ends (close), whatever happened
                     raise no_space_error(Path(self._folder.name), size) from None
@@ -161,10 +162,13 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _group_stats(x: torch.Tensor, groups: int, own: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean and (population) variance per group over the owned region of one tile, in float64."""
+    """Mean and (population) variance per group over the owned region of one tile, in float64
+    (merging many tiles' statistics in float32 would lose the between-tile variance term)."""
     y0, y1, x0, x1 = own
     part = x[:, y0:y1, x0:x1].to(_acc(x.dtype)).reshape(groups, -1)
     var, mean = torch.var_mean(part, dim=1, unbiased=False)
+    if x.device.type == "mps":  # MPS has no float64: merge these few numbers on the CPU, exactly
+        mean, var = mean.cpu(), var.cpu()
     return mean.double(), var.double(), part.shape[1]
 
 

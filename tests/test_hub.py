@@ -48,9 +48,9 @@ def hub(tiny_base, fp16_base, tiny_lora):
     server.shutdown()
 
 
-def write_registry(path: Path, hub: FakeHub, *, sources=(MIRROR, FALLBACK), sha256: str | None = None) -> Path:
+def write_registry(path: Path, hub: FakeHub, *, sources=(MIRROR, FALLBACK), sha256: str | None = None, git_blob: str | None = None) -> Path:
     base = ", ".join(f'{{ repo = "{s}" }}' for s in sources)
-    pin = f', sha256 = "{sha256}"' if sha256 else ""
+    pin = (f', sha256 = "{sha256}"' if sha256 else "") + (f', git_blob_sha1 = "{git_blob}"' if git_blob else "")
     path.write_text(
         'default = "osediff"\n'
         "[models.osediff]\n"
@@ -197,6 +197,30 @@ def test_sha256_mismatch_is_refused_and_deleted(tmp_path, hub, env):
     actual = hashlib.sha256(hub.plain_files["osediff.pkl"]).hexdigest()
     assert f"expected sha256 {wrong}, got {actual}" in result.stderr
     assert not list((tmp_path / "hf").rglob("osediff.pkl")), "the bad file must not stay in the cache"
+
+
+def test_git_blob_pin_is_checked_against_git_itself(tmp_path, hub, env):
+    """The registry's git_blob_sha1 is what `git hash-object` says of the file: a right pin passes
+    download and verify, a wrong one is refused and the file deleted."""
+    served = tmp_path / "served.pkl"
+    served.write_bytes(hub.plain_files["osediff.pkl"])
+    blob = subprocess.run(["git", "hash-object", str(served)], capture_output=True, text=True, check=True).stdout.strip()
+    write_registry(Path(env["ICMSR_REGISTRY"]), hub, git_blob="f" * 40)
+    result = icmsr(env, "weights", "download", "--dtype", "fp32")
+    assert result.returncode == 2 and f"expected git blob sha1 {'f' * 40}, got {blob}" in result.stderr
+    assert not list((tmp_path / "hf").rglob("osediff.pkl"))
+    write_registry(Path(env["ICMSR_REGISTRY"]), hub, git_blob=blob)
+    assert icmsr(env, "weights", "download", "--dtype", "fp32").returncode == 0
+    assert icmsr(env, "weights", "verify").returncode == 0
+
+
+def test_shipped_loras_are_pinned_to_a_commit_and_a_blob():
+    from icmsr_cli.registry import load_registry
+
+    registry = load_registry()
+    for name, blob in (("osediff", "bc84dc9729aa6173e8b1087977025a4fc566a5db"), ("osediff-face", "4465e04da247be8f9af700f8cafbbd906439430c")):
+        lora = registry.get(name).lora
+        assert "/raw/fcc4f09c7ed66a9bc0ba9433940d76b343142426/" in lora.url and lora.git_blob_sha1 == blob
 
 
 def test_offline_with_empty_cache_says_how_to_fetch(tmp_path, hub, env):
