@@ -1,0 +1,343 @@
+"""Nothing lost in the field: collisions, output inside input, formats that cannot hold an image,
+a full disk, an unusable cache, signals, failures that must not stop or double, odd file names.
+Real files through real encoders; a real small filesystem where the disk must fill."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import photo_like
+from icmsr_cli.cli import app
+
+
+@pytest.fixture
+def model(tiny_base, tiny_lora):
+    return ["--base", str(tiny_base), "--lora", str(tiny_lora), "--tile", "off"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def errors(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "icmsr_cli", *map(str, args)]
+
+
+# ------------------------------------------------------------------------------ files and folders
+
+
+def test_same_name_from_two_folders_is_refused_naming_both(tmp_path, model):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(photo_like(16, 16, seed=ord(folder))).save(tmp_path / folder / "x.png")
+    out = tmp_path / "out"
+    result = invoke("upscale", tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", "-o", out, *model)
+    assert result.exit_code == 2
+    assert errors(result) == [f"error: {tmp_path / 'a' / 'x.png'} and {tmp_path / 'b' / 'x.png'} would both be written to "
+                              f"{out / 'x.png'}; upscale them into separate output folders"]
+    assert not out.exists() or not list(out.iterdir())
+    # the same through a glob over two folders, and through --format making a.png and a.jpg one output
+    Image.fromarray(photo_like(16, 16)).save(tmp_path / "a" / "x.jpg")
+    assert invoke("upscale", str(tmp_path / "*" / "x.png"), "-o", out, *model).exit_code == 2
+    assert invoke("upscale", tmp_path / "a", "-o", out, "--format", "png", *model).exit_code == 2
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_output_folder_inside_the_input_is_not_read_back(tmp_path, model):
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.fromarray(photo_like(16, 16)).save(src / "one.png")
+    out = src / "big"
+    args = ["upscale", src, "-r", "-o", out, "-s", "2", "--json", *model]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    rerun = invoke(*args)
+    assert rerun.exit_code == 0, rerun.output
+    records = [json.loads(line) for line in rerun.stdout.splitlines()]
+    assert [(Path(r["input"]).name, r["status"]) for r in records] == [("one.png", "skipped")]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == [Path("one.png")]
+    same = invoke("upscale", src, "-o", src, *model)
+    assert same.exit_code == 2 and "is an input folder" in same.stderr
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg", "webp", "tiff", "bmp"])
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])
+def test_alpha_images_to_every_format(tmp_path, model, fmt, mode):
+    rgb = photo_like(20, 14)
+    alpha = np.linspace(0, 255, 20 * 14).reshape(14, 20).astype(np.uint8)
+    image = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    src = tmp_path / "in.png"
+    (image.convert("LA") if mode == "LA" else image).save(src)
+    out = tmp_path / "out"
+    result = invoke("upscale", src, "-o", f"{out}/", "--format", fmt, "-s", "2", *model)
+    target = out / f"in.{fmt}"
+    assert "Traceback" not in result.output
+    if fmt == "jpg":  # JPEG cannot hold alpha: refused with the reason, before the model ran
+        assert result.exit_code == 1
+        assert errors(result) == [f"error: {src}: has an alpha channel, which JPEG cannot store; use --format png, webp or tiff"]
+        assert "model ready" in result.stderr and "->" not in result.stderr
+        assert not target.exists()
+        return
+    assert result.exit_code == 0, result.output
+    with Image.open(target) as im:
+        assert im.size == (40, 28) and "A" in im.mode
+        got_alpha = np.asarray(im.convert("RGBA"))[..., 3]
+    expected = np.asarray(Image.fromarray(alpha).resize((40, 28), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(got_alpha, expected)
+    if fmt == "bmp" and mode == "LA":
+        assert result.stderr.count("BMP cannot store gray with alpha") == 1
+
+
+def test_stdout_honours_format_and_defaults_to_the_input_format(tmp_path, tiny_base, tiny_lora):
+    src = tmp_path / "in.jpg"
+    Image.fromarray(photo_like(16, 12)).save(src)
+    base = _cli("upscale", src, "-o", "-", "--base", tiny_base, "--lora", tiny_lora, "--tile", "off")
+    for extra, expected in (([], "JPEG"), (["--format", "png"], "PNG"), (["--format", "webp"], "WEBP")):
+        proc = subprocess.run(base + extra, capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr.decode()
+        with Image.open(io.BytesIO(proc.stdout)) as im:
+            assert im.format == expected and im.size == (64, 48)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _with_exif(png: bytes, orientation: int) -> bytes:
+    """The PNG with an eXIf chunk holding the orientation, inserted after IHDR."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    raw = exif.tobytes()
+    raw = raw[6:] if raw.startswith(b"Exif\0\0") else raw
+    ihdr_end = 8 + 4 + 4 + 13 + 4
+    return png[:ihdr_end] + _png_chunk(b"eXIf", raw) + png[ihdr_end:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_same_geometry_in_8_and_16_bit(orientation):
+    from icmsr_cli.images import read_image
+
+    rgb = (np.arange(7 * 12 * 3).reshape(7, 12, 3) % 251).astype(np.uint8)  # no symmetry to hide a wrong turn
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    eight = read_image(_with_exif(buf.getvalue(), orientation))
+    ok, png16 = cv2.imencode(".png", (rgb.astype(np.uint16) * 257)[..., ::-1])
+    sixteen = read_image(_with_exif(png16.tobytes(), orientation))
+    assert sixteen.bit_depth == 16 and eight.bit_depth == 8
+    assert eight.pixels.shape == sixteen.pixels.shape
+    np.testing.assert_allclose(eight.pixels, sixteen.pixels, atol=1e-6)
+    upright = np.asarray(Image.open(io.BytesIO(_with_exif(buf.getvalue(), orientation))).transpose(
+        {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}[orientation]) if orientation > 1 else Image.fromarray(rgb))
+    np.testing.assert_array_equal(np.rint(eight.pixels * 255).astype(np.uint8), upright)
+
+
+def test_writes_are_synced_before_the_rename(tmp_path, monkeypatch):
+    from icmsr_cli import atomic
+
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((str(a), str(b), list(synced))), real_replace(a, b))[1])
+    target = tmp_path / "out.png"
+    atomic.write_bytes(b"data", target)
+    assert target.read_bytes() == b"data"
+    (tmp_name, dest, synced_before), = renamed
+    assert dest == str(target) and tmp_name in synced_before, "the file must reach the disk before it is renamed"
+    assert synced[-1] == str(tmp_path), "the folder is synced after the rename"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 192 KB filesystem (tmpfs), where permitted."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a small filesystem needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_stops_the_batch_with_one_line_and_keeps_finished_files(tmp_path, small_disk, model):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):  # BMP outputs of 128x128: 49 KB each, uncompressed, so the fourth does not fit
+        Image.fromarray(photo_like(64, 64, seed=i)).save(src / f"img{i}.png")
+    result = invoke("upscale", src, "-o", small_disk, "-s", "2", "--format", "bmp", *model)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    full = errors(result)
+    assert len(full) == 1 and "no space left on the device (needs about" in full[0] and str(small_disk) in full[0]
+    assert "not started" in result.stderr  # the batch stopped: later files were not tried
+    finished = sorted(small_disk.iterdir())
+    assert finished and all(not p.name.startswith(".") for p in finished), "temporary files left behind"
+    for path in finished:
+        with Image.open(path) as im:
+            im.load()
+            assert im.size == (128, 128)
+
+
+def test_full_disk_while_parking_tiles_is_one_line(tmp_path, small_disk, tiny_base, tiny_lora, monkeypatch):
+    from icmsr_cli.errors import DiskFullError
+    from icmsr_cli.pipeline import load_pipeline
+
+    pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+    pipe.park_budget = 0  # every waiting tile goes to a file
+    monkeypatch.setenv("TMPDIR", str(small_disk))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    with pytest.raises(DiskFullError, match="no space left on the device"):
+        pipe(torch.rand(1, 3, 256, 256), "none", 16)
+    assert list(small_disk.iterdir()) == [], "parked tiles must be removed"
+
+
+def test_merged_cache_on_a_full_disk_warns_and_leaves_nothing(tmp_path, small_disk, tiny_base, tiny_lora, monkeypatch, caplog):
+    from icmsr_cli.pipeline import load_pipeline
+
+    from icmsr_cli import merged
+
+    monkeypatch.setenv("ICMSR_CACHE_DIR", str(small_disk))
+    pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+    assert "could not save the merged-weights cache" in caplog.text and "no space left" in caplog.text
+    assert "needs about" in caplog.text  # refused up front: the disk would not hold it
+    assert pipe(torch.rand(1, 3, 64, 64), "none", None).shape == (1, 3, 64, 64)
+    # the same when the disk fills in the middle of the write: the partial entry is removed
+    caplog.clear()
+    monkeypatch.setattr(merged, "_SPARE", -(1 << 40))
+    load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+    assert "no space left on the device" in caplog.text
+    leftovers = [p for p in (small_disk / "merged").rglob("*")] if (small_disk / "merged").exists() else []
+    assert leftovers == [], leftovers
+
+
+@pytest.mark.parametrize("kind", ["under a file", "read-only"])
+def test_unusable_cache_dir_warns_once_and_runs(tmp_path, model, monkeypatch, kind):
+    if kind == "under a file":
+        (tmp_path / "file").write_text("x")
+        cache = tmp_path / "file" / "cache"
+    else:
+        cache = tmp_path / "ro"
+        cache.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(cache)], capture_output=True).returncode:
+            pytest.skip("mounting a read-only filesystem needs root")
+    try:
+        src = tmp_path / "in.png"
+        Image.fromarray(photo_like(16, 16)).save(src)
+        result = subprocess.run(_cli("upscale", src, "-o", tmp_path / "out.png", *model), capture_output=True, text=True,
+                                env={**os.environ, "ICMSR_CACHE_DIR": str(cache)}, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.count("running without caches") == 1 and str(cache) in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert Image.open(tmp_path / "out.png").size == (64, 64)
+    finally:
+        if kind == "read-only":
+            subprocess.run(["umount", "-l", str(cache)], check=False)
+
+
+def test_sigterm_mid_batch_leaves_whole_files_a_summary_and_a_rerun_finishes(tmp_path, tiny_base, tiny_lora):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(8):
+        Image.fromarray(photo_like(32, 24, seed=i)).save(src / f"img{i}.png")
+    args = _cli("upscale", src, "-o", out, "--base", tiny_base, "--lora", tiny_lora, "--tile", "off")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out.is_dir() and list(out.glob("*.png"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    summary = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert len(summary) == 1 and "not started" in summary[0] and "rerun to resume" in summary[0], err
+    finished = sorted(out.iterdir())
+    assert 0 < len(finished) < 8
+    for path in finished:
+        assert not path.name.startswith("."), "temporary file left behind"
+        with Image.open(path) as im:
+            im.load()
+            assert im.size == (128, 96)
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(finished)} skipped" in rerun.stderr
+    assert sorted(p.name for p in out.iterdir()) == [f"img{i}.png" for i in range(8)]
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def test_nan_in_every_file_is_one_line_each_and_the_batch_goes_on(tmp_path, tiny_base, tiny_ckpt):
+    """A model that gives NaN fails each file on its own line, once, with advice that fits fp32."""
+    ckpt = {**tiny_ckpt, "state_dict_unet": dict(tiny_ckpt["state_dict_unet"])}
+    key = next(k for k in ckpt["state_dict_unet"] if ".lora_B." in k)
+    ckpt["state_dict_unet"][key] = torch.full_like(ckpt["state_dict_unet"][key], float("nan"))
+    lora = tmp_path / "nan.pkl"
+    torch.save(ckpt, lora)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(photo_like(16, 16, seed=i)).save(src / f"{i}.png")
+    result = invoke("upscale", src, "-o", tmp_path / "out", "--base", tiny_base, "--lora", lora, "--tile", "off")
+    assert result.exit_code == 1
+    lines = errors(result)
+    assert len(lines) == 3 and all("NaN/Inf in float32" in line for line in lines), lines
+    assert all("--dtype fp32" not in line for line in lines)
+    assert "0 done, 0 skipped, 3 failed" in result.stderr
+
+
+def test_unexpected_exception_is_one_line_with_a_debug_hint(tmp_path, monkeypatch, capsys):
+    from icmsr_cli import batch, cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something nobody planned for\nsecond line")
+
+    monkeypatch.setattr(batch, "plan", broken)
+    monkeypatch.setenv("ICMSR_DEBUG", "")  # --debug below sets it: restored after the test
+    args = ["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "y.png")]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(args)
+    assert exited.value.code == cli.EXIT_INTERNAL != 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unexpected RuntimeError: something nobody planned for (this is a bug in icmsr; "
+                   "rerun with --debug for the traceback and report it)"]
+    with pytest.raises(RuntimeError, match="nobody planned"):
+        cli.main(args + ["--debug"])  # anywhere on the line
+
+
+# ------------------------------------------------------------------------------------ machines
+
+
+def test_windows_style_paths_and_non_utf8_names_do_not_crash(tmp_path, model):
+    src = tmp_path / "in"
+    src.mkdir()
+    odd = os.fsdecode(b"caf\xe9 \xff.png")  # Latin-1 bytes: not UTF-8
+    Image.fromarray(photo_like(16, 16)).save(src / odd)
+    out = tmp_path / "out"
+    result = invoke("upscale", src, "-o", out, "--json", *model)
+    assert result.exit_code == 0, result.output
+    assert (out / odd).is_file()
+    assert json.loads(result.stdout.splitlines()[0])["status"] == "done"
+    for ref in (r"C:\weights\osediff.pkl", "D:/models/osediff.pkl"):
+        bad = invoke("upscale", src / odd, "-o", tmp_path / "o.png", "--base", model[1], "--lora", ref)
+        assert bad.exit_code == 2 and "no such file" in bad.stderr and "Traceback" not in bad.output
