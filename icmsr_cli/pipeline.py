@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from .checkpoint import LoraCheckpoint, load_lora_checkpoint, merge_lora
 from .color import apply_color_fix
-from .devices import available_memory, freed_memory_reused
+from .devices import available_memory, freed_memory_reused, memory_format_for
 from . import atomic, merged
 from .errors import DiskFullError, ModelNotFoundError, NumericalError, ResourceError, SetupError
 from .tiled_vae import decoder_ops, encoder_ops, run_tiled
-from .tiling import auto_tile_size, plan_tiles
+from .tiling import auto_tile_size, choose_tile, plan_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 LATENT_SCALE = 0.18215
 #: the single UNet step runs at the last training timestep
 TIMESTEP = 999
-#: activations and conv weights in channels-last order: the layout GPUs want, no slower on CPU (BENCHMARKS.md)
+#: the merged weights are built (and cached) channels-last; load_pipeline converts per device
 MEMORY_FORMAT = torch.channels_last
 #: the VAE downsamples by 8; inputs are reflect-padded to a multiple of it
 VAE_FACTOR = 8
@@ -93,11 +93,12 @@ class OneStepSR:
     device: torch.device
     dtype: torch.dtype
     tile_batch: int = 4  # tiles per model call
-    memory_format: torch.memory_format = MEMORY_FORMAT
-    decoder_dtype: torch.dtype | None = None  # None: dtype; float32 once fp16 overflowed in the decoder
+    memory_format: torch.memory_format = MEMORY_FORMAT  # activations' layout; the weights' matches (load_pipeline)
+    stage_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # stages moved to float32 after an fp16 overflow
     reuse_freed_memory: bool = False  # CPU whole-image runs inside devices.freed_memory_reused (the CLI sets it)
-    park_budget: float | None = None  # host bytes for waiting VAE tiles before files; None: see _park_budget
+    park_budget: float | None = None  # host bytes for waiting VAE tiles before files; None: see _parking
     progress: Progress | None = None  # told about tiles done, for long images
+    _measured_bytes: float | None = field(default=None, repr=False)  # see _bytes_per_latent_px
     notify: Callable[[str], None] = logger.warning  # one-line notes (out-of-memory retries)
 
     # ----------------------------------------------------------------------------- whole image
@@ -105,15 +106,16 @@ class OneStepSR:
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """z = E(2x - 1).mode() * 0.18215 (the posterior mode keeps runs reproducible)."""
-        x = (x.to(self.device, self.dtype) * 2 - 1).contiguous(memory_format=self.memory_format)
+        x = (x.to(self.device, self.dtype_of("encode")) * 2 - 1).contiguous(memory_format=self.memory_format)
         return self.vae.encode(x).latent_dist.mode() * LATENT_SCALE
 
     @torch.no_grad()
     def eps(self, z: torch.Tensor) -> torch.Tensor:
         """One UNet call at t=999 with the prompt embedding."""
-        c = self.prompt_embeds.to(self.device, self.dtype).expand(z.shape[0], -1, -1)
+        dtype = self.dtype_of("unet")
+        c = self.prompt_embeds.to(self.device, dtype).expand(z.shape[0], -1, -1)
         t = torch.full((z.shape[0],), TIMESTEP, device=self.device, dtype=torch.long)
-        z = z.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+        z = z.to(self.device, dtype).contiguous(memory_format=self.memory_format)
         return self.unet(z, t, encoder_hidden_states=c).sample
 
     def x0(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -129,7 +131,7 @@ class OneStepSR:
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """y = clamp(D(x0 / 0.18215), -1, 1) * 0.5 + 0.5, returned in float32."""
-        y = self.vae.decode((x0 / LATENT_SCALE).to(self.device, self.decoder_dtype or self.dtype)).sample
+        y = self.vae.decode((x0 / LATENT_SCALE).to(self.device, self.dtype_of("decode"))).sample
         return y.to(torch.promote_types(y.dtype, torch.float32)).clamp(-1, 1) * 0.5 + 0.5
 
     # ----------------------------------------------------------------------------------- tiled
@@ -141,8 +143,8 @@ class OneStepSR:
         moments = run_tiled(
             encoder_ops(self.vae), x * 2 - 1,
             plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR), plan_tiles(h, w, tile, overlap),
-            pad=ENCODER_PAD, device=self.device, dtype=self.dtype, batch=self.tile_batch, progress=self._stage("encode"),
-            park_budget=self._park_budget(),
+            pad=ENCODER_PAD, device=self.device, dtype=self.dtype_of("encode"), batch=self.tile_batch, progress=self._stage("encode"),
+            park=self._parking(tile),
         )
         return moments[:, : moments.shape[1] // 2] * LATENT_SCALE  # the posterior mode is its mean
 
@@ -175,17 +177,24 @@ class OneStepSR:
         y = run_tiled(
             decoder_ops(self.vae), x0 / LATENT_SCALE,
             plan_tiles(h, w, tile, overlap), plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR),
-            pad=DECODER_PAD, device=self.device, dtype=self.decoder_dtype or self.dtype, batch=self.tile_batch, progress=self._stage("decode"),
-            park_budget=self._park_budget(),
+            pad=DECODER_PAD, device=self.device, dtype=self.dtype_of("decode"), batch=self.tile_batch, progress=self._stage("decode"),
+            park=self._parking(tile),
         )
-        return y.clamp(-1, 1) * 0.5 + 0.5
+        return y.clamp_(-1, 1).mul_(0.5).add_(0.5)
 
-    def _park_budget(self) -> float:
-        """Up to 1 GiB (or a third of free RAM) of waiting tiles in memory, the rest in files:
-        writes land in the page cache, so spilling costs little while keeping RSS flat."""
-        if self.park_budget is not None:
-            return self.park_budget
-        return min(2**30, available_memory(torch.device("cpu")) / 3)
+    def _parking(self, tile: int) -> list[tuple[torch.device, float]]:
+        """Memory tiers for waiting VAE tiles, then files: on a GPU its free memory beyond what the
+        working tile batch needs (twice over, for the allocator's slack), then host memory: up to
+        1 GiB (or a third of free RAM), the rest in files; writes land in the page cache, so spilling
+        costs little while keeping RSS flat."""
+        cpu = torch.device("cpu")
+        host = self.park_budget if self.park_budget is not None else min(2**30, available_memory(cpu) / 3)
+        tiers = [(cpu, host)]
+        if self.device.type != "cpu":
+            working = self.tile_batch * self._bytes_per_latent_px() * (tile + 2 * DECODER_PAD) ** 2
+            room = available_memory(self.device) - 2 * working
+            tiers.insert(0, (self.device, max(0.0, room)))
+        return tiers
 
     def _stage(self, name: str):
         return (lambda done, total: self.progress(name, done, total)) if self.progress else None
@@ -193,9 +202,32 @@ class OneStepSR:
     # ------------------------------------------------------------------------------- the graph
 
     def auto_tile(self, height: int, width: int) -> int | None:
-        """Latent tile size from free memory; None when the whole image fits in one tile."""
-        side = auto_tile_size(available_memory(self.device), _BYTES_PER_LATENT_PX * self.tile_batch)
-        return None if max(height, width) <= side * VAE_FACTOR else side
+        """Latent tile size for an image of height x width pixels; None runs it whole. On a GPU the
+        whole image runs whenever its measured working set fits in free memory; on the CPU tiles
+        keep the resident memory small (BENCHMARKS.md, memory table)."""
+        free = available_memory(self.device)
+        if self.device.type == "cpu":
+            side = auto_tile_size(free, _BYTES_PER_LATENT_PX * self.tile_batch)
+            return None if max(height, width) <= side * VAE_FACTOR else side
+        return choose_tile(height, width, free, self._bytes_per_latent_px() / VAE_FACTOR**2, tile_batch=self.tile_batch)
+
+    def _bytes_per_latent_px(self) -> float:
+        """Peak device memory per latent pixel of a whole-image run, measured once on a 512x512
+        probe (the stages are linear in the pixel count: the VAE attention runs through SDPA's
+        memory-efficient kernels). The CPU figure is the estimate its tile sizes were tuned with."""
+        if self._measured_bytes is None:
+            if self.device.type != "cuda":
+                self._measured_bytes = float(_BYTES_PER_LATENT_PX)
+            else:
+                probe = torch.zeros(1, 3, 512, 512)
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                before = torch.cuda.memory_allocated(self.device)
+                with torch.no_grad():
+                    self._graph(probe, None)
+                peak = torch.cuda.max_memory_allocated(self.device) - before
+                self._measured_bytes = peak / (512 // VAE_FACTOR) ** 2
+        return self._measured_bytes
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, color_fix: str = "adain", tile: int | str | None = None) -> torch.Tensor:
@@ -231,26 +263,42 @@ class OneStepSR:
         return y.clamp(0, 1)[..., :h, :w]
 
     def _graph(self, x: torch.Tensor, tile: int | None) -> torch.Tensor:
-        x0 = self.denoise(self.encode(x)) if tile is None else self.denoise_tiled(self.encode_tiled(x, tile), tile)
-        y = self._decoded(x0, tile)
-        if not bool(torch.isfinite(y).all()) and self._upcast_decoder():
-            y = self._decoded(x0, tile)
-        return y
+        z = self._finite("encode", lambda: self.encode(x) if tile is None else self.encode_tiled(x, tile))
+        x0 = self._finite("unet", lambda: self.denoise(z) if tile is None else self.denoise_tiled(z, tile))
+        return self._finite("decode", lambda: self.decode(x0) if tile is None else self.decode_tiled(x0, tile))
 
-    def _decoded(self, x0: torch.Tensor, tile: int | None) -> torch.Tensor:
-        return self.decode(x0) if tile is None else self.decode_tiled(x0, tile)
+    def dtype_of(self, stage: str) -> torch.dtype:
+        """The dtype a stage (encode, unet, decode) runs in: the pipeline's, or float32 after an fp16 overflow."""
+        return self.stage_dtypes.get(stage, self.dtype)
 
-    def _upcast_decoder(self) -> bool:
-        """SD's VAE decoder can overflow fp16's range (diffusers marks it force_upcast); rather than
-        decode every image in float32, switch only when it happens. False when there is nothing to switch."""
-        if self.dtype != torch.float16 or self.decoder_dtype is not None:
+    def _finite(self, stage: str, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run a stage; if fp16 overflowed in it (NaN/Inf out), move that stage to float32 and run it again."""
+        out = run()
+        if not bool(torch.isfinite(out).all()) and self._upcast(stage):
+            out = run()
+        return out
+
+    def _upcast(self, stage: str) -> bool:
+        """fp16's range (65504) is too small for some activations of SD's VAE (diffusers marks it
+        force_upcast) and, with some weights, the UNet; bf16 and float32 are not. Rather than run
+        every image in float32, switch only the stage that overflowed, once, and say so. False when
+        there is nothing to switch (not fp16, or already switched)."""
+        if self.dtype != torch.float16 or stage in self.stage_dtypes:
             return False
-        self.notify("the VAE decoder overflowed in fp16; decoding in fp32 from now on")
-        self.decoder_dtype = torch.float32
-        for module in (getattr(self.vae, "post_quant_conv", None), self.vae.decoder):
-            if module is not None:
-                module.float()
+        self.notify(f"{_STAGE_NAMES[stage]} overflowed in fp16; running it in fp32 from now on")
+        self.stage_dtypes[stage] = torch.float32
+        for module in self._stage_modules(stage):
+            module.float()
         return True
+
+    def _stage_modules(self, stage: str) -> list[torch.nn.Module]:
+        if stage == "unet":
+            return [self.unet]
+        names = ("encoder", "quant_conv") if stage == "encode" else ("post_quant_conv", "decoder")
+        return [m for m in (getattr(self.vae, n, None) for n in names) if m is not None]
+
+
+_STAGE_NAMES = {"encode": "the VAE encoder", "unet": "the UNet", "decode": "the VAE decoder"}
 
 
 def _nan_advice(dtype: torch.dtype) -> str:
@@ -313,10 +361,14 @@ def load_pipeline(
         modules = _merge(base, lora, classes, device=device, dtype=dtype)
         if entry:
             merged.save(entry, modules, about={"base": str(base.resolve()), "lora": str(Path(lora).resolve()), "dtype": str(dtype)})
+    layout = memory_format_for(device)
     for module in modules.values():
         module.requires_grad_(False).eval().to(device)
+        if layout != MEMORY_FORMAT:
+            module.to(memory_format=layout)
     embeds = prompt_embedding(base, prompt)
-    return OneStepSR(vae=modules["vae"], unet=modules["unet"], prompt_embeds=embeds, alpha_t=alpha_t, device=device, dtype=dtype)
+    return OneStepSR(vae=modules["vae"], unet=modules["unet"], prompt_embeds=embeds, alpha_t=alpha_t, device=device, dtype=dtype,
+                     memory_format=layout)
 
 
 def _merge(base: Path, lora: str | Path | LoraCheckpoint, classes: dict, *, device: torch.device, dtype: torch.dtype) -> dict:

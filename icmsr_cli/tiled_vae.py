@@ -99,51 +99,60 @@ def _attention(attn, x: torch.Tensor) -> torch.Tensor:
     return out.transpose(-1, -2).reshape(b, c, h, w)
 
 
-class Parking:
-    """Where tile activations wait between segments: host memory up to a byte budget, then files.
+@dataclass
+class _Parked:
+    tensor: torch.Tensor | None  # in memory (on the tier's device), or None when in a file
+    tier: int  # index into Parking.tiers; -1 for a file
+    size: int
+    path: str | None = None
+    shape: tuple = ()
+    dtype: torch.dtype | None = None
 
-    The parked activations of all tiles grow with the image (tens of channels per pixel), so
-    beyond the budget they go to a temporary folder and the page cache, which keeps the resident
-    memory of an 8K run bounded; reading a batch back costs sequential disk traffic.
+
+class Parking:
+    """Where tile activations wait between segments: in memory tiers tried in order (the compute
+    device first while it has room, then host RAM), each up to its byte budget, then files.
+
+    The parked activations of all tiles grow with the image (tens of channels per pixel). Staying
+    on the GPU saves two copies per tile and segment; beyond its room they go to host memory, and
+    beyond that to a temporary folder and the page cache, which keeps the resident memory of an 8K
+    run bounded; reading a batch back costs sequential disk traffic.
     """
 
-    def __init__(self, device: torch.device, budget_bytes: float = float("inf")):
-        self.device = device
-        self.budget = budget_bytes
-        self.in_memory = 0
+    def __init__(self, tiers: list[tuple[torch.device, float]]):
+        self.tiers = tiers
+        self.used = [0] * len(tiers)
         self._folder = None
         self._count = 0
 
-    def put(self, t: torch.Tensor):
-        t = t.to(self.device)
+    def put(self, t: torch.Tensor) -> _Parked:
         size = t.numel() * t.element_size()
-        if self.device.type == "cpu" and self.in_memory + size > self.budget:
-            if self._folder is None:
-                self._folder = tempfile.TemporaryDirectory(prefix="icmsr-tiles-")
-            self._count += 1
-            path = os.path.join(self._folder.name, f"{self._count}.bin")
-            try:
-                with open(path, "wb") as f:  # not ndarray.tofile: its short write carries no errno
-                    f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
-            except OSError as exc:
-                if is_no_space(exc):  # the folder goes when the run ends (close), whatever happened
-                    raise no_space_error(Path(self._folder.name), size) from None
-                raise
-            return (path, t.shape, t.dtype)
-        self.in_memory += size
-        return t.clone() if t._base is not None else t  # a view would keep its whole batch alive
+        for index, (device, budget) in enumerate(self.tiers):
+            if self.used[index] + size <= budget:
+                self.used[index] += size
+                kept = t.to(device)
+                return _Parked(kept.clone() if kept._base is not None else kept, index, size)  # a view would keep its whole batch alive
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="icmsr-tiles-")
+        self._count += 1
+        path = os.path.join(self._folder.name, f"{self._count}.bin")
+        try:
+            with open(path, "wb") as f:  # not ndarray.tofile: its short write carries no errno
+                f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+        except OSError as exc:
+            if is_no_space(exc):  # the folder goes when the run ends (close), whatever happened
+                raise no_space_error(Path(self._folder.name), size) from None
+            raise
+        return _Parked(None, -1, size, path, tuple(t.shape), t.dtype)
 
-    def get(self, handle) -> torch.Tensor:
-        if isinstance(handle, torch.Tensor):
-            return handle
-        path, shape, dtype = handle
-        data = torch.from_numpy(np.fromfile(path, dtype=np.uint8)).view(dtype).view(shape)
-        os.unlink(path)
+    def get(self, handle: _Parked) -> torch.Tensor:
+        """The parked tensor (on its tier's device, or the CPU from a file); its room is freed."""
+        if handle.tier >= 0:
+            self.used[handle.tier] -= handle.size
+            return handle.tensor
+        data = torch.from_numpy(np.fromfile(handle.path, dtype=np.uint8)).view(handle.dtype).view(handle.shape)
+        os.unlink(handle.path)
         return data
-
-    def release(self, handle) -> None:
-        if isinstance(handle, torch.Tensor):
-            self.in_memory -= handle.numel() * handle.element_size()
 
     def close(self) -> None:
         if self._folder is not None:
@@ -152,8 +161,8 @@ class Parking:
 
 @dataclass
 class _State:
-    x: object  # the tile's activation (a tensor or a Parking handle), between segments
-    saved: object | None = None  # the residual branch's input, while a block is open
+    x: _Parked | None  # the tile's activation, between segments
+    saved: _Parked | None = None  # the residual branch's input, while a block is open
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -207,19 +216,20 @@ def run_tiled(
     dtype: torch.dtype,
     batch: int = 4,
     progress: Progress | None = None,
-    park_budget: float = float("inf"),
+    park: list[tuple[torch.device, float]] | None = None,
 ) -> torch.Tensor:
     """Run `ops` over x (1, C, H, W) tile by tile. `in_tiles` are boxes in x's pixels (grown by
     `pad` of context), `out_tiles` the same tiles in output pixels with their blend windows.
-    Waiting tiles are kept in host memory up to `park_budget` bytes, then in temporary files.
+    Waiting tiles are kept in the memory tiers of `park` ((device, byte budget), in order; default:
+    host memory without limit), then in temporary files.
     Returns the blended output (float32 at least) on the CPU."""
     if x.shape[0] != 1:
         raise ValueError("tiled VAE runs one image at a time")
-    park = Parking(torch.device("cpu"), park_budget)  # on a GPU, waiting tiles leave GPU memory
+    parking = Parking(park if park is not None else [(torch.device("cpu"), float("inf"))])
     try:
-        return _run(ops, x, in_tiles, out_tiles, park, pad=pad, device=device, dtype=dtype, batch=batch, progress=progress)
+        return _run(ops, x, in_tiles, out_tiles, parking, pad=pad, device=device, dtype=dtype, batch=batch, progress=progress)
     finally:
-        park.close()
+        parking.close()
 
 
 def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batch, progress) -> torch.Tensor:
@@ -268,25 +278,28 @@ def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batc
         if next_norm is not None:
             merged = merge_stats(collected)
 
+    # blended on the host one tile at a time, divided in place: one whole-image copy, however many tiles
     scale = out_tiles[-1].core[1] / in_tiles[-1].core[1]  # output pixels per input pixel
     acc = _acc(dtype)
-    outs = [_take(park, s, "x") for s in states]
-    out = torch.zeros(1, outs[0].shape[1], round(height * scale), round(width * scale), dtype=acc)
-    norm = torch.zeros(1, 1, out.shape[2], out.shape[3], dtype=acc)
-    for tile, box, part in zip(out_tiles, boxes, outs):
+    out = norm = None
+    for tile, box, state in zip(out_tiles, boxes, states):
+        part = _take(park, state, "x")
+        if out is None:
+            out = torch.zeros(1, part.shape[1], round(height * scale), round(width * scale), dtype=acc)
+            norm = torch.zeros(1, 1, out.shape[2], out.shape[3], dtype=acc)
         cy0, cy1, cx0, cx1 = tile.core
         oy, ox = round(box[0] * scale), round(box[2] * scale)
         w = tile.weight.to(acc)[None, None]
-        out[:, :, cy0:cy1, cx0:cx1] += part[:, :, cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox].to(acc) * w
+        out[:, :, cy0:cy1, cx0:cx1] += part[:, :, cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox].to("cpu", acc) * w
         norm[:, :, cy0:cy1, cx0:cx1] += w
-    return out / norm
+        del part
+    return out.div_(norm)
 
 
 def _take(park: Parking, state: _State, field: str) -> torch.Tensor:
     """Fetch a parked tensor and drop the state's hold on it."""
     handle = getattr(state, field)
     setattr(state, field, None)
-    park.release(handle)
     return park.get(handle)
 
 

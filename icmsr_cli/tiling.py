@@ -88,3 +88,11 @@ def auto_tile_size(available_bytes: int, bytes_per_latent_px: float, *, largest:
     budget = available_bytes / 4
     side = int(math.sqrt(max(budget, 0) / bytes_per_latent_px)) // 8 * 8
     return max(smallest, min(largest, side))
+
+
+def choose_tile(height: int, width: int, free_bytes: float, bytes_per_px: float, *, tile_batch: int, margin: float = 1.25) -> int | None:
+    """None (run the image whole) when its working set, `bytes_per_px` per image pixel with a
+    margin for the allocator, fits in `free_bytes`; else the largest latent tile whose batch fits."""
+    if height * width * bytes_per_px * margin <= free_bytes:
+        return None
+    return auto_tile_size(free_bytes, bytes_per_px * 64 * tile_batch)

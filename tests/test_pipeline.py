@@ -176,14 +176,23 @@ def test_merged_weights_cache_can_be_turned_off(tiny_base, tiny_lora, tmp_path, 
     assert not (tmp_path / "icmsr-cache" / "merged").exists()
 
 
-def test_fp16_decoder_overflow_falls_back_to_fp32_decoding(tiny_base, tiny_lora):
-    """A decoder whose activations pass fp16's 65504 but are brought back by a GroupNorm: in fp16 the
-    image would be NaN; the pipeline says so once and decodes in fp32 from then on."""
+_OVERFLOWING = {  # a conv whose sums pass fp16's 65504, followed by a GroupNorm that brings them back
+    "encode": lambda p: p.vae.encoder.mid_block.resnets[0].conv1,
+    "unet": lambda p: p.unet.mid_block.resnets[0].conv1,
+    "decode": lambda p: p.vae.decoder.mid_block.resnets[0].conv1,
+}
+
+
+@pytest.mark.parametrize("stage", ["encode", "unet", "decode"])
+def test_fp16_overflow_moves_only_that_stage_to_fp32(tiny_base, tiny_lora, stage):
+    """In fp16 the image would be NaN; the pipeline says so once, runs that stage in fp32 from then
+    on, and gives a finite image close to the float32 pipeline's."""
     def overflowing(pipe):
         with torch.no_grad():
-            conv = pipe.vae.decoder.mid_block.resnets[0].conv1  # followed by norm2, which rescales it
-            conv.weight.mul_(1e6)  # weights stay representable in fp16; their sums do not
-            conv.bias.mul_(1e6)
+            conv = _OVERFLOWING[stage](pipe)
+            gain = 3e4 / float(conv.weight.abs().max())  # weights stay representable in fp16; their sums do not
+            conv.weight.mul_(gain)
+            conv.bias.mul_(gain)
         return pipe
 
     half = overflowing(load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float16))
@@ -192,13 +201,14 @@ def test_fp16_decoder_overflow_falls_back_to_fp32_decoding(tiny_base, tiny_lora)
     notes = []
     half.notify = notes.append
     with torch.no_grad():
-        z = half.denoise(half.encode(x))
-        assert not torch.isfinite(half.decode(z)).all(), "the test needs a decoder that overflows in fp16"
+        assert not torch.isfinite(half.decode(half.denoise(half.encode(x)))).all(), "the test needs an fp16 overflow"
     y = half(x, "none", None)
-    assert notes == ["the VAE decoder overflowed in fp16; decoding in fp32 from now on"]
-    assert torch.isfinite(y).all() and half.vae.decoder.conv_out.weight.dtype == torch.float32
-    assert (y - full(x, "none", None)).abs().mean() < 0.02  # only the fp16 encoder and UNet differ
-    half(x, "none", 16)  # later images, tiled too, decode in fp32 without another note
+    name = {"encode": "the VAE encoder", "unet": "the UNet", "decode": "the VAE decoder"}[stage]
+    assert notes == [f"{name} overflowed in fp16; running it in fp32 from now on"]
+    assert torch.isfinite(y).all() and _OVERFLOWING[stage](half).weight.dtype == torch.float32
+    assert half.stage_dtypes == {stage: torch.float32}  # the other stages stay in fp16
+    assert (y - full(x, "none", None)).abs().mean() < 0.03  # only the fp16 stages differ
+    half(x, "none", 16)  # later images, tiled too, run that stage in fp32 without another note
     assert len(notes) == 1
 
 

@@ -184,3 +184,57 @@ def test_tiled_vae_through_the_real_layout_matches_untiled(tiny_base, tiny_lora)
     y, y_tiled = pipe.decode(z), pipe.decode_tiled(z, 16)
     psnr = 10 * torch.log10(1 / ((y - y_tiled) ** 2).mean())
     assert psnr > 26, psnr
+
+
+def test_parking_fills_tiers_in_order_then_files_and_gives_back_the_same_tensors(tmp_path, monkeypatch):
+    """The device tier is abstract: here two CPU tiers stand for "GPU, then host". Waiting tensors
+    go to the first tier while it has room, then the next, then files; room comes back on get."""
+    import tempfile
+
+    from icmsr_cli.tiled_vae import Parking
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cpu = torch.device("cpu")
+    park = Parking([(cpu, 2 * 4096), (cpu, 4096)])
+    tensors = [torch.randn(1, 4, 16, 16) for _ in range(5)]  # 4096 bytes each
+    handles = [park.put(t) for t in tensors]
+    assert [h.tier for h in handles] == [0, 0, 1, -1, -1]
+    assert park.used == [8192, 4096] and len(list(tmp_path.rglob("*.bin"))) == 2
+    back = [park.get(h) for h in handles]
+    assert all(torch.equal(a, b) for a, b in zip(tensors, back))
+    assert park.used == [0, 0] and not list(tmp_path.rglob("*.bin"))
+    again = park.put(tensors[0])
+    assert again.tier == 0, "room given back is used again"
+    park.close()
+
+
+def test_parking_tiers_give_the_tiled_result_of_host_memory(pointwise_pipe, monkeypatch):
+    from icmsr_cli import tiled_vae
+
+    torch.manual_seed(4)
+    x = torch.rand(1, 3, 96, 160, dtype=torch.float64)
+    reference = pointwise_pipe(x, "none", 8)
+    tiers = []
+    real_parking = tiled_vae.Parking
+
+    def small_first_tier(given):
+        tiers.append(given)
+        return real_parking([(torch.device("cpu"), 50_000), *given])
+
+    monkeypatch.setattr(tiled_vae, "Parking", small_first_tier)
+    torch.testing.assert_close(pointwise_pipe(x, "none", 8), reference, rtol=0, atol=1e-12)
+    assert tiers, "the tiled VAE parks its tiles through Parking"
+
+
+@pytest.mark.parametrize("free_gb,expected", [(80, None), (3.2, None), (3.0, "tiled"), (0.5, "tiled")])
+def test_choose_tile_runs_whole_when_the_measured_working_set_fits(free_gb, expected):
+    from icmsr_cli.tiling import choose_tile
+
+    per_px = 600.0  # bytes per output pixel, as measured on a GPU in bf16
+    tile = choose_tile(2048, 2048, free_gb * 1e9, per_px, tile_batch=4)  # 2048^2 * 600 B * 1.25 = 3.1 GB
+    if expected is None:
+        assert tile is None
+    else:
+        assert tile is not None and tile % 8 == 0 and 16 <= tile <= 256
+        assert 4 * tile * tile * 64 * per_px <= free_gb * 1e9 / 4 or tile == 16  # a batch of tiles fits a quarter
+    assert choose_tile(4096, 4096, 80e9, 600.0, tile_batch=4) is None  # 12.6 GB: an H100 runs 4096^2 whole
