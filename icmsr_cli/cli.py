@@ -156,6 +156,8 @@ def upscale(
     tile: str = typer.Option("auto", "--tile", help="Latent tile size: auto (from free memory), off (whole image), or N."),
     recursive: bool = typer.Option(False, "-r", "--recursive", help="Descend into subfolders of directory inputs."),
     fmt: Optional[str] = typer.Option(None, "--format", help="Output format png, jpg, webp, tiff or bmp (default: the input's)."),
+    png_compression: int = typer.Option(1, "--png-compression", min=0, max=9,
+                                        help="zlib level of PNG outputs, 0-9: 1 (default) is fast, 9 the smallest files."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (default: skip them, so a rerun resumes)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse inputs with more pixels than this (decompression-bomb guard)."),
     json_lines: bool = typer.Option(False, "--json", help="One JSON line per file on stdout (input, output, sizes, seconds, status, error)."),
@@ -192,7 +194,7 @@ def upscale(
         _run_upscale(
             tally, inputs, output, model=model, base=base, lora=lora, prompt=prompt, device=device, dtype=dtype,
             options=UpscaleOptions(scale=scale, color_fix=color_fix, tile=tile_size), recursive=recursive, fmt=fmt,
-            overwrite=overwrite, max_pixels=max_pixels, json_lines=json_lines, quiet=quiet,
+            overwrite=overwrite, max_pixels=max_pixels, json_lines=json_lines, quiet=quiet, png_compression=png_compression,
         )
     except Interrupted as exc:
         console.print(f"[red]interrupted:[/] {tally}; finished outputs are complete, rerun to resume")
@@ -220,7 +222,7 @@ class Tally:
 
 
 def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, device, dtype, options, recursive, fmt,
-                 overwrite, max_pixels, json_lines, quiet) -> None:
+                 overwrite, max_pixels, json_lines, quiet, png_compression) -> None:
     from . import batch
     from .images import format_for
     from .upscaler import load_upscaler
@@ -270,7 +272,8 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
         if bar is not None:
             upscaler.pipe.progress = _tile_progress(bar)
     stdout_format = format_for("stdout" + FORMATS[fmt]) if fmt else None
-    settings = batch.BatchSettings(scale=options.scale, overwrite=overwrite, max_pixels=max_pixels, stdout_format=stdout_format)
+    settings = batch.BatchSettings(scale=options.scale, overwrite=overwrite, max_pixels=max_pixels, stdout_format=stdout_format,
+                                   png_compression=png_compression)
     with bar or nullcontext():
         task = bar.add_task("images", total=len(jobs)) if bar else None
         for result in batch.run(jobs, upscaler.upscale_picture if upscaler else None, settings, notify=_notify):

@@ -196,7 +196,7 @@ def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Pic
     return picture, notes
 
 
-def encode_image(picture: Picture, fmt: str, name: str = "output") -> bytes:
+def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compression: int = 6) -> bytes:
     """Encode to PNG/JPEG/WEBP/TIFF/BMP bytes, keeping ICC and EXIF where the format can hold them.
 
     16-bit colour goes out as 16-bit PNG/TIFF and BMP with alpha as a BMP with an alpha mask,
@@ -211,14 +211,15 @@ def encode_image(picture: Picture, fmt: str, name: str = "output") -> bytes:
         scale, dtype = (65535, np.uint16) if picture.bit_depth == 16 else (255, np.uint8)
         arr = np.rint(np.clip(picture.pixels, 0, 1) * scale).astype(dtype)
         suffix = {"PNG": ".png", "TIFF": ".tiff", "BMP": ".bmp"}[fmt]
-        ok, buf = cv2.imencode(suffix, np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]]))
+        params = [cv2.IMWRITE_PNG_COMPRESSION, png_compression] if fmt == "PNG" else []
+        ok, buf = cv2.imencode(suffix, np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]]), params)
         if not ok:
             raise ImageError(f"{name}: cannot encode as {picture.bit_depth}-bit {fmt}")
         return buf.tobytes()
     image = picture_to_pil(picture)
     out = io.BytesIO()
     try:
-        image.save(out, format=fmt, **_save_options(fmt, picture.info))
+        image.save(out, format=fmt, **_save_options(fmt, picture.info), **({"compress_level": png_compression} if fmt == "PNG" else {}))
     except (OSError, ValueError) as exc:
         raise ImageError(f"{name}: cannot encode as {fmt} ({exc})") from None
     return out.getvalue()

@@ -183,3 +183,30 @@ def test_killed_batch_leaves_no_partial_file_and_rerun_completes(tmp_path, tiny_
     rerun = subprocess.run(args, capture_output=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr.decode()
     assert sorted(p.name for p in out.iterdir()) == [f"img{i}.png" for i in range(8)], "no temporaries may remain"
+
+
+def test_writer_threads_keep_job_order_and_the_same_files(tmp_path, tiny_base, tiny_lora):
+    """Encoding and writing overlap the model in writer threads: results still come in job order,
+    each file equals the one-writer run's pixels, and --png-compression changes bytes, not pixels."""
+    import torch
+
+    from icmsr_cli import batch
+    from icmsr_cli.pipeline import load_pipeline
+    from icmsr_cli.upscale import UpscaleOptions, upscale_picture
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(photo_like(24 + i, 16, seed=i)).save(src / f"{i}.png")
+    pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+    upscale = lambda picture: upscale_picture(pipe, picture, UpscaleOptions(scale=2, tile=None))  # noqa: E731
+    outputs = {}
+    for writers, level in ((1, 9), (3, 1)):
+        jobs, _ = batch.plan([str(src)], str(tmp_path / f"out{writers}"))
+        settings = batch.BatchSettings(scale=2, writers=writers, png_compression=level)
+        results = list(batch.run(jobs, upscale, settings))
+        assert [r.job for r in results] == jobs and all(r.status == "done" for r in results)
+        outputs[writers] = {j.target.name: j.target for j in jobs}
+    for name, path in outputs[1].items():
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(outputs[3][name])))
+    assert sum(p.stat().st_size for p in outputs[1].values()) < sum(p.stat().st_size for p in outputs[3].values())
