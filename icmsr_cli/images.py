@@ -19,7 +19,7 @@ from .errors import DiskFullError, ImageError
 
 @dataclass(frozen=True)
 class Picture:
-    pixels: np.ndarray  # H x W x C float32 in [0, 1]
+    pixels: np.ndarray  # H x W x C float32 in [0, 1], or integers at bit_depth once quantised (see quantised)
     bit_depth: int = 8  # 8 or 16: the precision the output is rounded to
     info: dict = field(default_factory=dict)  # icc_profile / exif bytes to keep in the output
     format: str | None = None  # the source file's Pillow format name, when read from a file
@@ -162,13 +162,28 @@ def resize_planes(pixels: np.ndarray, size: tuple[int, int], *, exact_8bit: bool
 FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tiff", "bmp": ".bmp"}
 
 
+def quantise(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
+    """Float planes in [0, 1] to integers at `bit_depth`: clamp, scale, round half to even (the
+    reference truncates; rounding is closer). upscale.quantise_on_device is the same on torch."""
+    if pixels.dtype.kind in "ui":
+        return pixels
+    scale, dtype = (65535, np.uint16) if bit_depth == 16 else (255, np.uint8)
+    return np.rint(np.clip(pixels, 0, 1) * scale).astype(dtype)
+
+
+def _at_depth(picture: Picture, bit_depth: int) -> np.ndarray:
+    """The picture's integers at `bit_depth` (only float pictures change depth)."""
+    if picture.pixels.dtype.kind in "ui" and picture.pixels.dtype.itemsize * 8 != bit_depth:
+        raise ValueError(f"a picture quantised to {picture.pixels.dtype} cannot be written at {bit_depth} bits")
+    return quantise(picture.pixels, bit_depth)
+
+
 def picture_to_pil(picture: Picture) -> Image.Image:
-    """Round the planes to 8 bits, or 16 for gray, (round, not truncate) as a Pillow image."""
-    px = np.clip(picture.pixels, 0, 1)
-    channels = px.shape[2]
+    """The picture at 8 bits, or 16 for gray, as a Pillow image."""
+    channels = picture.pixels.shape[2]
     if picture.bit_depth == 16 and channels == 1:
-        return Image.fromarray(np.rint(px[..., 0] * 65535).astype(np.uint16))  # I;16
-    arr = np.rint(px * 255).astype(np.uint8)
+        return Image.fromarray(_at_depth(picture, 16)[..., 0])  # I;16
+    arr = _at_depth(picture, 8)
     return Image.fromarray(arr[..., 0] if channels == 1 else arr)  # L, LA, RGB or RGBA by shape
 
 
@@ -208,8 +223,7 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
     if (picture.bit_depth == 16 and not picture.is_gray) or (fmt == "BMP" and picture.has_alpha):
         import cv2
 
-        scale, dtype = (65535, np.uint16) if picture.bit_depth == 16 else (255, np.uint8)
-        arr = np.rint(np.clip(picture.pixels, 0, 1) * scale).astype(dtype)
+        arr = _at_depth(picture, picture.bit_depth)
         suffix = {"PNG": ".png", "TIFF": ".tiff", "BMP": ".bmp"}[fmt]
         params = [cv2.IMWRITE_PNG_COMPRESSION, png_compression] if fmt == "PNG" else []
         ok, buf = cv2.imencode(suffix, np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]]), params)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from .color import COLOR_FIXES
 from .errors import ImageError
-from .images import Picture, picture_from_pil, picture_to_pil, resize_planes
+from .images import Picture, picture_from_pil, picture_to_pil, quantise, resize_planes
 from .pipeline import OneStepSR
 
 # ITU-R 601 luma, as Pillow's convert("L"): gray inputs come back gray
@@ -50,7 +50,8 @@ def processing_size(out: tuple[int, int], min_side: int) -> tuple[int, int]:
 
 
 def upscale_picture(pipe: OneStepSR, picture: Picture, options: UpscaleOptions = UpscaleOptions()) -> Picture:
-    """Upscale one picture; the colour goes through the model, alpha is resized bicubic alongside."""
+    """Upscale one picture; the colour goes through the model, alpha is resized bicubic alongside.
+    8-bit colour at the model's own size comes back quantised (uint8 pixels), the rest as float."""
     out = output_size(picture.size, options.scale)
     run_at = processing_size(out, options.min_side)
     n_color = 1 if picture.is_gray else 3
@@ -61,14 +62,25 @@ def upscale_picture(pipe: OneStepSR, picture: Picture, options: UpscaleOptions =
     if n_color == 1:
         x = np.repeat(x, 3, axis=2)
     y = pipe(torch.from_numpy(x).permute(2, 0, 1)[None], options.color_fix, options.tile)
+    alpha = np.clip(resize_planes(alpha, out, exact_8bit=exact_8bit), 0, 1) if alpha.shape[2] else alpha
+    if run_at == out and n_color == 3 and picture.bit_depth == 8:
+        # the common case stays on the device until it is uint8: one small transfer back
+        rgb = quantise_on_device(y[0].permute(1, 2, 0)).cpu().numpy()
+        return picture.with_pixels(np.concatenate([rgb, quantise(alpha, 8)], axis=2) if alpha.shape[2] else rgb)
     y = y[0].permute(1, 2, 0).cpu().numpy()
     if run_at != out:
         y = np.clip(resize_planes(y, out, exact_8bit=False), 0, 1)
     if n_color == 1:
         y = (y @ _LUMA)[..., None]
     if alpha.shape[2]:
-        y = np.concatenate([y, np.clip(resize_planes(alpha, out, exact_8bit=exact_8bit), 0, 1)], axis=2)
+        y = np.concatenate([y, alpha], axis=2)
     return picture.with_pixels(y.astype(np.float32))
+
+
+def quantise_on_device(y: torch.Tensor) -> torch.Tensor:
+    """images.quantise to 8 bits on torch, where y lives: the same float32 ops (clamp, scale, round
+    half to even), so the same integers as the CPU path."""
+    return torch.round(y.float().clamp(0, 1) * 255).to(torch.uint8)
 
 
 def upscale_image(pipe: OneStepSR, image: Image.Image, options: UpscaleOptions = UpscaleOptions()) -> Image.Image:

@@ -265,3 +265,23 @@ def test_missing_lora_file_is_a_checkpoint_error_not_a_traceback(tiny_base, tmp_
 
     with pytest.raises(CheckpointError, match="absent.pkl.*not found"):
         load_pipeline(tiny_base, tmp_path / "absent.pkl", device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_device_quantisation_gives_the_cpu_paths_bytes(pipe):
+    """The colour is rounded to uint8 where the model ran; the bytes equal images.quantise's on
+    the same floats, rounding halves to even and clamping out-of-range values alike."""
+    from icmsr_cli.images import quantise
+    from icmsr_cli.upscale import quantise_on_device
+
+    torch.manual_seed(0)
+    y = torch.rand(64, 48, 3) * 1.2 - 0.1
+    y[0, :6, 0] = torch.tensor([0.5 / 255, 1.5 / 255, 2.5 / 255, 254.5 / 255, -0.0, 1.0])  # halves and ends
+    assert np.array_equal(quantise_on_device(y).numpy(), quantise(y.numpy(), 8))
+    # end to end: an 8-bit RGBA picture at the model's own size comes back as uint8, equal to
+    # quantising the pipeline's float output on the CPU; alpha is quantised the same way
+    rgba = np.dstack([photo_like(512, 512), np.full((512, 512), 200, np.uint8)]).astype(np.float32) / 255
+    out = upscale_picture(pipe, Picture(rgba), UpscaleOptions(scale=1.0, tile=None))
+    assert out.pixels.dtype == np.uint8 and out.pixels.shape == (512, 512, 4)
+    floats = pipe(torch.from_numpy(np.ascontiguousarray(rgba[..., :3])).permute(2, 0, 1)[None], "adain", None)
+    assert np.array_equal(out.pixels[..., :3], quantise(floats[0].permute(1, 2, 0).numpy(), 8))
+    assert (out.pixels[..., 3] == 200).all()
