@@ -3,44 +3,55 @@
     from icmsr_cli import load_upscaler
     up = load_upscaler()                      # default model, downloaded on first use
     big = up.upscale(PIL.Image.open("in.png"))  # 4x, exact size, colour-fixed
+
+Names are imported on first use, so `import icmsr_cli` (and the CLI's light commands) do not
+pay for torch.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from .errors import (
     CheckpointError,
+    DiskFullError,
     IcmsrError,
     ImageError,
     IntegrityError,
     ModelNotFoundError,
     NumericalError,
+    ResourceError,
     SetupError,
 )
-from .images import Picture, read_image, write_image
-from .pipeline import OneStepSR, load_pipeline
-from .upscale import UpscaleOptions, output_size, upscale_image, upscale_picture
-from .upscaler import Upscaler, load_upscaler
 
 __version__ = "0.1.0"
 
+_LAZY = {  # public name -> module that defines it
+    "Picture": "images", "read_image": "images", "write_image": "images",
+    "OneStepSR": "pipeline", "load_pipeline": "pipeline",
+    "UpscaleOptions": "upscale", "output_size": "upscale", "upscale_image": "upscale", "upscale_picture": "upscale",
+    "Upscaler": "upscaler", "load_upscaler": "upscaler",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CheckpointError",
+    "DiskFullError",
     "IcmsrError",
     "ImageError",
     "IntegrityError",
     "ModelNotFoundError",
     "NumericalError",
-    "OneStepSR",
-    "Picture",
+    "ResourceError",
     "SetupError",
-    "UpscaleOptions",
-    "Upscaler",
     "__version__",
-    "load_pipeline",
-    "load_upscaler",
-    "output_size",
-    "read_image",
-    "upscale_image",
-    "upscale_picture",
-    "write_image",
+    *_LAZY,
 ]

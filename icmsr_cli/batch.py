@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 
 from .atomic import is_no_space, no_space_error
 from .errors import DiskFullError, IcmsrError, ImageError, SetupError
-from .images import DEFAULT_MAX_PIXELS, FORMATS, IMAGE_SUFFIXES, Picture, encode_image, fit_to_format, format_for, read_image, write_bytes
+from .choices import DEFAULT_MAX_PIXELS, FORMATS
+from .images import IMAGE_SUFFIXES, Picture, encode_image, fit_to_format, format_for, read_image, write_bytes
 from .upscale import output_size
 
 STDIO = "-"

@@ -22,9 +22,8 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .color import COLOR_FIXES
+from .choices import COLOR_FIXES, DEFAULT_MAX_PIXELS, FORMATS
 from .errors import IcmsrError, SetupError
-from .images import DEFAULT_MAX_PIXELS, FORMATS
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -323,9 +322,8 @@ def _progress():
 def weights_list() -> None:
     """List the registry's models: name, cached or not, size on disk, description; then the merged
     weights kept by earlier runs. Needs no network."""
-    from . import merged
+    from .cache import cache_dir, merged_usage
     from .hub import cache_state
-    from .pipeline import cache_dir
     from .registry import load_registry
 
     try:
@@ -348,7 +346,7 @@ def weights_list() -> None:
     for row in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
     root = cache_dir() / "merged"
-    entries, size = merged.usage(root)
+    entries, size = merged_usage(root)
     if entries:
         typer.echo(f"merged weights: {entries} cached {'entry' if entries == 1 else 'entries'}, {_human_size(size)} in {root} "
                    "(safe to delete; ICMSR_MERGED_CACHE=0 stops keeping them)")

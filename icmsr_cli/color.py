@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-COLOR_FIXES = ("adain", "wavelet", "none")
+from .choices import COLOR_FIXES
 
 # StableSR's constant: std = sqrt(unbiased var + 1e-5), which keeps flat images finite.
 _ADAIN_EPS = 1e-5
@@ -23,10 +23,13 @@ def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-def adain_color_fix(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per channel: (y - mean(y)) / std(y) * std(x) + mean(x)."""
+def adain_color_fix(y: torch.Tensor, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """Per channel: (y - mean(y)) / std(y) * std(x) + mean(x). `inplace` overwrites y (a large
+    image's caller saves a whole-image copy per step); the arithmetic is the same."""
     y_mean, y_std = _mean_std(y)
     x_mean, x_std = _mean_std(x)
+    if inplace:
+        return y.sub_(y_mean).div_(y_std).mul_(x_std).add_(x_mean)
     return (y - y_mean) / y_std * x_std + x_mean
 
 
@@ -45,13 +48,14 @@ def wavelet_color_fix(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y - wavelet_blur(y) + wavelet_blur(x)
 
 
-def apply_color_fix(name: str, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Colour-fix y against x in float32 (bf16 statistics would shift the tone)."""
+def apply_color_fix(name: str, y: torch.Tensor, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """Colour-fix y against x in float32 (bf16 statistics would shift the tone); `inplace` lets
+    adain overwrite y when y is float32 already."""
     if name == "none":
         return y
     y32, x32 = y.float(), x.float()
     if name == "adain":
-        return adain_color_fix(y32, x32)
+        return adain_color_fix(y32, x32, inplace=inplace)
     if name == "wavelet":
         return wavelet_color_fix(y32, x32)
     raise ValueError(f"unknown colour fix {name!r}; choose one of {', '.join(COLOR_FIXES)}")

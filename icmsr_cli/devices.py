@@ -12,8 +12,7 @@ import torch
 
 from .errors import SetupError
 
-DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
-DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+from .choices import DEVICE_CHOICES, DTYPE_CHOICES
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from . import atomic
+from .choices import DEFAULT_MAX_PIXELS
 from .errors import DiskFullError, ImageError
 
 
@@ -66,8 +67,6 @@ def picture_from_pil(image: Image.Image) -> Picture:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
-#: Pillow's own default decompression-bomb limit (~89.5 megapixels)
-DEFAULT_MAX_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
 _ORIENT = {  # EXIF orientation -> numpy ops that undo it (as ImageOps.exif_transpose does)
     2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
     5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: np.rot90(a, 1),
@@ -157,9 +156,6 @@ def resize_planes(pixels: np.ndarray, size: tuple[int, int], *, exact_8bit: bool
 
 
 # ------------------------------------------------------------------------------------ encoding
-
-
-FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tiff", "bmp": ".bmp"}
 
 
 def quantise(pixels: np.ndarray, bit_depth: int) -> np.ndarray:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import atomic
+from .cache import MERGED_READY, merged_entries
 from .errors import DiskFullError
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "icmsr-merged-2"
 KEEP = 3  # entries kept: e.g. two models, or one model in fp32 and in bf16
 _PARTS = ("unet", "vae")
-_READY = "entry.json"  # written last: an entry without it is incomplete
 _SPARE = 1 << 30  # free bytes left beside a new entry, for the outputs and everything else
 
 
@@ -76,7 +76,7 @@ def load(entry: Path, base: Path, classes: dict[str, type[nn.Module]]) -> dict[s
 
     A damaged or mismatched entry is a miss (and is deleted), never an error: the caller merges afresh.
     """
-    if not (entry / _READY).is_file():
+    if not (entry / MERGED_READY).is_file():
         return None
     try:
         modules = {}
@@ -93,7 +93,7 @@ def load(entry: Path, base: Path, classes: dict[str, type[nn.Module]]) -> dict[s
         logger.warning("merged-weights cache %s is unusable (%s); merging again", entry, exc)
         shutil.rmtree(entry, ignore_errors=True)
         return None
-    os.utime(entry / _READY)  # most recently used: kept longest
+    os.utime(entry / MERGED_READY)  # most recently used: kept longest
     return modules
 
 
@@ -111,7 +111,7 @@ def save(entry: Path, modules: dict[str, nn.Module], *, about: dict) -> None:
                 # through a Python file, so a full disk is an OSError (torch's own writer raises RuntimeError)
                 with open(tmp / f"{part}.pt", "wb") as f:
                     torch.save({k: v.cpu() for k, v in modules[part].state_dict().items()}, f)
-            (tmp / _READY).write_text(json.dumps({"format": FORMAT, **about}, indent=1))
+            (tmp / MERGED_READY).write_text(json.dumps({"format": FORMAT, **about}, indent=1))
     except (OSError, DiskFullError) as exc:
         reason = exc if isinstance(exc, DiskFullError) else (exc.strerror or exc)
         logger.warning("could not save the merged-weights cache in %s (%s); the next run merges again", entry.parent, reason)
@@ -119,22 +119,11 @@ def save(entry: Path, modules: dict[str, nn.Module], *, about: dict) -> None:
     _prune(entry.parent)
 
 
-def _entries(root: Path) -> list[Path]:
-    """The complete entries under `root`."""
-    return [p for p in root.iterdir() if (p / _READY).is_file()] if root.is_dir() else []
-
-
-def usage(root: Path) -> tuple[int, int]:
-    """(complete entries, bytes on disk) under `root`."""
-    entries = _entries(root)
-    return len(entries), sum(f.stat().st_size for p in entries for f in p.iterdir() if f.is_file())
-
-
 def _prune(root: Path) -> None:
     """Keep the `KEEP` most recently used entries; drop what an interrupted save left over an hour ago."""
     for stale in root.glob(".*" + atomic.TEMP_SUFFIX):
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
-    entries = sorted(_entries(root), key=lambda p: (p / _READY).stat().st_mtime_ns, reverse=True)
+    entries = sorted(merged_entries(root), key=lambda p: (p / MERGED_READY).stat().st_mtime_ns, reverse=True)
     for old in entries[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from .checkpoint import LoraCheckpoint, load_lora_checkpoint, merge_lora
 from .color import apply_color_fix
 from .devices import available_memory, freed_memory_reused, memory_format_for
 from . import atomic, merged
+from .cache import writable_cache_dir
 from .errors import DiskFullError, ModelNotFoundError, NumericalError, ResourceError, SetupError
 from .tiled_vae import decoder_ops, encoder_ops, run_tiled
 from .tiling import auto_tile_size, choose_tile, plan_tiles
@@ -141,7 +141,7 @@ class OneStepSR:
         h, w = x.shape[-2] // VAE_FACTOR, x.shape[-1] // VAE_FACTOR
         overlap = tile // VAE_OVERLAP
         moments = run_tiled(
-            encoder_ops(self.vae), x * 2 - 1,
+            encoder_ops(self.vae), x.mul(2).sub_(1),  # one whole-image copy, not two
             plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR), plan_tiles(h, w, tile, overlap),
             pad=ENCODER_PAD, device=self.device, dtype=self.dtype_of("encode"), batch=self.tile_batch, progress=self._stage("encode"),
             park=self._parking(tile),
@@ -259,8 +259,8 @@ class OneStepSR:
                 _release(self.device)
         if not bool(torch.isfinite(y).all()):
             raise NumericalError(f"the model produced NaN/Inf in {str(self.dtype).removeprefix('torch.')} on {self.device}; {_nan_advice(self.dtype)}")
-        y = apply_color_fix(color_fix, y, x.to(y.device))
-        return y.clamp(0, 1)[..., :h, :w]
+        y = apply_color_fix(color_fix, y, x.to(y.device), inplace=True)  # y is ours: no whole-image copies
+        return y.clamp_(0, 1)[..., :h, :w]
 
     def _graph(self, x: torch.Tensor, tile: int | None) -> torch.Tensor:
         z = self._finite("encode", lambda: self.encode(x) if tile is None else self.encode_tiled(x, tile))
@@ -339,7 +339,7 @@ def load_pipeline(
     """Load SD-2.1-base from a local diffusers folder, merge the LoRA, fetch the prompt embedding.
 
     With a LoRA file and `merged_cache` (default: on unless ICMSR_MERGED_CACHE=0), the merged modules
-    are kept on disk under `cache_dir()` and later loads map them instead of merging again.
+    are kept on disk under `cache.cache_dir()` and later loads map them instead of merging again.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -417,36 +417,6 @@ def _variant(folder: Path, stem: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ prompt embedding
-
-
-def cache_dir() -> Path:
-    """Where icmsr keeps derived data: $ICMSR_CACHE_DIR, else the platform's user cache dir."""
-    if env := os.environ.get("ICMSR_CACHE_DIR"):
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("icmsr"))
-
-
-_unusable_caches: set[Path] = set()
-
-
-def writable_cache_dir() -> Path | None:
-    """cache_dir() if files can be written there, else None, with one warning per process: the
-    caches only save time, so a read-only home or a path under a file must not stop a run."""
-    root = cache_dir()
-    if root in _unusable_caches:
-        return None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
-        return root
-    except OSError as exc:
-        _unusable_caches.add(root)
-        logger.warning("cache folder %s is not usable (%s); running without caches (set ICMSR_CACHE_DIR to a writable folder)",
-                       root, exc.strerror or exc)
-        return None
 
 
 def _text_encoder_identity(base: Path) -> str:

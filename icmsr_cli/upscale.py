@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .color import COLOR_FIXES
+from .choices import COLOR_FIXES
 from .errors import ImageError
 from .images import Picture, picture_from_pil, picture_to_pil, quantise, resize_planes
 from .pipeline import OneStepSR
@@ -80,7 +80,7 @@ def upscale_picture(pipe: OneStepSR, picture: Picture, options: UpscaleOptions =
 def quantise_on_device(y: torch.Tensor) -> torch.Tensor:
     """images.quantise to 8 bits on torch, where y lives: the same float32 ops (clamp, scale, round
     half to even), so the same integers as the CPU path."""
-    return torch.round(y.float().clamp(0, 1) * 255).to(torch.uint8)
+    return y.float().clamp(0, 1).mul_(255).round_().to(torch.uint8)  # one float copy at most
 
 
 def upscale_image(pipe: OneStepSR, image: Image.Image, options: UpscaleOptions = UpscaleOptions()) -> Image.Image:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -63,3 +64,22 @@ def test_broken_lora_is_named(tmp_path, tiny_base):
     result = run("upscale", src, "-o", tmp_path / "o.png", "--base", tiny_base, "--lora", bad)
     assert result.exit_code == 2
     assert f"{bad}: not a readable torch checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["upscale", "--help"], ["weights", "list"]])
+def test_light_commands_import_neither_torch_nor_diffusers(args, tmp_path):
+    """--version, --help and weights list compute nothing: they must not pay for torch (1.6 s on
+    a CPU machine, 5 s on a GPU one). Run in a fresh interpreter, as a user runs them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import json, sys\nfrom icmsr_cli.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    code = e.code\nprint(json.dumps([code, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)]),"
+             " file=sys.stderr)")
+    env = {**os.environ, "ICMSR_CACHE_DIR": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, timeout=120)
+    code, heavy = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert code in (0, None), proc.stderr
+    assert heavy == [], f"{' '.join(args)} imported {heavy}"

@@ -52,3 +52,12 @@ def test_apply_runs_in_float32_and_none_is_identity():
     x = torch.rand(1, 3, 16, 16)
     assert apply_color_fix("adain", y, x).dtype == torch.float32
     assert apply_color_fix("none", y, x) is y
+
+
+def test_adain_in_place_is_bitwise_the_pure_result():
+    torch.manual_seed(5)
+    y, x = torch.rand(1, 3, 40, 30), torch.rand(1, 3, 40, 30)
+    expected = adain_color_fix(y, x)
+    work = y.clone()
+    out = adain_color_fix(work, x, inplace=True)
+    assert out.data_ptr() == work.data_ptr() and torch.equal(out, expected)
