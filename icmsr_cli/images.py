@@ -7,6 +7,7 @@ Pixels travel as float32 arrays H x W x C in [0, 1] with C = 1 (gray), 2 (gray +
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -210,17 +211,17 @@ def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Pic
 def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compression: int = 6) -> bytes:
     """Encode to PNG/JPEG/WEBP/TIFF/BMP bytes, keeping ICC and EXIF where the format can hold them.
 
-    16-bit colour goes out as 16-bit PNG/TIFF and BMP with alpha as a BMP with an alpha mask,
-    both through OpenCV (which cannot embed metadata); other conversions are those of fit_to_format.
+    16-bit colour goes out as 16-bit PNG/TIFF through OpenCV (which cannot embed metadata), BMP with
+    alpha as a BMP with an alpha mask; other conversions are those of fit_to_format.
     """
     picture, _ = fit_to_format(picture, fmt, name)
-    # OpenCV writes what Pillow cannot: 16-bit colour, and BMP with alpha (Pillow's RGBA BMP has
-    # no alpha mask, so every reader, Pillow and OpenCV included, drops the alpha channel)
-    if (picture.bit_depth == 16 and not picture.is_gray) or (fmt == "BMP" and picture.has_alpha):
+    if fmt == "BMP" and picture.has_alpha:
+        return _bmp_with_alpha(_at_depth(picture, 8))
+    if picture.bit_depth == 16 and not picture.is_gray:  # OpenCV writes 16-bit colour; Pillow cannot
         import cv2
 
         arr = _at_depth(picture, picture.bit_depth)
-        suffix = {"PNG": ".png", "TIFF": ".tiff", "BMP": ".bmp"}[fmt]
+        suffix = {"PNG": ".png", "TIFF": ".tiff"}[fmt]
         params = [cv2.IMWRITE_PNG_COMPRESSION, png_compression] if fmt == "PNG" else []
         ok, buf = cv2.imencode(suffix, np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]]), params)
         if not ok:
@@ -233,6 +234,19 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
     except (OSError, ValueError) as exc:
         raise ImageError(f"{name}: cannot encode as {fmt} ({exc})") from None
     return out.getvalue()
+
+
+def _bmp_with_alpha(rgba: np.ndarray) -> bytes:
+    """A 32-bit BMP whose header names the alpha mask (BITMAPV4HEADER, BI_BITFIELDS). Pillow's
+    RGBA BMP has no mask and OpenCV's before 5.0 neither, so readers (Pillow and OpenCV among them)
+    dropped the alpha channel."""
+    h, w = rgba.shape[:2]
+    pixels = np.ascontiguousarray(rgba[::-1, :, [2, 1, 0, 3]]).tobytes()  # bottom-up BGRA rows
+    header_size, offset = 108, 14 + 108
+    info = struct.pack("<IiiHHIIiiII", header_size, w, h, 1, 32, 3, len(pixels), 2835, 2835, 0, 0)
+    info += struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000)  # R, G, B, A masks
+    info += struct.pack("<I", 0x73524742) + bytes(36) + bytes(12)  # sRGB, no endpoints, no gamma
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + pixels
 
 
 def write_bytes(data: bytes, path: str | Path) -> None:

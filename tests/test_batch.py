@@ -76,6 +76,8 @@ def _mode_and_depth(path: Path) -> tuple[str, int]:
     with Image.open(path) as im:
         if arr is not None and arr.dtype == np.uint16 and arr.ndim == 3:
             return "RGB", 16
+        if arr is not None and arr.dtype == np.uint16:  # Pillow before 10.1 opens 16-bit gray as "I"
+            return "I;16", 16
         return im.mode, 16 if im.mode.startswith("I;16") else 8
 
 
