@@ -1,7 +1,8 @@
 """Many images through one loaded model: finding inputs, planning outputs, running the batch.
 
-Reading the next image overlaps with the model's work on the current one. Every job ends in a
-JobResult (done, skipped or failed with a one-line reason); one bad file never stops the batch.
+Reading the next image and encoding finished ones overlap with the model's work on the current
+one. Every job ends in a JobResult (done, skipped or failed with a one-line reason); one bad file
+never stops the batch, a full disk does.
 """
 
 from __future__ import annotations
