@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
