@@ -103,12 +103,8 @@ def replacing(path: str | Path, *, folder: bool = False, needed: int | None = No
         if folder:
             for child in tmp.iterdir():
                 _fsync_path(child)
-            _fsync_folder(tmp)
             shutil.rmtree(path, ignore_errors=True)  # a folder cannot be renamed over a full one
-        else:
-            _fsync_path(tmp)
-        os.replace(tmp, path)
-        _fsync_folder(path.parent)
+        sync_and_rename(tmp, path)
     except BaseException as exc:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -120,8 +116,12 @@ def replacing(path: str | Path, *, folder: bool = False, needed: int | None = No
 
 
 def sync_and_rename(tmp: Path, path: Path) -> None:
-    """Finish a temporary written elsewhere (a resumable download): sync it, rename it into place."""
-    _fsync_path(Path(tmp))
+    """Finish a temporary (from `replacing`, or a resumable download): sync it, rename it into
+    place, sync the folder that holds the new name."""
+    if Path(tmp).is_dir():
+        _fsync_folder(Path(tmp))
+    else:
+        _fsync_path(Path(tmp))
     os.replace(tmp, path)
     _fsync_folder(Path(path).parent)
 

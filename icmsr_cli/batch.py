@@ -60,8 +60,11 @@ def _is_candidate(path: Path, root: Path, exclude: Path | None) -> bool:
     """Folders yield image files only, nothing hidden (no dot-files or dot-folders), and nothing
     under `exclude` (the output folder, so a rerun never upscales earlier outputs)."""
     rel = path.relative_to(root)
-    if not (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in rel.parts)):
-        return False
+    visible = not any(p.startswith(".") for p in rel.parts)
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and visible and _outside(path, exclude)
+
+
+def _outside(path: Path, exclude: Path | None) -> bool:
     return exclude is None or not path.resolve().is_relative_to(exclude)
 
 
@@ -84,8 +87,7 @@ def discover(inputs: list[str], *, recursive: bool, exclude: Path | None = None)
         elif path.exists():
             found.append((path, Path(path.name)))
         elif glob.has_magic(arg):
-            matches = [Path(m) for m in sorted(glob.glob(arg, recursive=recursive))
-                       if Path(m).is_file() and (exclude is None or not Path(m).resolve().is_relative_to(exclude))]
+            matches = [Path(m) for m in sorted(glob.glob(arg, recursive=recursive)) if Path(m).is_file() and _outside(Path(m), exclude)]
             found.extend((m, Path(m.name)) for m in matches)
             if not matches:
                 missing.append(arg)

@@ -110,10 +110,10 @@ def fetch_lora(src: LoraSource, *, what: str, notify: Notify, tqdm_class=None) -
         path = _fetch_url(src, what=what, tqdm_class=tqdm_class)
     else:
         raise SetupError(f"{what}: LoRA source names neither a Hub file nor a URL")
-    if src.sha256:
-        verify_sha256(path, src.sha256, what=what)
-    if src.git_blob_sha1:
-        verify_git_blob(path, src.git_blob_sha1, what=what)
+    for kind, expected, actual in _pin_checks(src, path):
+        if actual != expected:
+            _delete(path)
+            raise IntegrityError(f"{what}: {path.name} failed verification (expected {kind} {expected}, got {actual}); the file was deleted")
     return path
 
 
@@ -174,21 +174,18 @@ def git_blob_sha1_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_sha256(path: Path, expected: str, *, what: str) -> None:
-    _verify(path, "sha256", sha256_of(path), expected, what=what)
+def _pin_checks(src: LoraSource, path: Path):
+    """(kind, expected, actual) for each hash the source pins, computed from the file."""
+    for kind, expected, digest in (("sha256", src.sha256, sha256_of), ("git blob sha1", src.git_blob_sha1, git_blob_sha1_of)):
+        if expected:
+            yield kind, expected.lower(), digest(path)
 
 
-def verify_git_blob(path: Path, expected: str, *, what: str) -> None:
-    _verify(path, "git blob sha1", git_blob_sha1_of(path), expected, what=what)
-
-
-def _verify(path: Path, kind: str, actual: str, expected: str, *, what: str) -> None:
-    """On mismatch, delete the file (and its Hub blob) so the next run downloads it afresh."""
-    if actual != expected.lower():
-        real = path.resolve()
-        path.unlink(missing_ok=True)
-        real.unlink(missing_ok=True)
-        raise IntegrityError(f"{what}: {path.name} failed verification (expected {kind} {expected}, got {actual}); the file was deleted")
+def _delete(path: Path) -> None:
+    """A file that failed verification, and its Hub blob, so the next run downloads it afresh."""
+    real = path.resolve()
+    path.unlink(missing_ok=True)
+    real.unlink(missing_ok=True)
 
 
 def _reason(exc: Exception) -> str:
@@ -321,8 +318,6 @@ def verify_cached(spec: ModelSpec) -> list[str]:
     if state.lora is None:
         problems.append(f"{spec.name}: LoRA checkpoint not downloaded")
     else:
-        if spec.lora.sha256 and (actual := sha256_of(state.lora)) != spec.lora.sha256.lower():
-            problems.append(f"{spec.name}: {state.lora.name} is corrupt (sha256 {actual}, expected {spec.lora.sha256})")
-        if spec.lora.git_blob_sha1 and (actual := git_blob_sha1_of(state.lora)) != spec.lora.git_blob_sha1.lower():
-            problems.append(f"{spec.name}: {state.lora.name} is corrupt (git blob sha1 {actual}, expected {spec.lora.git_blob_sha1})")
+        problems += [f"{spec.name}: {state.lora.name} is corrupt ({kind} {actual}, expected {expected})"
+                     for kind, expected, actual in _pin_checks(spec.lora, state.lora) if actual != expected]
     return problems
