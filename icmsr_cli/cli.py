@@ -318,6 +318,75 @@ def _progress():
                     TimeRemainingColumn(), console=console, transient=False)
 
 
+@app.command("eval")
+def evaluate(
+    sr: str = typer.Argument(..., metavar="SR", help="Super-resolved image, or a folder of them."),
+    ref: str = typer.Option(..., "--ref", help="Reference (ground-truth) image, or a folder of them; paired with SR by file stem."),
+    metric_list: str = typer.Option("psnr,ssim", "--metrics",
+                                    help="Comma-separated: psnr, ssim (Y channel, as the papers' tables), and with pyiqa "
+                                         "installed lpips, dists, clipiqa, musiq, maniqa, niqe."),
+    crop_border: int = typer.Option(0, "--crop-border", min=0, help="Pixels cut from each side before psnr/ssim (papers often use the scale)."),
+    suffix: Optional[str] = typer.Option(None, "--suffix", help="What SR names add to the reference stem, e.g. _x4 pairs 0001_x4.png with 0001.png "
+                                                                "(default: equal stems, or the stem then _ - . and anything)."),
+    device: str = typer.Option("auto", "--device", help="Device of the learned metrics: auto, cpu, cuda, cuda:N or mps."),
+    json_lines: bool = typer.Option(False, "--json", help='One JSON line per pair on stdout, then {"mean": {...}, "count": N}.'),
+) -> None:
+    """Score SR images against references: PSNR and SSIM on the Y channel (BT.601, as pyiqa with
+    test_y_channel=True, color_space=ycbcr), plus pyiqa's learned metrics when it is installed.
+
+    A pair with a size mismatch, a missing partner or an unreadable file is one line on stderr; the others
+    are still scored and the exit code is 1. Exit codes: 0 all pairs scored, 1 some failed, 2 usage error.
+    """
+    from . import evaluation
+
+    try:
+        names = evaluation.parse_metrics(metric_list)
+        pairs, problems = evaluation.pair_files(sr, ref, suffix=suffix)
+        if not pairs and not problems:
+            raise SetupError(f"{sr}: no images found (folders yield .png .jpg .jpeg .webp .tif .tiff .bmp files)")
+        for problem in problems:
+            console.print(f"[red]error:[/] {problem}")
+        scoring = evaluation.score_pairs(pairs, names, crop_border=crop_border, device=device)
+        results = []
+        bar = _progress() if console.is_terminal and len(pairs) > 1 else None
+        with bar or nullcontext():
+            task = bar.add_task("scoring", total=len(pairs)) if bar else None
+            for result in scoring:  # the learned metrics' setup errors surface on the first step
+                results.append(result)
+                if result.error:
+                    console.print(f"[red]error:[/] {result.error}")
+                if json_lines:
+                    sys.stdout.write(json.dumps(result.as_json()) + "\n")
+                    sys.stdout.flush()
+                if bar:
+                    bar.advance(task)
+    except IcmsrError as exc:
+        _fail(exc)
+    scored = [r for r in results if r.error is None]
+    mean = evaluation.means(results, names)
+    if json_lines:
+        sys.stdout.write(json.dumps({"mean": mean, "count": len(scored)}) + "\n")
+    else:
+        _score_table(scored, names, mean)
+    if problems or len(scored) < len(results):
+        raise typer.Exit(1)
+
+
+def _score_table(scored, names: list[str], mean: dict[str, float]) -> None:
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    table.add_column("SR")
+    table.add_column("reference")
+    for name in names:
+        table.add_column(name.upper() if name in ("psnr", "ssim") else name, justify="right")
+    for result in scored:
+        table.add_row(str(result.pair.sr), str(result.pair.ref), *(f"{result.scores[n]:.4f}" for n in names))
+    if mean:
+        table.add_row(f"mean of {len(scored)}", "", *(f"{mean[n]:.4f}" for n in names), style="bold")
+    Console(highlight=False, soft_wrap=True).print(table)
+
+
 @weights_app.command("list")
 def weights_list() -> None:
     """List the registry's models: name, cached or not, size on disk, description; then the merged
