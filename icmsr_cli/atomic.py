@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -24,9 +26,38 @@ _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 TEMP_SUFFIX = ".icmsr-tmp"
 
 
+_STALE_AFTER = 24 * 3600  # a temporary of another machine (shared filesystem) is only presumed dead this late
+
+
 def temp_prefix(path: Path) -> str:
     """Prefix of the hidden temporaries written beside `path` (so stale ones can be found)."""
     return f".{path.name}."
+
+
+def _owner() -> str:
+    """Who writes a temporary: host and process, so a rerun removes what a killed run left while
+    processes still writing (other ranks, other jobs on a shared filesystem) keep theirs."""
+    return f"{socket.gethostname().replace('~', '-')}~{os.getpid()}~"
+
+
+def _abandoned(stale: Path, prefix: str) -> bool:
+    parts = stale.name[len(prefix):].split("~")  # host, pid, mkstemp's random part
+    if len(parts) == 3 and parts[0] == socket.gethostname().replace("~", "-") and parts[1].isdigit():
+        return not _alive(int(parts[1]))
+    try:
+        return time.time() - stale.stat().st_mtime > _STALE_AFTER
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def is_no_space(exc: BaseException) -> bool:
@@ -74,8 +105,12 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def remove_stale(path: Path) -> None:
-    """Temporaries of `path` left by a killed run (a kill -9 cannot clean up after itself)."""
-    for stale in Path(path).parent.glob(temp_prefix(Path(path)) + "*" + TEMP_SUFFIX):
+    """Temporaries of `path` left by a killed run (a kill -9 cannot clean up after itself); those of
+    live processes are theirs to finish."""
+    prefix = temp_prefix(Path(path))
+    for stale in Path(path).parent.glob(prefix + "*" + TEMP_SUFFIX):
+        if not _abandoned(stale, prefix):
+            continue
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
@@ -92,9 +127,9 @@ def replacing(path: str | Path, *, folder: bool = False, needed: int | None = No
     path = Path(path)
     remove_stale(path)
     if folder:
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path) + _owner(), suffix=TEMP_SUFFIX, dir=path.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(path) + _owner(), suffix=TEMP_SUFFIX, dir=path.parent)
         os.close(fd)
         tmp = Path(name)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions

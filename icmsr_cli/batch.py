@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .atomic import is_no_space, no_space_error
 from .errors import DiskFullError, IcmsrError, ImageError, SetupError
@@ -31,6 +31,7 @@ class Job:
     source: Path | None  # None: standard input
     target: Path | None  # None: standard output
     name: str  # how messages name the input
+    key: str = ""  # the input's path relative to its argument: what --shard splits by
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | 
             target = out
         if target is not None and suffix:
             target = target.with_suffix(suffix)
-        jobs.append(Job(source, target, name))
+        jobs.append(Job(source, target, name, rel.as_posix()))
     _refuse_collisions(jobs)
     return jobs, missing
 
@@ -169,7 +170,7 @@ class BatchSettings:
 
 
 def run(
-    jobs: list[Job],
+    jobs: Iterable[Job],
     upscale: Callable[[Picture], Picture],
     settings: BatchSettings,
     *,
@@ -179,23 +180,29 @@ def run(
     """Run the jobs, yielding one result each in job order. The model works on one image while a
     reader thread decodes the next and a few writer threads encode and write finished ones.
 
+    `jobs` is consumed lazily, one job ahead of the model: with claims.claimed, a worker claims a
+    file only when it is about to read it.
+
     A failure of one file (unreadable, out of memory, NaN) is its result and the batch goes on; a
     full disk would fail every later file too, so the batch stops after the writes in flight.
     Conversions an output format forces (16 to 8 bits, ...) are told to `notify` once each.
     """
-    todo = [j for j in jobs if not is_skipped(j, settings.overwrite)]
-    skipped = {id(j) for j in jobs} - {id(j) for j in todo}
+    stream = iter(jobs)
     told: set[str] = set()
     writers = max(1, settings.writers)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="icmsr-read") as reader, \
             ThreadPoolExecutor(max_workers=writers, thread_name_prefix="icmsr-write") as writer:
-        pending: dict[int, Future] = {}
         in_flight: deque[tuple[Job, float, Future | JobResult]] = deque()  # results not yet yielded, in job order
         stopped = False
 
-        def prefetch(index: int) -> None:
-            if index < len(todo) and index not in pending:
-                pending[index] = reader.submit(_read, todo[index], settings, read_stdin)
+        def pull() -> tuple[Job, Future | None] | None:
+            """The next job, its reading started (None for the future: skipped)."""
+            job = next(stream, None)
+            if job is None:
+                return None
+            if is_skipped(job, settings.overwrite):
+                return job, None
+            return job, reader.submit(_read, job, settings, read_stdin)
 
         def drain(limit: int) -> Iterator[JobResult]:
             """Yield finished results from the front until at most `limit` remain in flight."""
@@ -209,19 +216,15 @@ def run(
                     stopped = True
                 yield result
 
-        prefetch(0)
-        position = 0
+        ahead = pull()
         try:
-            for job in jobs:
-                if stopped:
-                    break
-                if id(job) in skipped:
+            while ahead is not None and not stopped:
+                job, future = ahead
+                ahead = pull()  # the next file is read while the model works on this one
+                if future is None:
                     in_flight.append((job, 0.0, JobResult(job, "skipped")))
                     yield from drain(writers)
                     continue
-                future = pending.pop(position)
-                position += 1
-                prefetch(position)
                 t0 = time.perf_counter()
                 try:
                     picture, fmt, notes = future.result()
@@ -238,8 +241,8 @@ def run(
                 yield from drain(writers)
             yield from drain(0)
         finally:
-            for future in pending.values():  # stopped early: do not wait for reads nobody will use
-                future.cancel()
+            if ahead is not None and ahead[1] is not None:  # stopped early: do not wait for a read nobody will use
+                ahead[1].cancel()
 
 
 def _ready(item: Future | JobResult) -> bool:

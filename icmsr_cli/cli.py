@@ -20,12 +20,13 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from . import __version__
 from .choices import COLOR_FIXES, DEFAULT_MAX_PIXELS, FORMATS
 from .errors import IcmsrError, SetupError
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # names print as they are
 
 app = typer.Typer(
     name="icmsr",
@@ -63,14 +64,20 @@ def root(
         os.environ["ICMSR_DEBUG"] = "1"
 
 
+def _say(text: str, label: str, style: str) -> None:
+    """A labelled line on stderr ("error: ..."); the text is never read as rich markup, so a file
+    named like a style tag ("[bold].png") prints as it is."""
+    console.print(Text.assemble((label, style), " " if text else "", text))
+
+
 def _notify(message: str) -> None:
-    console.print(f"[yellow]note:[/] {message}")
+    _say(message, "note:", "yellow")
 
 
 def _fail(exc: IcmsrError) -> None:
     if _debugging():
         raise exc
-    console.print(f"[red]error:[/] {exc}")
+    _say(str(exc), "error:", "red")
     raise typer.Exit(exc.exit_code)
 
 
@@ -159,10 +166,16 @@ def upscale(
                                         help="zlib level of PNG outputs, 0-9: 1 (default) is fast, 9 the smallest files."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (default: skip them, so a rerun resumes)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse inputs with more pixels than this (decompression-bomb guard)."),
-    json_lines: bool = typer.Option(False, "--json", help="One JSON line per file on stdout (input, output, sizes, seconds, status, error)."),
+    json_lines: bool = typer.Option(False, "--json", help="One JSON line per file on stdout (input, output, sizes, seconds, status, error; rank under torchrun)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only errors."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: upscale only shard I (0-based) of N, split by relative path: "
+                                                              "for Slurm arrays and indexed jobs sharing one filesystem."),
 ) -> None:
     """Upscale images with the one-step diffusion model.
+
+    Under torchrun or `accelerate launch` every process takes its own GPU (LOCAL_RANK) and claims
+    files one at a time from a shared counter; rank 0 prints the summary, and every rank exits 1 if
+    any file failed anywhere.
 
     Exit codes: 0 all done (or skipped), 1 some inputs failed (or a full disk stopped the batch),
     2 usage or setup error, 3 unexpected error, 130/143 interrupted (finished files are complete).
@@ -194,9 +207,10 @@ def upscale(
             tally, inputs, output, model=model, base=base, lora=lora, prompt=prompt, device=device, dtype=dtype,
             options=UpscaleOptions(scale=scale, color_fix=color_fix, tile=tile_size), recursive=recursive, fmt=fmt,
             overwrite=overwrite, max_pixels=max_pixels, json_lines=json_lines, quiet=quiet, png_compression=png_compression,
+            shard=shard,
         )
     except Interrupted as exc:
-        console.print(f"[red]interrupted:[/] {tally}; finished outputs are complete, rerun to resume")
+        _say(f"{tally}; finished outputs are complete, rerun to resume", "interrupted:", "red")
         raise typer.Exit(EXIT_INTERRUPTED + exc.signum)
     if tally.failed or tally.left:
         raise typer.Exit(1)
@@ -221,50 +235,70 @@ class Tally:
 
 
 def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, device, dtype, options, recursive, fmt,
-                 overwrite, max_pixels, json_lines, quiet, png_compression) -> None:
-    from . import batch
+                 overwrite, max_pixels, json_lines, quiet, png_compression, shard) -> None:
+    from . import batch, claims
     from .images import format_for
+    from .ranks import Ranks
     from .upscaler import load_upscaler
 
+    ranks = Ranks.from_env()
+    lead = ranks is None or ranks.rank == 0  # says what is said once: missing inputs, the summary
+    tag = f"[rank {ranks.rank}] " if ranks else ""
     try:
+        if ranks:
+            ranks.join()
+            ranks.share_cpu()
+            device = ranks.device(device)
         jobs, missing = batch.plan(inputs, output, recursive=recursive, fmt=fmt)
+        if shard:
+            index, count = claims.parse_shard(shard)
+            jobs = claims.take_shard(jobs, lambda job: job.key or job.name, index, count)
+            missing = missing if index == 0 else []
+        if ranks:
+            ranks.check_same_plan([str(j.target) for j in jobs])
         tally.total = len(jobs) + len(missing)
-        if not jobs and not missing:
+        if not jobs and not missing and not shard:
             raise SetupError("no images found in the inputs (folders yield .png .jpg .jpeg .webp .tif .tiff .bmp files)")
         start = time.perf_counter()
         upscaler = None
         if any(not batch.is_skipped(j, overwrite) for j in jobs):
-            with _loading("loading model", quiet) as bars:
+            # under a launcher, each machine's first rank loads (and merges and caches) first, then the rest
+            # map the cached weights instead of merging and writing the same cache at once
+            if ranks and ranks.local_rank != 0:
+                ranks.barrier()
+            with _loading("loading model", quiet or not lead) as bars:
                 upscaler = load_upscaler(
                     model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt,
                     options=options, notify=_notify, tqdm_class=bars,
                 )
+            if ranks and ranks.local_rank == 0:
+                ranks.barrier()
             if not quiet:
                 pipe = upscaler.pipe
-                console.print(f"model ready on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')}) in {time.perf_counter() - start:.1f} s")
+                console.print(f"{tag}model ready on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')}) in {time.perf_counter() - start:.1f} s")
     except IcmsrError as exc:
         _fail(exc)
 
     def report(result: batch.JobResult) -> None:
         setattr(tally, result.status, getattr(tally, result.status) + 1)
         if result.status == "failed":
-            console.print(f"[red]error:[/] {result.error}")
+            _say(f"{tag}{result.error}", "error:", "red")
         elif not quiet and not bar:
             if result.status == "done":
                 w, h = result.output_size
-                console.print(f"{result.job.name} -> {result.job.target or 'stdout'} ({w}x{h}, {result.seconds:.1f} s)")
+                console.print(f"{tag}{result.job.name} -> {result.job.target or 'stdout'} ({w}x{h}, {result.seconds:.1f} s)")
             else:
-                console.print(f"{result.job.name}: {result.job.target} exists, skipped (--overwrite replaces it)")
+                console.print(f"{tag}{result.job.name}: {result.job.target} exists, skipped (--overwrite replaces it)")
         if json_lines:
-            sys.stdout.write(json.dumps(result.as_json()) + "\n")
+            sys.stdout.write(json.dumps({**result.as_json(), **({"rank": ranks.rank} if ranks else {})}) + "\n")
             sys.stdout.flush()
         if result.data is not None:
             sys.stdout.buffer.write(result.data)
             sys.stdout.buffer.flush()
 
-    for arg in missing:
+    for arg in missing if lead else []:
         report(batch.JobResult(batch.Job(None, None, arg), "failed", error=f"{arg}: no such file, folder or matching image"))
-    bar = _progress() if not quiet and console.is_terminal else None
+    bar = _progress() if not quiet and console.is_terminal and ranks is None else None  # ranks share a terminal
     if upscaler is not None:
         upscaler.pipe.notify = _notify
         upscaler.pipe.reuse_freed_memory = True  # this process is ours: see devices.freed_memory_reused
@@ -273,14 +307,20 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
     stdout_format = format_for("stdout" + FORMATS[fmt]) if fmt else None
     settings = batch.BatchSettings(scale=options.scale, overwrite=overwrite, max_pixels=max_pixels, stdout_format=stdout_format,
                                    png_compression=png_compression)
+    todo = jobs if ranks is None else claims.claimed(jobs, ranks.next_index)
     with bar or nullcontext():
         task = bar.add_task("images", total=len(jobs)) if bar else None
-        for result in batch.run(jobs, upscaler.upscale_picture if upscaler else None, settings, notify=_notify):
+        for result in batch.run(todo, upscaler.upscale_picture if upscaler else None, settings, notify=_notify):
             report(result)
             if bar:
                 bar.advance(task)
+    if ranks:  # every rank learns the whole run's counts, so every rank exits 1 if a file failed anywhere
+        tally.done, tally.skipped, tally.failed = ranks.total([tally.done, tally.skipped, tally.failed])
+        ranks.leave()
+    if not lead:
+        return
     if tally.left:
-        console.print(f"[red]stopped:[/] {tally}")
+        _say(str(tally), "stopped:", "red")
     elif not quiet and tally.total > 1:
         console.print(str(tally))
 
@@ -345,7 +385,7 @@ def evaluate(
         if not pairs and not problems:
             raise SetupError(f"{sr}: no images found (folders yield .png .jpg .jpeg .webp .tif .tiff .bmp files)")
         for problem in problems:
-            console.print(f"[red]error:[/] {problem}")
+            _say(problem, "error:", "red")
         scoring = evaluation.score_pairs(pairs, names, crop_border=crop_border, device=device)
         results = []
         bar = _progress() if console.is_terminal and len(pairs) > 1 else None
@@ -354,7 +394,7 @@ def evaluate(
             for result in scoring:  # the learned metrics' setup errors surface on the first step
                 results.append(result)
                 if result.error:
-                    console.print(f"[red]error:[/] {result.error}")
+                    _say(result.error, "error:", "red")
                 if json_lines:
                     sys.stdout.write(json.dumps(result.as_json()) + "\n")
                     sys.stdout.flush()
@@ -381,7 +421,7 @@ def _score_table(scored, names: list[str], mean: dict[str, float]) -> None:
     for name in names:
         table.add_column(name.upper() if name in ("psnr", "ssim") else name, justify="right")
     for result in scored:
-        table.add_row(str(result.pair.sr), str(result.pair.ref), *(f"{result.scores[n]:.4f}" for n in names))
+        table.add_row(Text(str(result.pair.sr)), Text(str(result.pair.ref)), *(f"{result.scores[n]:.4f}" for n in names))
     if mean:
         table.add_row(f"mean of {len(scored)}", "", *(f"{mean[n]:.4f}" for n in names), style="bold")
     Console(highlight=False, soft_wrap=True).print(table)
@@ -458,7 +498,7 @@ def weights_verify(name: Optional[str] = typer.Argument(None, help="Model name; 
         _fail(exc)
     problems = [p for spec in specs for p in verify_cached(spec)]
     for problem in problems:
-        console.print(f"[red]error:[/] {problem}")
+        _say(problem, "error:", "red")
     if problems:
         raise typer.Exit(1)
     console.print(f"verified: {', '.join(s.name for s in specs) or 'nothing cached'}")
@@ -499,12 +539,12 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except KeyboardInterrupt:  # before the batch installed its handlers (imports, argument parsing)
-        console.print("[red]interrupted[/]")
+        _say("", "interrupted", "red")
         sys.exit(EXIT_INTERRUPTED + signal.SIGINT)
     except Exception as exc:  # noqa: BLE001 - the edge of the program: a bug still gets one line
         if _debugging():
             raise
         line = (str(exc).strip().splitlines() or [""])[0]
-        console.print(f"[red]error:[/] unexpected {type(exc).__name__}{': ' + line if line else ''} "
-                      "(this is a bug in icmsr; rerun with --debug for the traceback and report it)")
+        _say(f"unexpected {type(exc).__name__}{': ' + line if line else ''} "
+             "(this is a bug in icmsr; rerun with --debug for the traceback and report it)", "error:", "red")
         sys.exit(EXIT_INTERNAL)

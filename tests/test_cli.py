@@ -87,3 +87,11 @@ def test_light_commands_import_neither_torch_nor_diffusers(args, tmp_path):
     code, heavy = json.loads(proc.stderr.strip().splitlines()[-1])
     assert code in (0, None), proc.stderr
     assert heavy == [], f"{' '.join(args)} imported {heavy}"
+
+
+def test_names_that_look_like_markup_print_as_they_are(tmp_path):
+    """Messages carry file names; rich would read "[bold]" in a name as a style and drop it."""
+    missing = tmp_path / "holiday [bold] [rank 0].png"
+    result = run("upscale", missing, "-o", tmp_path / "o.png")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: no such file, folder or matching image"

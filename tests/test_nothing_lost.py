@@ -341,3 +341,30 @@ def test_windows_style_paths_and_non_utf8_names_do_not_crash(tmp_path, model):
     for ref in (r"C:\weights\osediff.pkl", "D:/models/osediff.pkl"):
         bad = invoke("upscale", src / odd, "-o", tmp_path / "o.png", "--base", model[1], "--lora", ref)
         assert bad.exit_code == 2 and "no such file" in bad.stderr and "Traceback" not in bad.output
+
+
+def test_a_live_process_keeps_its_temporary_a_dead_ones_is_removed(tmp_path):
+    """Ranks and concurrent jobs write beside the same targets (caches): one process's cleanup
+    must not delete another's write in progress, and a killed run's leftovers still go."""
+    import subprocess
+    import sys
+
+    from icmsr_cli import atomic
+
+    target = tmp_path / "cache.bin"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = __import__("socket").gethostname()
+    try:
+        mine = tmp_path / f".cache.bin.{host}~{live.pid}~abc{atomic.TEMP_SUFFIX}"
+        gone = tmp_path / f".cache.bin.{host}~{dead.pid}~def{atomic.TEMP_SUFFIX}"
+        other_host = tmp_path / f".cache.bin.elsewhere~{dead.pid}~ghi{atomic.TEMP_SUFFIX}"
+        for p in (mine, gone, other_host):
+            p.write_bytes(b"partial")
+        atomic.write_bytes(b"whole", target)
+        assert target.read_bytes() == b"whole"
+        assert mine.exists() and other_host.exists() and not gone.exists()
+    finally:
+        live.kill()
+        live.wait()
