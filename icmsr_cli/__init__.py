@@ -20,6 +20,7 @@ from .errors import (
     IntegrityError,
     ModelNotFoundError,
     NumericalError,
+    RanksLostError,
     ResourceError,
     SetupError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "IntegrityError",
     "ModelNotFoundError",
     "NumericalError",
+    "RanksLostError",
     "ResourceError",
     "SetupError",
     "__version__",

@@ -24,7 +24,7 @@ from rich.text import Text
 
 from . import __version__
 from .choices import COLOR_FIXES, DEFAULT_MAX_PIXELS, FORMATS
-from .errors import IcmsrError, SetupError
+from .errors import IcmsrError, RanksLostError, SetupError
 
 console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # names print as they are
 
@@ -308,12 +308,16 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
     settings = batch.BatchSettings(scale=options.scale, overwrite=overwrite, max_pixels=max_pixels, stdout_format=stdout_format,
                                    png_compression=png_compression)
     todo = jobs if ranks is None else claims.claimed(jobs, ranks.next_index)
-    with bar or nullcontext():
-        task = bar.add_task("images", total=len(jobs)) if bar else None
-        for result in batch.run(todo, upscaler.upscale_picture if upscaler else None, settings, notify=_notify):
-            report(result)
-            if bar:
-                bar.advance(task)
+    try:
+        with bar or nullcontext():
+            task = bar.add_task("images", total=len(jobs)) if bar else None
+            for result in batch.run(todo, upscaler.upscale_picture if upscaler else None, settings, notify=_notify):
+                report(result)
+                if bar:
+                    bar.advance(task)
+    except RanksLostError as exc:  # the other ranks are gone: no summary to sum
+        _say(f"{tag}{exc}", "error:", "red")
+        raise typer.Exit(exc.exit_code)
     if ranks:  # every rank learns the whole run's counts, so every rank exits 1 if a file failed anywhere
         tally.done, tally.skipped, tally.failed = ranks.total([tally.done, tally.skipped, tally.failed])
         ranks.leave()

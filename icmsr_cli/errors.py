@@ -45,3 +45,8 @@ class ResourceError(IcmsrError):
 
 class DiskFullError(IcmsrError):
     """No space left where a file had to be written: every later file would fail too, so a batch stops."""
+
+
+class RanksLostError(IcmsrError):
+    """Under torchrun or accelerate, the launcher's store went away (a node or the launcher died):
+    finished outputs are complete and a rerun resumes."""

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-from .errors import SetupError
+from .errors import RanksLostError, SetupError
 
 # the last collective waits for the slowest rank's last image; only a dead rank should time it out
 _TIMEOUT = timedelta(hours=12)
@@ -69,7 +69,11 @@ class Ranks:
 
     def next_index(self) -> int:
         """A job index no other rank gets (the store's atomic add)."""
-        return int(self.store.add("next", 1)) - 1
+        try:
+            return int(self.store.add("next", 1)) - 1
+        except Exception as exc:  # noqa: BLE001 - torch raises DistNetworkError, DistStoreError or RuntimeError
+            raise RanksLostError(f"lost contact with the other ranks ({_first_line(exc)}); finished outputs are "
+                                 "complete, rerun to resume") from None
 
     def check_same_plan(self, names: list[str]) -> None:
         """Every rank must have planned the same job list, or indices would mean different files."""
@@ -94,3 +98,7 @@ class Ranks:
         tensor = torch.tensor(counts, dtype=torch.int64)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.tolist()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
