@@ -27,11 +27,9 @@ from .errors import (
 
 __version__ = "0.1.0"
 
-_LAZY = {  # public name -> module that defines it
+_LAZY = {  # public name -> module that defines it; everything else is internal and may change
+    "Upscaler": "upscaler", "load_upscaler": "upscaler", "UpscaleOptions": "upscale",
     "Picture": "images", "read_image": "images", "write_image": "images",
-    "OneStepSR": "pipeline", "load_pipeline": "pipeline",
-    "UpscaleOptions": "upscale", "output_size": "upscale", "upscale_image": "upscale", "upscale_picture": "upscale",
-    "Upscaler": "upscaler", "load_upscaler": "upscaler",
 }
 
 

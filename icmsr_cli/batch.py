@@ -21,7 +21,6 @@ from .atomic import is_no_space, no_space_error
 from .errors import DiskFullError, IcmsrError, ImageError, SetupError
 from .choices import DEFAULT_MAX_PIXELS, FORMATS
 from .images import IMAGE_SUFFIXES, Picture, encode_image, fit_to_format, format_for, read_image, write_bytes
-from .upscale import output_size
 
 STDIO = "-"
 
@@ -161,7 +160,6 @@ def _refuse_collisions(jobs: list[Job]) -> None:
 
 @dataclass(frozen=True)
 class BatchSettings:
-    scale: float
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     stdout_format: str | None = None  # Pillow format for -o - (--format; default: the input's, else PNG)
@@ -232,12 +230,11 @@ def run(
                         if note not in told:
                             told.add(note)
                             notify(note)
-                    out = output_size(picture.size, settings.scale)
                     upscaled = upscale(picture)
                 except IcmsrError as exc:
                     in_flight.append((job, t0, _failure(job, t0, exc)))
                 else:
-                    in_flight.append((job, t0, writer.submit(_write, job, upscaled, fmt, picture.size, out, settings.png_compression)))
+                    in_flight.append((job, t0, writer.submit(_write, job, upscaled, fmt, picture.size, settings.png_compression)))
                 yield from drain(writers)
             yield from drain(0)
         finally:
@@ -265,7 +262,7 @@ def _written(job: Job, t0: float, future: Future) -> JobResult:
         return _failure(job, t0, ImageError(f"{job.target}: cannot write ({exc.strerror or exc})"))
 
 
-def _write(job: Job, picture: Picture, fmt: str, in_size, out_size, png_compression: int) -> JobResult:
+def _write(job: Job, picture: Picture, fmt: str, in_size, png_compression: int) -> JobResult:
     """Encode and write one output (a writer thread); for standard output, keep the bytes."""
     t0 = time.perf_counter()
     data = encode_image(picture, fmt, str(job.target or job.name), png_compression=png_compression)
@@ -273,7 +270,7 @@ def _write(job: Job, picture: Picture, fmt: str, in_size, out_size, png_compress
         job.target.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(data, job.target)
         data = None
-    return JobResult(job, "done", time.perf_counter() - t0, in_size, out_size, data=data)
+    return JobResult(job, "done", time.perf_counter() - t0, in_size, picture.size, data=data)
 
 
 def is_skipped(job: Job, overwrite: bool) -> bool:

@@ -261,6 +261,7 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
             raise SetupError("no images found in the inputs (folders yield .png .jpg .jpeg .webp .tif .tiff .bmp files)")
         start = time.perf_counter()
         upscaler = None
+        bar = _progress() if not quiet and console.is_terminal and ranks is None else None  # ranks share a terminal
         if any(not batch.is_skipped(j, overwrite) for j in jobs):
             # under a launcher, each machine's first rank loads (and merges and caches) first, then the rest
             # map the cached weights instead of merging and writing the same cache at once
@@ -268,8 +269,9 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
                 ranks.barrier()
             with _loading("loading model", quiet or not lead) as bars:
                 upscaler = load_upscaler(
-                    model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt,
-                    options=options, notify=_notify, tqdm_class=bars,
+                    model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt, options=options,
+                    reuse_freed_memory=True,  # this process is ours: see devices.freed_memory_reused
+                    notify=_notify, progress=_tile_progress(bar) if bar else None, tqdm_class=bars,
                 )
             if ranks and ranks.local_rank == 0:
                 ranks.barrier()
@@ -298,14 +300,8 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
 
     for arg in missing if lead else []:
         report(batch.JobResult(batch.Job(None, None, arg), "failed", error=f"{arg}: no such file, folder or matching image"))
-    bar = _progress() if not quiet and console.is_terminal and ranks is None else None  # ranks share a terminal
-    if upscaler is not None:
-        upscaler.pipe.notify = _notify
-        upscaler.pipe.reuse_freed_memory = True  # this process is ours: see devices.freed_memory_reused
-        if bar is not None:
-            upscaler.pipe.progress = _tile_progress(bar)
     stdout_format = format_for("stdout" + FORMATS[fmt]) if fmt else None
-    settings = batch.BatchSettings(scale=options.scale, overwrite=overwrite, max_pixels=max_pixels, stdout_format=stdout_format,
+    settings = batch.BatchSettings(overwrite=overwrite, max_pixels=max_pixels, stdout_format=stdout_format,
                                    png_compression=png_compression)
     todo = jobs if ranks is None else claims.claimed(jobs, ranks.next_index)
     try:

@@ -94,7 +94,7 @@ class OneStepSR:
     tile_batch: int = 4  # tiles per model call
     memory_format: torch.memory_format = MEMORY_FORMAT  # activations' layout; the weights' matches (load_pipeline)
     stage_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # stages moved to float32 after an fp16 overflow
-    reuse_freed_memory: bool = False  # CPU whole-image runs inside devices.freed_memory_reused (the CLI sets it)
+    reuse_freed_memory: bool = False  # CPU whole-image runs inside devices.freed_memory_reused (the CLI asks for it)
     park_budget: float | None = None  # host bytes for waiting VAE tiles before files; None: see _parking
     progress: Progress | None = None  # told about tiles done, for long images
     _measured_bytes: float | None = field(default=None, repr=False)  # see _bytes_per_latent_px
@@ -334,11 +334,15 @@ def load_pipeline(
     dtype: torch.dtype,
     prompt: str = "",
     merged_cache: bool | None = None,
+    reuse_freed_memory: bool = False,
+    notify: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> OneStepSR:
     """Load SD-2.1-base from a local diffusers folder, merge the LoRA, fetch the prompt embedding.
 
     With a LoRA file and `merged_cache` (default: on unless ICMSR_MERGED_CACHE=0), the merged modules
     are kept on disk under `cache.cache_dir()` and later loads map them instead of merging again.
+    `reuse_freed_memory`, `notify` and `progress` are OneStepSR's fields of those names.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -355,11 +359,13 @@ def load_pipeline(
             entry = merged.entry_dir(root / "merged", base, Path(lora), dtype, weights)
         except OSError:
             pass  # a missing LoRA file or config: the merge below reports it in its own words
+    merged.wait_for_saves()
     modules = merged.load(entry, base, classes) if entry else None
     if modules is None:
         modules = _merge(base, lora, classes, device=device, dtype=dtype)
         if entry:
-            merged.save(entry, modules, about={"base": str(base.resolve()), "lora": str(Path(lora).resolve()), "dtype": str(dtype)})
+            about = {"base": str(base.resolve()), "lora": str(Path(lora).resolve()), "dtype": str(dtype)}
+            merged.save(entry, modules, about=about)
     layout = memory_format_for(device)
     for module in modules.values():
         module.requires_grad_(False).eval().to(device)
@@ -367,7 +373,8 @@ def load_pipeline(
             module.to(memory_format=layout)
     embeds = prompt_embedding(base, prompt)
     return OneStepSR(vae=modules["vae"], unet=modules["unet"], prompt_embeds=embeds, alpha_t=alpha_t, device=device, dtype=dtype,
-                     memory_format=layout)
+                     memory_format=layout, reuse_freed_memory=reuse_freed_memory, progress=progress,
+                     **({"notify": notify} if notify else {}))
 
 
 def _merge(base: Path, lora: str | Path | LoraCheckpoint, classes: dict, *, device: torch.device, dtype: torch.dtype) -> dict:

@@ -205,7 +205,7 @@ def test_writer_threads_keep_job_order_and_the_same_files(tmp_path, tiny_base, t
     outputs = {}
     for writers, level in ((1, 9), (3, 1)):
         jobs, _ = batch.plan([str(src)], str(tmp_path / f"out{writers}"))
-        settings = batch.BatchSettings(scale=2, writers=writers, png_compression=level)
+        settings = batch.BatchSettings(writers=writers, png_compression=level)
         results = list(batch.run(jobs, upscale, settings))
         assert [r.job for r in results] == jobs and all(r.status == "done" for r in results)
         outputs[writers] = {j.target.name: j.target for j in jobs}

@@ -219,6 +219,7 @@ def test_merged_cache_on_a_full_disk_warns_and_leaves_nothing(tmp_path, small_di
 
     monkeypatch.setenv("ICMSR_CACHE_DIR", str(small_disk))
     pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+    merged.wait_for_saves()
     assert "could not save the merged-weights cache" in caplog.text and "no space left" in caplog.text
     assert "needs about" in caplog.text  # refused up front: the disk would not hold it
     assert pipe(torch.rand(1, 3, 64, 64), "none", None).shape == (1, 3, 64, 64)
@@ -226,6 +227,7 @@ def test_merged_cache_on_a_full_disk_warns_and_leaves_nothing(tmp_path, small_di
     caplog.clear()
     monkeypatch.setattr(merged, "_SPARE", -(1 << 40))
     load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+    merged.wait_for_saves()
     assert "no space left on the device" in caplog.text
     leftovers = [p for p in (small_disk / "merged").rglob("*")] if (small_disk / "merged").exists() else []
     assert leftovers == [], leftovers

@@ -134,6 +134,7 @@ def test_merged_weights_cache_serves_the_same_weights_without_merging(tiny_base,
     shutil.copy(tiny_lora, lora)
     root = tmp_path / "icmsr-cache" / "merged"
     first = load_pipeline(tiny_base, lora, device=torch.device("cpu"), dtype=torch.float32)
+    merged.wait_for_saves()  # written while the first image computes; what the next process finds
     entries = [p for p in root.iterdir() if (p / "entry.json").is_file()]
     assert len(entries) == 1
 
@@ -165,6 +166,7 @@ def test_merged_weights_cache_serves_the_same_weights_without_merging(tiny_base,
         lora.write_bytes(tiny_lora.read_bytes())
         os.utime(lora, ns=(10**18 + i, 10**18 + i))
         load_pipeline(tiny_base, lora, device=torch.device("cpu"), dtype=torch.bfloat16 if i % 2 else torch.float32)
+    merged.wait_for_saves()
     kept = [p for p in root.iterdir() if (p / "entry.json").is_file()]
     assert len(kept) == merged.KEEP
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
