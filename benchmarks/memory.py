@@ -37,9 +37,9 @@ def child(model: str, device: str, tile: str, size: int) -> dict:
     sys.path.insert(0, HERE)
     from _models import random_model
 
-    from icmsr_cli.images import Picture
-    from icmsr_cli.pipeline import load_pipeline
-    from icmsr_cli.upscale import UpscaleOptions, upscale_picture
+    from icmsr_cli.io.images import Picture
+    from icmsr_cli.model.loading import load_pipeline
+    from icmsr_cli.upscaler import UpscaleOptions, upscale_picture
 
     base, lora = random_model(model)
     dev = torch.device(device)

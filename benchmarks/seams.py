@@ -23,8 +23,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _models import random_model  # noqa: E402
 
-from icmsr_cli.pipeline import DECODER_PAD, ENCODER_PAD, LATENT_SCALE, VAE_OVERLAP, load_pipeline, UNET_OVERLAP  # noqa: E402
-from icmsr_cli.tiling import plan_tiles  # noqa: E402
+from icmsr_cli.model.graph import DECODER_PAD, ENCODER_PAD, LATENT_SCALE, VAE_OVERLAP, UNET_OVERLAP  # noqa: E402
+from icmsr_cli.model.loading import load_pipeline  # noqa: E402
+from icmsr_cli.tiling.plan import plan_tiles  # noqa: E402
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -31,7 +31,7 @@ sys.path.insert(0, HERE)
 from _models import random_model  # noqa: E402
 from baseline_upscale import Baseline  # noqa: E402
 
-from icmsr_cli.pipeline import load_pipeline  # noqa: E402
+from icmsr_cli.model.loading import load_pipeline  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

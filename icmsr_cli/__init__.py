@@ -28,8 +28,8 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {  # public name -> module that defines it; everything else is internal and may change
-    "Upscaler": "upscaler", "load_upscaler": "upscaler", "UpscaleOptions": "upscale",
-    "Picture": "images", "read_image": "images", "write_image": "images",
+    "Upscaler": "upscaler", "load_upscaler": "upscaler", "UpscaleOptions": "upscaler",
+    "Picture": "io.images", "read_image": "io.images", "write_image": "io.images",
 }
 
 

@@ -184,8 +184,8 @@ def upscale(
     folder), ICMSR_MERGED_CACHE=0 (do not keep merged weights on disk), ICMSR_DEBUG=1 (tracebacks),
     HF_HOME / HF_HUB_OFFLINE / HF_TOKEN / HF_ENDPOINT (downloads).
     """
-    from . import batch
-    from .upscale import UpscaleOptions
+    from .io import batch
+    from .upscaler import UpscaleOptions
 
     tile_size = _parse_tile(tile)
     if color_fix not in COLOR_FIXES:
@@ -236,9 +236,10 @@ class Tally:
 
 def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, device, dtype, options, recursive, fmt,
                  overwrite, max_pixels, json_lines, quiet, png_compression, shard) -> None:
-    from . import batch, claims
-    from .images import format_for
-    from .ranks import Ranks
+    from .io import batch
+    from .engines import claims
+    from .io.images import format_for
+    from .engines.ranks import Ranks
     from .upscaler import load_upscaler
 
     ranks = Ranks.from_env()
@@ -377,7 +378,7 @@ def evaluate(
     A pair with a size mismatch, a missing partner or an unreadable file is one line on stderr; the others
     are still scored and the exit code is 1. Exit codes: 0 all pairs scored, 1 some failed, 2 usage error.
     """
-    from . import evaluation
+    from .scoring import evaluation
 
     try:
         names = evaluation.parse_metrics(metric_list)
@@ -432,8 +433,8 @@ def weights_list() -> None:
     """List the registry's models: name, cached or not, size on disk, description; then the merged
     weights kept by earlier runs. Needs no network."""
     from .cache import cache_dir, merged_usage
-    from .hub import cache_state
-    from .registry import load_registry
+    from .weights.hub import cache_state
+    from .weights.registry import load_registry
 
     try:
         registry = load_registry()
@@ -469,9 +470,9 @@ def weights_download(
     """Download a model's base weights and LoRA checkpoint into the Hugging Face cache."""
     import torch
 
-    from .devices import resolve_device, resolve_dtype
-    from .hub import resolve_weights
-    from .registry import load_registry
+    from .model.devices import resolve_device, resolve_dtype
+    from .weights.hub import resolve_weights
+    from .weights.registry import load_registry
 
     try:
         registry = load_registry()
@@ -488,8 +489,8 @@ def weights_download(
 @weights_app.command("verify")
 def weights_verify(name: Optional[str] = typer.Argument(None, help="Model name; default: every cached model.")) -> None:
     """Re-hash cached weights (Hub blobs against their sha256 names, the LoRA against its pin). Offline."""
-    from .hub import cache_state, verify_cached
-    from .registry import load_registry
+    from .weights.hub import cache_state, verify_cached
+    from .weights.registry import load_registry
 
     try:
         registry = load_registry()
@@ -510,7 +511,7 @@ def weights_convert(
     target: Path = typer.Argument(..., help="Output .safetensors file (same tensors; ranks and module lists in metadata)."),
 ) -> None:
     """Convert an OSEDiff .pkl LoRA checkpoint to safetensors (loads without unpickling)."""
-    from .checkpoint import load_lora_checkpoint, save_lora_safetensors
+    from .model.lora import load_lora_checkpoint, save_lora_safetensors
 
     if target.suffix != ".safetensors":
         raise typer.BadParameter(f"{target}: the output must end in .safetensors", param_hint="TARGET")

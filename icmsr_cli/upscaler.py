@@ -1,18 +1,97 @@
-"""The Python entry point: resolve weights by model name, load once, upscale many images."""
+"""The Python entry point and one image through the model: exact output size, the 512-px minimum,
+gray, alpha and bit depth. `load_upscaler` resolves weights by model name and loads once;
+`Upscaler` then upscales many images."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .devices import resolve_device, resolve_dtype
-from .hub import Notify, resolve_weights
-from .images import Picture
-from .pipeline import OneStepSR, Progress, load_pipeline
-from .registry import load_registry
-from .upscale import UpscaleOptions, upscale_image, upscale_picture
+from .choices import COLOR_FIXES
+from .errors import ImageError
+from .io.images import Picture, picture_from_pil, picture_to_pil, quantise, resize_planes
+from .model.devices import resolve_device, resolve_dtype
+from .model.graph import OneStepSR, Progress
+from .model.loading import load_pipeline
+from .weights.hub import Notify, resolve_weights
+from .weights.registry import load_registry
+
+# ITU-R 601 luma, as Pillow's convert("L"): gray inputs come back gray
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    scale: float = 4.0  # output size is (round(W*scale), round(H*scale))
+    color_fix: str = "adain"  # adain | wavelet | none, applied to the whole image
+    min_side: int = 512  # short side the model runs at, at least (its training crop)
+    tile: int | str | None = "auto"  # latent tile size for all stages, None: whole image, "auto": from free memory
+
+    def __post_init__(self) -> None:
+        if not (self.scale > 0 and np.isfinite(self.scale)):
+            raise ValueError(f"scale must be a positive number, got {self.scale}")
+        if self.color_fix not in COLOR_FIXES:
+            raise ValueError(f"colour fix must be one of {', '.join(COLOR_FIXES)}, got {self.color_fix!r}")
+
+
+def output_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(round(W*s), round(H*s)) exactly: what the user asked for, never a multiple-of-8 compromise."""
+    w, h = size
+    out = (round(w * scale), round(h * scale))
+    if min(out) < 1:
+        raise ImageError(f"{w}x{h} at scale {scale} gives an empty {out[0]}x{out[1]} output")
+    return out
+
+
+def processing_size(out: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """The size the model runs at: `out`, or `out` enlarged so its short side is `min_side`."""
+    short = min(out)
+    if short >= min_side:
+        return out
+    f = min_side / short
+    return tuple(min_side if side == short else max(min_side, round(side * f)) for side in out)
+
+
+def upscale_picture(pipe: OneStepSR, picture: Picture, options: UpscaleOptions = UpscaleOptions()) -> Picture:
+    """Upscale one picture; the colour goes through the model, alpha is resized bicubic alongside.
+    8-bit colour at the model's own size comes back quantised (uint8 pixels), the rest as float."""
+    out = output_size(picture.size, options.scale)
+    run_at = processing_size(out, options.min_side)
+    n_color = 1 if picture.is_gray else 3
+    color, alpha = picture.pixels[..., :n_color], picture.pixels[..., n_color:]
+    exact_8bit = picture.bit_depth == 8
+
+    x = resize_planes(color, run_at, exact_8bit=exact_8bit)
+    if n_color == 1:
+        x = np.repeat(x, 3, axis=2)
+    y = pipe(torch.from_numpy(x).permute(2, 0, 1)[None], options.color_fix, options.tile)
+    alpha = np.clip(resize_planes(alpha, out, exact_8bit=exact_8bit), 0, 1) if alpha.shape[2] else alpha
+    if run_at == out and n_color == 3 and picture.bit_depth == 8:
+        # the common case stays on the device until it is uint8: one small transfer back
+        rgb = quantise_on_device(y[0].permute(1, 2, 0)).cpu().numpy()
+        return picture.with_pixels(np.concatenate([rgb, quantise(alpha, 8)], axis=2) if alpha.shape[2] else rgb)
+    y = y[0].permute(1, 2, 0).cpu().numpy()
+    if run_at != out:
+        y = np.clip(resize_planes(y, out, exact_8bit=False), 0, 1)
+    if n_color == 1:
+        y = (y @ _LUMA)[..., None]
+    if alpha.shape[2]:
+        y = np.concatenate([y, alpha], axis=2)
+    return picture.with_pixels(y.astype(np.float32))
+
+
+def quantise_on_device(y: torch.Tensor) -> torch.Tensor:
+    """images.quantise to 8 bits on torch, where y lives: the same float32 ops (clamp, scale, round
+    half to even), so the same integers as the CPU path."""
+    return y.float().clamp(0, 1).mul_(255).round_().to(torch.uint8)  # one float copy at most
+
+
+def upscale_image(pipe: OneStepSR, image: Image.Image, options: UpscaleOptions = UpscaleOptions()) -> Image.Image:
+    """Pillow in, Pillow out (8-bit modes and 16-bit gray; use upscale_picture for 16-bit colour)."""
+    return picture_to_pil(upscale_picture(pipe, picture_from_pil(image), options))
 
 
 @dataclass

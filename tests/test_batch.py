@@ -192,9 +192,9 @@ def test_writer_threads_keep_job_order_and_the_same_files(tmp_path, tiny_base, t
     each file equals the one-writer run's pixels, and --png-compression changes bytes, not pixels."""
     import torch
 
-    from icmsr_cli import batch
-    from icmsr_cli.pipeline import load_pipeline
-    from icmsr_cli.upscale import UpscaleOptions, upscale_picture
+    from icmsr_cli.io import batch
+    from icmsr_cli.model.loading import load_pipeline
+    from icmsr_cli.upscaler import UpscaleOptions, upscale_picture
 
     src = tmp_path / "in"
     src.mkdir()

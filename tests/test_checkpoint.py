@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from icmsr_cli.checkpoint import load_lora_checkpoint, merge_lora, save_lora_safetensors
+from icmsr_cli.model.lora import load_lora_checkpoint, merge_lora, save_lora_safetensors
 from icmsr_cli.errors import CheckpointError
 
 

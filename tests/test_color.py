@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from icmsr_cli.color import adain_color_fix, apply_color_fix, wavelet_blur, wavelet_color_fix
+from icmsr_cli.model.color import adain_color_fix, apply_color_fix, wavelet_blur, wavelet_color_fix
 
 
 def _np_blur(img: np.ndarray) -> np.ndarray:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from icmsr_cli import metrics
+from icmsr_cli.scoring import metrics
 from icmsr_cli.cli import app
-from icmsr_cli.evaluation import pair_files
+from icmsr_cli.scoring.evaluation import pair_files
 
 
 def run(*args):

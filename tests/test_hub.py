@@ -128,7 +128,7 @@ def icmsr_in_terminal(env, *args) -> tuple[int, str]:
 
 
 def _allowed(path: str, fp16: bool) -> bool:
-    from icmsr_cli.hub import base_files
+    from icmsr_cli.weights.hub import base_files
 
     name = path.split("/resolve/", 1)[1].split("/", 1)[1]
     return any(Path(name).match(p) for p in base_files(fp16))
@@ -215,7 +215,7 @@ def test_git_blob_pin_is_checked_against_git_itself(tmp_path, hub, env):
 
 
 def test_shipped_loras_are_pinned_to_a_commit_and_a_blob():
-    from icmsr_cli.registry import load_registry
+    from icmsr_cli.weights.registry import load_registry
 
     registry = load_registry()
     for name, blob in (("osediff", "bc84dc9729aa6173e8b1087977025a4fc566a5db"), ("osediff-face", "4465e04da247be8f9af700f8cafbbd906439430c")):

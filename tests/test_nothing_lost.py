@@ -135,7 +135,7 @@ def _with_exif(png: bytes, orientation: int) -> bytes:
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_same_geometry_in_8_and_16_bit(orientation):
-    from icmsr_cli.images import read_image
+    from icmsr_cli.io.images import read_image
 
     rgb = (np.arange(7 * 12 * 3).reshape(7, 12, 3) % 251).astype(np.uint8)  # no symmetry to hide a wrong turn
     buf = io.BytesIO()
@@ -152,7 +152,7 @@ def test_exif_orientation_same_geometry_in_8_and_16_bit(orientation):
 
 
 def test_writes_are_synced_before_the_rename(tmp_path, monkeypatch):
-    from icmsr_cli import atomic
+    from icmsr_cli.io import atomic
 
     synced, renamed = [], []
     real_fsync, real_replace = os.fsync, os.replace
@@ -199,7 +199,7 @@ def test_full_disk_stops_the_batch_with_one_line_and_keeps_finished_files(tmp_pa
 
 def test_full_disk_while_parking_tiles_is_one_line(tmp_path, small_disk, tiny_base, tiny_lora, monkeypatch):
     from icmsr_cli.errors import DiskFullError
-    from icmsr_cli.pipeline import load_pipeline
+    from icmsr_cli.model.loading import load_pipeline
 
     pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
     pipe.park_budget = 0  # every waiting tile goes to a file
@@ -213,21 +213,21 @@ def test_full_disk_while_parking_tiles_is_one_line(tmp_path, small_disk, tiny_ba
 
 
 def test_merged_cache_on_a_full_disk_warns_and_leaves_nothing(tmp_path, small_disk, tiny_base, tiny_lora, monkeypatch, caplog):
-    from icmsr_cli.pipeline import load_pipeline
+    from icmsr_cli.model.loading import load_pipeline
 
-    from icmsr_cli import merged
+    from icmsr_cli.model import weight_cache
 
     monkeypatch.setenv("ICMSR_CACHE_DIR", str(small_disk))
     pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
-    merged.wait_for_saves()
+    weight_cache.wait_for_saves()
     assert "could not save the merged-weights cache" in caplog.text and "no space left" in caplog.text
     assert "needs about" in caplog.text  # refused up front: the disk would not hold it
     assert pipe(torch.rand(1, 3, 64, 64), "none", None).shape == (1, 3, 64, 64)
     # the same when the disk fills in the middle of the write: the partial entry is removed
     caplog.clear()
-    monkeypatch.setattr(merged, "_SPARE", -(1 << 40))
+    monkeypatch.setattr(weight_cache, "_SPARE", -(1 << 40))
     load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
-    merged.wait_for_saves()
+    weight_cache.wait_for_saves()
     assert "no space left on the device" in caplog.text
     leftovers = [p for p in (small_disk / "merged").rglob("*")] if (small_disk / "merged").exists() else []
     assert leftovers == [], leftovers
@@ -309,7 +309,8 @@ def test_nan_in_every_file_is_one_line_each_and_the_batch_goes_on(tmp_path, tiny
 
 
 def test_unexpected_exception_is_one_line_with_a_debug_hint(tmp_path, monkeypatch, capsys):
-    from icmsr_cli import batch, cli
+    from icmsr_cli import cli
+    from icmsr_cli.io import batch
 
     def broken(*args, **kwargs):
         raise RuntimeError("something nobody planned for\nsecond line")
@@ -351,7 +352,7 @@ def test_a_live_process_keeps_its_temporary_a_dead_ones_is_removed(tmp_path):
     import subprocess
     import sys
 
-    from icmsr_cli import atomic
+    from icmsr_cli.io import atomic
 
     target = tmp_path / "cache.bin"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from conftest import photo_like
-from icmsr_cli.devices import resolve_device, resolve_dtype
+from icmsr_cli.model.devices import resolve_device, resolve_dtype
 from icmsr_cli.errors import NumericalError, SetupError
-from icmsr_cli.images import Picture
-from icmsr_cli.pipeline import alphas_cumprod, load_pipeline, pad_to_multiple
-from icmsr_cli.upscale import UpscaleOptions, output_size, processing_size, upscale_picture
+from icmsr_cli.io.images import Picture
+from icmsr_cli.model.graph import alphas_cumprod, pad_to_multiple
+from icmsr_cli.model.loading import load_pipeline
+from icmsr_cli.upscaler import UpscaleOptions, output_size, processing_size, upscale_picture
 
 
 def test_alphas_cumprod_999_of_sd_schedule():
@@ -64,7 +65,7 @@ def test_output_size_mode_and_alpha(pipe, size, scale, channels):
     assert out.pixels.shape == (h, w, channels)
     assert out.pixels.dtype == np.float32 and 0 <= out.pixels.min() and out.pixels.max() <= 1
     if channels in (2, 4):  # alpha is bicubic-resized input alpha, untouched by the model
-        from icmsr_cli.images import resize_planes
+        from icmsr_cli.io.images import resize_planes
 
         expected = np.clip(resize_planes(px[..., -1:], (w, h), exact_8bit=False), 0, 1)
         np.testing.assert_allclose(out.pixels[..., -1:], expected, atol=1e-6)
@@ -128,13 +129,13 @@ def _weights(pipe) -> dict[str, torch.Tensor]:
 def test_merged_weights_cache_serves_the_same_weights_without_merging(tiny_base, tiny_lora, tmp_path, monkeypatch, caplog):
     import shutil
 
-    from icmsr_cli import merged, pipeline
+    from icmsr_cli.model import loading, weight_cache
 
     lora = tmp_path / "osediff.pkl"
     shutil.copy(tiny_lora, lora)
     root = tmp_path / "icmsr-cache" / "merged"
     first = load_pipeline(tiny_base, lora, device=torch.device("cpu"), dtype=torch.float32)
-    merged.wait_for_saves()  # written while the first image computes; what the next process finds
+    weight_cache.wait_for_saves()  # written while the first image computes; what the next process finds
     entries = [p for p in root.iterdir() if (p / "entry.json").is_file()]
     assert len(entries) == 1
 
@@ -142,7 +143,7 @@ def test_merged_weights_cache_serves_the_same_weights_without_merging(tiny_base,
         raise AssertionError("a cached load must not merge")
 
     with monkeypatch.context() as patched:
-        patched.setattr(pipeline, "_merge", no_merge)
+        patched.setattr(loading, "_merge", no_merge)
         second = load_pipeline(tiny_base, lora, device=torch.device("cpu"), dtype=torch.float32)
     a, b = _weights(first), _weights(second)
     # MKL sums differently for unaligned operands on some CPUs: both ways must give aligned weights
@@ -162,13 +163,13 @@ def test_merged_weights_cache_serves_the_same_weights_without_merging(tiny_base,
     assert all(torch.equal(a[k], v) for k, v in _weights(third).items())
 
     # another LoRA file (same path, new contents) is another entry; only the newest KEEP stay
-    for i in range(merged.KEEP + 1):
+    for i in range(weight_cache.KEEP + 1):
         lora.write_bytes(tiny_lora.read_bytes())
         os.utime(lora, ns=(10**18 + i, 10**18 + i))
         load_pipeline(tiny_base, lora, device=torch.device("cpu"), dtype=torch.bfloat16 if i % 2 else torch.float32)
-    merged.wait_for_saves()
+    weight_cache.wait_for_saves()
     kept = [p for p in root.iterdir() if (p / "entry.json").is_file()]
-    assert len(kept) == merged.KEEP
+    assert len(kept) == weight_cache.KEEP
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
 
 
@@ -216,7 +217,7 @@ def test_fp16_overflow_moves_only_that_stage_to_fp32(tiny_base, tiny_lora, stage
 
 _REUSE_PROBE = """
 import ctypes, ctypes.util
-from icmsr_cli.devices import freed_memory_reused
+from icmsr_cli.model.devices import freed_memory_reused
 
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
@@ -251,7 +252,7 @@ def test_freed_memory_is_reused_inside_the_context_only():
     as a page-fault count does (that figure belongs to the speed benchmark)."""
     import subprocess
 
-    from icmsr_cli.devices import _glibc_mallopt
+    from icmsr_cli.model.devices import _glibc_mallopt
 
     if _glibc_mallopt() is None:
         pytest.skip("not glibc")
@@ -272,8 +273,8 @@ def test_missing_lora_file_is_a_checkpoint_error_not_a_traceback(tiny_base, tmp_
 def test_device_quantisation_gives_the_cpu_paths_bytes(pipe):
     """The colour is rounded to uint8 where the model ran; the bytes equal images.quantise's on
     the same floats, rounding halves to even and clamping out-of-range values alike."""
-    from icmsr_cli.images import quantise
-    from icmsr_cli.upscale import quantise_on_device
+    from icmsr_cli.io.images import quantise
+    from icmsr_cli.upscaler import quantise_on_device
 
     torch.manual_seed(0)
     y = torch.rand(64, 48, 3) * 1.2 - 0.1

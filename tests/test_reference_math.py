@@ -134,7 +134,7 @@ def test_lora_and_conv_in_matter(tiny_base, tiny_ckpt, reference):
 def test_each_stage_matches_published_graph(tiny_base, tiny_lora, reference):
     """Stage by stage at float32 precision: catches constants the clamped 8-bit output hides
     (a random decoder is nearly scale-invariant, so a 1% latent-scale error barely shows at the end)."""
-    from icmsr_cli.pipeline import load_pipeline
+    from icmsr_cli.model.loading import load_pipeline
 
     pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
     x = torch.from_numpy(photo_like(96, 64, seed=5).astype(np.float32) / 255).permute(2, 0, 1)[None]

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import photo_like
-from icmsr_cli.claims import claimed, parse_shard, shard_of, take_shard
+from icmsr_cli.engines.claims import claimed, parse_shard, shard_of, take_shard
 from icmsr_cli.errors import SetupError
 
 N_IMAGES = 6

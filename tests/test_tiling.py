@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from icmsr_cli.errors import ResourceError
-from icmsr_cli.pipeline import load_pipeline
-from icmsr_cli.tiled_vae import merge_stats
-from icmsr_cli.tiling import auto_tile_size, ownership, plan_spans, plan_tiles, window
+from icmsr_cli.model.loading import load_pipeline
+from icmsr_cli.tiling.vae import pool_stats
+from icmsr_cli.tiling.plan import auto_tile_size, ownership, plan_spans, plan_tiles, window
 
 
 @pytest.mark.parametrize("length,tile,overlap", [(100, 32, 8), (33, 32, 8), (257, 64, 16), (64, 64, 8), (20, 32, 8), (1000, 96, 24)])
@@ -52,11 +52,11 @@ def test_plan_tiles_units_keep_order_and_scale():
         assert tb.weight.shape == (tb.core[1] - tb.core[0], tb.core[3] - tb.core[2])
 
 
-def test_merge_stats_includes_the_between_tile_term():
+def test_pool_stats_includes_the_between_tile_term():
     torch.manual_seed(0)
     parts = [torch.randn(2, 50, dtype=torch.float64) + 3, torch.randn(2, 80, dtype=torch.float64) - 1, torch.randn(2, 7, dtype=torch.float64)]
     stats = [(p.mean(1), p.var(1, unbiased=False), p.shape[1]) for p in parts]
-    mean, var = merge_stats(stats)
+    mean, var = pool_stats(stats)
     whole = torch.cat(parts, 1)
     torch.testing.assert_close(mean, whole.mean(1))
     torch.testing.assert_close(var, whole.var(1, unbiased=False))
@@ -191,7 +191,7 @@ def test_parking_fills_tiers_in_order_then_files_and_gives_back_the_same_tensors
     go to the first tier while it has room, then the next, then files; room comes back on get."""
     import tempfile
 
-    from icmsr_cli.tiled_vae import Parking
+    from icmsr_cli.tiling.vae import Parking
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     cpu = torch.device("cpu")
@@ -209,26 +209,26 @@ def test_parking_fills_tiers_in_order_then_files_and_gives_back_the_same_tensors
 
 
 def test_parking_tiers_give_the_tiled_result_of_host_memory(pointwise_pipe, monkeypatch):
-    from icmsr_cli import tiled_vae
+    from icmsr_cli.tiling import vae
 
     torch.manual_seed(4)
     x = torch.rand(1, 3, 96, 160, dtype=torch.float64)
     reference = pointwise_pipe(x, "none", 8)
     tiers = []
-    real_parking = tiled_vae.Parking
+    real_parking = vae.Parking
 
     def small_first_tier(given):
         tiers.append(given)
         return real_parking([(torch.device("cpu"), 50_000), *given])
 
-    monkeypatch.setattr(tiled_vae, "Parking", small_first_tier)
+    monkeypatch.setattr(vae, "Parking", small_first_tier)
     torch.testing.assert_close(pointwise_pipe(x, "none", 8), reference, rtol=0, atol=1e-12)
     assert tiers, "the tiled VAE parks its tiles through Parking"
 
 
 @pytest.mark.parametrize("free_gb,expected", [(80, None), (3.2, None), (3.0, "tiled"), (0.5, "tiled")])
 def test_choose_tile_runs_whole_when_the_measured_working_set_fits(free_gb, expected):
-    from icmsr_cli.tiling import choose_tile
+    from icmsr_cli.tiling.plan import choose_tile
 
     per_px = 600.0  # bytes per output pixel, as measured on a GPU in bf16
     tile = choose_tile(2048, 2048, free_gb * 1e9, per_px, tile_batch=4)  # 2048^2 * 600 B * 1.25 = 3.1 GB

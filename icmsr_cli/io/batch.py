@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .atomic import is_no_space, no_space_error
-from .errors import DiskFullError, IcmsrError, ImageError, SetupError
-from .choices import DEFAULT_MAX_PIXELS, FORMATS
+from ..errors import DiskFullError, IcmsrError, ImageError, SetupError
+from ..choices import DEFAULT_MAX_PIXELS, FORMATS
 from .images import IMAGE_SUFFIXES, Picture, encode_image, fit_to_format, format_for, read_image, write_bytes
 
 STDIO = "-"

@@ -3,7 +3,7 @@
 A network is flattened into a list of ops; GroupNorms split it into segments. All tiles advance
 one segment at a time: each tile's activation is parked between segments (on the CPU when the
 compute device is a GPU, so GPU memory holds one batch of tiles), and at every GroupNorm the
-per-tile statistics, taken over the tile's own part of a partition of the image, are merged
+per-tile statistics, taken over the tile's own part of a partition of the image, are pooled
 into the image's mean and total variance (within-tile plus between-tile terms). Tiles therefore
 share one tone, and a single tile covering the image reproduces the untiled network.
 Tiles carry extra context (`pad`) for the convolutions' receptive field; outputs are blended
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import is_no_space, no_space_error
-from .tiling import Tile
+from ..io.atomic import is_no_space, no_space_error
+from .plan import Tile
 
 Progress = Callable[[int, int], None]
 
@@ -181,7 +181,7 @@ def _group_stats(x: torch.Tensor, groups: int, own: tuple[int, int, int, int]) -
     return mean.double(), var.double(), part.shape[1]
 
 
-def merge_stats(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_stats(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled mean and total variance: sum n_i (var_i + (mean_i - mean)^2) / N."""
     n = sum(p[2] for p in parts)
     mean = sum(p[0] * p[2] for p in parts) / n
@@ -244,7 +244,7 @@ def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batc
     batches = _batches([tuple(b[1] - b[0] for b in (box[:2], box[2:])) for box in boxes], batch)
     total, done = len(segments) * len(states), 0
 
-    merged = None
+    pooled = None
     for index, segment in enumerate(segments):
         next_norm = segments[index + 1][0].module if index + 1 < len(segments) else None
         collected = []
@@ -255,7 +255,7 @@ def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batc
                 saved = torch.cat([_take(park, states[i], "saved") for i in members]).to(device, dtype, non_blocking=True)
             for op in segment:
                 if op.kind == "norm":
-                    h = _apply_norm(op.module, h, merged[0], merged[1], op.act)
+                    h = _apply_norm(op.module, h, pooled[0], pooled[1], op.act)
                 elif op.kind == "module":
                     h = op.module(h)
                 elif op.kind == "save":
@@ -276,7 +276,7 @@ def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batc
             if progress:
                 progress(done, total)
         if next_norm is not None:
-            merged = merge_stats(collected)
+            pooled = pool_stats(collected)
 
     # blended on the host one tile at a time, divided in place: one whole-image copy, however many tiles
     scale = out_tiles[-1].core[1] / in_tiles[-1].core[1]  # output pixels per input pixel

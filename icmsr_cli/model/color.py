@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .choices import COLOR_FIXES
+from ..choices import COLOR_FIXES
 
 # StableSR's constant: std = sqrt(unbiased var + 1e-5), which keeps flat images finite.
 _ADAIN_EPS = 1e-5

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import atomic
-from .errors import IntegrityError, ModelNotFoundError, SetupError
+from ..io import atomic
+from ..errors import IntegrityError, ModelNotFoundError, SetupError
 from .registry import HubSource, LoraSource, ModelSpec
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DiskFullError
+from ..errors import DiskFullError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -1,33 +1,22 @@
-"""The one-step model on tensors: encode -> UNet at t=999 -> x0 -> decode -> colour fix.
-
-Loading merges the LoRA into plain diffusers modules once, so inference has no adapter overhead,
-and keeps the merged modules on disk (merged.py) so later runs skip the merge. The prompt
-embedding is computed once per (base model, prompt) and cached on disk, so later runs never load
-the text encoder.
-"""
+"""The one-step model on tensors: encode -> UNet at t=999 -> x0 -> decode -> colour fix, whole or
+in tiles, with the per-stage fp16 fallback and the out-of-memory retries. loading.py builds it."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import LoraCheckpoint, load_lora_checkpoint, merge_lora
+from ..errors import NumericalError, ResourceError, SetupError
+from ..tiling.plan import auto_tile_size, choose_tile, plan_tiles
+from ..tiling.vae import decoder_ops, encoder_ops, run_tiled
 from .color import apply_color_fix
-from .devices import available_memory, freed_memory_reused, memory_format_for
-from . import atomic, merged
-from .cache import writable_cache_dir
-from .errors import DiskFullError, ModelNotFoundError, NumericalError, ResourceError, SetupError
-from .tiled_vae import decoder_ops, encoder_ops, run_tiled
-from .tiling import auto_tile_size, choose_tile, plan_tiles
+from .devices import available_memory, freed_memory_reused
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +28,6 @@ TIMESTEP = 999
 MEMORY_FORMAT = torch.channels_last
 #: the VAE downsamples by 8; inputs are reflect-padded to a multiple of it
 VAE_FACTOR = 8
-BASE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
@@ -321,166 +309,3 @@ def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------- loading
-
-
-def load_pipeline(
-    base: str | Path,
-    lora: str | Path | LoraCheckpoint,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    prompt: str = "",
-    merged_cache: bool | None = None,
-    reuse_freed_memory: bool = False,
-    notify: Callable[[str], None] | None = None,
-    progress: Progress | None = None,
-) -> OneStepSR:
-    """Load SD-2.1-base from a local diffusers folder, merge the LoRA, fetch the prompt embedding.
-
-    With a LoRA file and `merged_cache` (default: on unless ICMSR_MERGED_CACHE=0), the merged modules
-    are kept on disk under `cache.cache_dir()` and later loads map them instead of merging again.
-    `reuse_freed_memory`, `notify` and `progress` are OneStepSR's fields of those names.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    base = Path(base)
-    _check_base_folder(base)
-    scheduler_config = _read_json(base / "scheduler" / "scheduler_config.json")
-    alpha_t = float(alphas_cumprod(scheduler_config)[TIMESTEP])
-    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
-    entry = None
-    use_cache = not isinstance(lora, LoraCheckpoint) and (merged.enabled() if merged_cache is None else merged_cache)
-    if use_cache and (root := writable_cache_dir()) is not None:
-        weights = {part: _weight_files(base / part) for part in classes}
-        try:
-            entry = merged.entry_dir(root / "merged", base, Path(lora), dtype, weights)
-        except OSError:
-            pass  # a missing LoRA file or config: the merge below reports it in its own words
-    merged.wait_for_saves()
-    modules = merged.load(entry, base, classes) if entry else None
-    if modules is None:
-        modules = _merge(base, lora, classes, device=device, dtype=dtype)
-        if entry:
-            about = {"base": str(base.resolve()), "lora": str(Path(lora).resolve()), "dtype": str(dtype)}
-            merged.save(entry, modules, about=about)
-    layout = memory_format_for(device)
-    for module in modules.values():
-        module.requires_grad_(False).eval().to(device)
-        if layout != MEMORY_FORMAT:
-            module.to(memory_format=layout)
-    embeds = prompt_embedding(base, prompt)
-    return OneStepSR(vae=modules["vae"], unet=modules["unet"], prompt_embeds=embeds, alpha_t=alpha_t, device=device, dtype=dtype,
-                     memory_format=layout, reuse_freed_memory=reuse_freed_memory, progress=progress,
-                     **({"notify": notify} if notify else {}))
-
-
-def _merge(base: Path, lora: str | Path | LoraCheckpoint, classes: dict, *, device: torch.device, dtype: torch.dtype) -> dict:
-    """Base modules with the LoRA merged in, convs channels-last, on `device`."""
-    ckpt = lora if isinstance(lora, LoraCheckpoint) else load_lora_checkpoint(lora)
-    loras = {"unet": (ckpt.state_dict_unet, ckpt.rank_unet, "UNet"), "vae": (ckpt.state_dict_vae, ckpt.rank_vae, "VAE")}
-    modules = {}
-    for part, cls in classes.items():
-        module = cls.from_pretrained(base / part, torch_dtype=dtype, **_variant(base / part, "diffusion_pytorch_model"))
-        # onto the device first so a GPU does the merging; the merge writes its convs channels-last
-        # directly and the final .to() converts only the convs without a LoRA. The LoRA is merged
-        # in the compute dtype, with float32 arithmetic inside merge_lora.
-        module.to(device)
-        state_dict, rank, what = loras[part]
-        merge_lora(module, state_dict, rank, what=what, memory_format=MEMORY_FORMAT)
-        # aligned like the cached copy, so both give the same numbers (merged.py says why)
-        modules[part] = merged.aligned(module.to(memory_format=MEMORY_FORMAT))
-    return modules
-
-
-def _check_base_folder(base: Path) -> None:
-    if not base.is_dir():
-        raise ModelNotFoundError(f"{base}: base model folder not found")
-    missing = [sub for sub in BASE_SUBFOLDERS if not (base / sub).is_dir()]
-    if missing:
-        raise ModelNotFoundError(f"{base}: not a Stable Diffusion 2.1-base folder (missing {', '.join(missing)}/)")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"{path}: unreadable ({exc})") from exc
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-
-
-def _variant(folder: Path, stem: str) -> dict:
-    """Use the fp16 variant when it is the only weights file present (a download for fp16/bf16 runs)."""
-    plain = any(folder.glob(f"{stem}.safetensors")) or any(folder.glob(f"{stem}.bin"))
-    if not plain and any(folder.glob(f"{stem}.fp16.*")):
-        return {"variant": "fp16"}
-    return {}
-
-
-# ------------------------------------------------------------------------------ prompt embedding
-
-
-def _text_encoder_identity(base: Path) -> str:
-    """Hash of what determines the embedding: configs, tokenizer files, and the weights' identity.
-
-    Weight files are identified by resolved name, size and mtime rather than hashed (1.3 GB);
-    in a Hub cache the resolved name is the blob's content hash.
-    """
-    h = hashlib.sha256()
-    for path in sorted((base / "tokenizer").iterdir()) + [base / "text_encoder" / "config.json"]:
-        if path.is_file():
-            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    for path in _weight_files(base / "text_encoder"):
-        h.update(f"{merged.file_identity(path)}\0".encode())
-    return h.hexdigest()
-
-
-def prompt_embedding(base: Path, prompt: str) -> torch.Tensor:
-    """Text-encoder output [0] (1 x 77 x D, float32) for `prompt`, cached on disk per base model."""
-    from safetensors.torch import load_file, save_file
-
-    root = writable_cache_dir()
-    if root is None:
-        return _encode_prompt(base, prompt)
-    key = hashlib.sha256((_text_encoder_identity(base) + "\0" + prompt).encode()).hexdigest()[:32]
-    path = root / "prompt-embeddings" / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            return load_file(str(path))["prompt_embeds"]
-        except Exception as exc:  # a damaged cache entry is recomputed, not fatal
-            logger.warning("ignoring unreadable prompt-embedding cache %s (%s)", path, exc)
-    embeds = _encode_prompt(base, prompt)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic.replacing(path) as tmp:
-            save_file({"prompt_embeds": embeds.contiguous()}, str(tmp), metadata={"prompt": prompt})
-    except (OSError, DiskFullError) as exc:
-        logger.warning("could not save the prompt embedding in %s (%s); the next run computes it again", path.parent, exc)
-    return embeds
-
-
-def _encode_prompt(base: Path, prompt: str) -> torch.Tensor:
-    from transformers import CLIPTextModel, CLIPTokenizer
-    from transformers.utils import logging as hf_logging
-
-    logger.info("computing the prompt embedding (once per base model and prompt)")
-    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would land in the middle of ours
-    try:
-        encoder = CLIPTextModel.from_pretrained(
-            base / "text_encoder", torch_dtype=torch.float32, **_variant(base / "text_encoder", "model")
-        ).eval()
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-    ids = tokenizer(
-        prompt, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
-    ).input_ids
-    with torch.no_grad():
-        return encoder(ids)[0].float()

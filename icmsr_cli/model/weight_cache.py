@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import atomic
-from .cache import MERGED_READY, merged_entries
-from .errors import DiskFullError
+from ..io import atomic
+from ..cache import MERGED_READY, merged_entries
+from ..errors import DiskFullError
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from . import atomic
-from .choices import DEFAULT_MAX_PIXELS
-from .errors import DiskFullError, ImageError
+from ..choices import DEFAULT_MAX_PIXELS
+from ..errors import DiskFullError, ImageError
 
 
 @dataclass(frozen=True)

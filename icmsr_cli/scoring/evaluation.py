@@ -16,8 +16,8 @@ from typing import Iterator
 import numpy as np
 
 from . import metrics
-from .errors import ImageError, SetupError
-from .images import IMAGE_SUFFIXES, read_image
+from ..errors import ImageError, SetupError
+from ..io.images import IMAGE_SUFFIXES, read_image
 
 OWN_METRICS = {"psnr": metrics.psnr_y, "ssim": metrics.ssim_y}
 LEARNED_METRICS = ("lpips", "dists", "clipiqa", "musiq", "maniqa", "niqe")  # through pyiqa
@@ -107,7 +107,7 @@ class LearnedMetrics:
         import pyiqa
         import torch
 
-        from .devices import resolve_device
+        from ..model.devices import resolve_device
 
         self.torch = torch
         self.device = resolve_device(device)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import SetupError
+from ..errors import SetupError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,7 +65,7 @@ def load_registry(path: str | Path | None = None) -> Registry:
     """Parse weights.toml: `path`, else $ICMSR_REGISTRY, else the copy shipped in the package."""
     path = path or os.environ.get("ICMSR_REGISTRY")
     try:
-        text = Path(path).read_text() if path else resources.files("icmsr_cli").joinpath("weights.toml").read_text()
+        text = Path(path).read_text() if path else resources.files("icmsr_cli.weights").joinpath("weights.toml").read_text()
     except OSError as exc:
         raise SetupError(f"{path}: cannot read the model registry ({exc.strerror})") from exc
     try:

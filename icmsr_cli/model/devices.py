@@ -10,9 +10,9 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import SetupError
+from ..errors import SetupError
 
-from .choices import DEVICE_CHOICES, DTYPE_CHOICES
+from ..choices import DEVICE_CHOICES, DTYPE_CHOICES
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

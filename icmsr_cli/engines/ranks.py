@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-from .errors import RanksLostError, SetupError
+from ..errors import RanksLostError, SetupError
 
 # the last collective waits for the slowest rank's last image; only a dead rank should time it out
 _TIMEOUT = timedelta(hours=12)

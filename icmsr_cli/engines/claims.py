@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from typing import Callable, Iterator, Sequence, TypeVar
 
-from .errors import SetupError
+from ..errors import SetupError
 
 T = TypeVar("T")
 

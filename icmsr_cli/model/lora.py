@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # peft's LoraConfig default at the time OSEDiff was trained; scaling = alpha / rank.
 LORA_ALPHA = 8

@@ -1,0 +1,1 @@
+"""The model: the one-step graph, loading and LoRA merging, the merged-weights cache, devices and colour fixes."""

@@ -1,0 +1,1 @@
+"""`icmsr eval`: PSNR/SSIM as the papers compute them, pairing SR with references, optional pyiqa metrics."""

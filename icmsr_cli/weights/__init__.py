@@ -1,0 +1,1 @@
+"""Where weights come from: the registry (weights.toml) and Hub downloads with pins."""
