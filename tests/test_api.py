@@ -1,0 +1,35 @@
+"""The public Python API as the README shows it, on the tiny model: nothing else is promised."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from PIL import Image
+
+import icmsr_cli
+from conftest import photo_like
+
+
+def test_public_names_are_the_documented_ones():
+    assert {n for n in icmsr_cli.__all__ if not n.endswith("Error")} == {
+        "Upscaler", "load_upscaler", "UpscaleOptions", "Picture", "read_image", "write_image", "__version__"}
+    for name in icmsr_cli.__all__:
+        assert getattr(icmsr_cli, name) is not None
+
+
+def test_readme_example_runs(tmp_path, tiny_base, tiny_lora):
+    from icmsr_cli import UpscaleOptions, load_upscaler, read_image, write_image
+
+    Image.fromarray(photo_like(40, 30)).save(tmp_path / "in.png")
+    scan = (photo_like(24, 20, seed=2).astype(np.uint16) * 257)[..., ::-1]
+    cv2.imwrite(str(tmp_path / "scan16.tif"), np.ascontiguousarray(scan))
+
+    up = load_upscaler(base=str(tiny_base), lora=str(tiny_lora))
+    assert up.upscale(Image.open(tmp_path / "in.png")).size == (160, 120)
+    assert up.upscale(Image.open(tmp_path / "in.png"), scale=2, color_fix="wavelet").size == (80, 60)
+
+    notes = []
+    up = load_upscaler(base=str(tiny_base), lora=str(tiny_lora), options=UpscaleOptions(scale=2, tile=64), notify=notes.append)
+    write_image(up.upscale_picture(read_image(tmp_path / "scan16.tif")), tmp_path / "scan16_x2.tif")
+    out = cv2.imread(str(tmp_path / "scan16_x2.tif"), cv2.IMREAD_UNCHANGED)
+    assert out.dtype == np.uint16 and out.shape == (40, 48, 3)
