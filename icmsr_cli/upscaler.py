@@ -1,23 +1,27 @@
 """The Python entry point and one image through the model: exact output size, the 512-px minimum,
 gray, alpha and bit depth. `load_upscaler` resolves weights by model name and loads once;
-`Upscaler` then upscales many images."""
+`Upscaler` then upscales many images.
+
+torch is imported where the model runs, so options and a resumed batch with nothing left to do
+stay light."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .choices import COLOR_FIXES
 from .errors import ImageError
 from .io.images import Picture, picture_from_pil, picture_to_pil, quantise, resize_planes
-from .model.devices import resolve_device, resolve_dtype
-from .model.graph import OneStepSR, Progress
-from .model.loading import load_pipeline
-from .weights.hub import Notify, resolve_weights
-from .weights.registry import load_registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model.graph import OneStepSR, Progress
+    from .weights.hub import Notify
 
 # ITU-R 601 luma, as Pillow's convert("L"): gray inputs come back gray
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -67,6 +71,8 @@ def upscale_picture(pipe: OneStepSR, picture: Picture, options: UpscaleOptions =
     x = resize_planes(color, run_at, exact_8bit=exact_8bit)
     if n_color == 1:
         x = np.repeat(x, 3, axis=2)
+    import torch
+
     y = pipe(torch.from_numpy(x).permute(2, 0, 1)[None], options.color_fix, options.tile)
     alpha = np.clip(resize_planes(alpha, out, exact_8bit=exact_8bit), 0, 1) if alpha.shape[2] else alpha
     if run_at == out and n_color == 3 and picture.bit_depth == 8:
@@ -86,6 +92,8 @@ def upscale_picture(pipe: OneStepSR, picture: Picture, options: UpscaleOptions =
 def quantise_on_device(y: torch.Tensor) -> torch.Tensor:
     """images.quantise to 8 bits on torch, where y lives: the same float32 ops (clamp, scale, round
     half to even), so the same integers as the CPU path."""
+    import torch
+
     return y.float().clamp(0, 1).mul_(255).round_().to(torch.uint8)  # one float copy at most
 
 
@@ -130,6 +138,13 @@ def load_upscaler(
     `notify` gets one-line notes (downloads, out-of-memory retries, fp16 fallbacks), `progress`
     (stage, done, total) for tiles; `reuse_freed_memory` keeps glibc's freed memory while a CPU image
     runs whole (process-wide while it runs: for processes that do nothing else; the CLI sets it)."""
+    import torch
+
+    from .model.devices import resolve_device, resolve_dtype
+    from .model.loading import load_pipeline
+    from .weights.hub import resolve_weights
+    from .weights.registry import load_registry
+
     registry = load_registry()
     spec = registry.get(model or registry.default)
     dev = resolve_device(device)

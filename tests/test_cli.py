@@ -67,10 +67,11 @@ def test_broken_lora_is_named(tmp_path, tiny_base):
 
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["upscale", "--help"], ["weights", "list"],
-                                  ["eval", "{png}", "--ref", "{png}", "--json"]])
+                                  ["eval", "{png}", "--ref", "{png}", "--json"], ["upscale", "{png}", "-o", "{done}"]])
 def test_light_commands_import_neither_torch_nor_diffusers(args, tmp_path):
-    """--version, --help and weights list compute nothing, and eval's psnr/ssim are numpy: they must not
-    pay for torch (1.6 s on a CPU machine, 5 s on a GPU one). Run in a fresh interpreter, as a user runs them."""
+    """--version, --help and weights list compute nothing, eval's psnr/ssim are numpy, and a resumed
+    batch with every output done has nothing to compute: none may pay for torch (1.6 s on a CPU
+    machine, 5 s on a GPU one). Run in a fresh interpreter, as a user runs them."""
     import json
     import os
     import subprocess
@@ -79,9 +80,10 @@ def test_light_commands_import_neither_torch_nor_diffusers(args, tmp_path):
     probe = ("import json, sys\nfrom icmsr_cli.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
              "    code = e.code\nprint(json.dumps([code, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)]),"
              " file=sys.stderr)")
-    png = tmp_path / "a.png"
+    png, done = tmp_path / "a.png", tmp_path / "a_x4.png"
     Image.fromarray(photo_like(16, 16)).save(png)
-    args = [a.format(png=png) for a in args]
+    Image.fromarray(photo_like(64, 64)).save(done)
+    args = [a.format(png=png, done=done) for a in args]
     env = {**os.environ, "ICMSR_CACHE_DIR": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, timeout=120)
     code, heavy = json.loads(proc.stderr.strip().splitlines()[-1])
