@@ -263,6 +263,42 @@ def test_freed_memory_is_reused_inside_the_context_only():
     assert mapped_after >= 512 << 20, mapped_after
 
 
+_TRIM_PROBE = """
+import ctypes
+from icmsr_cli.model.devices import release_freed_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+blocks = [libc.malloc(64 << 10) for _ in range(3200)]  # 200 MB in blocks below the mmap threshold
+for b in blocks:
+    ctypes.memset(b, 1, 64 << 10)
+full = rss()
+for b in blocks[:-1]:  # the last block pins the heap's top: glibc's own top-trim cannot return the rest
+    libc.free(b)
+kept = rss()
+release_freed_memory()
+print(full, kept, rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_release_freed_memory_hands_the_heaps_free_pages_back():
+    """What a tiled run frees stays in glibc's heap and grows with the image (BENCHMARKS.md, host
+    memory); release_freed_memory, called between tiled segments and stages, returns it."""
+    import subprocess
+
+    from icmsr_cli.model.devices import _glibc_mallopt
+
+    if _glibc_mallopt() is None:
+        pytest.skip("not glibc")
+    out = subprocess.run([sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True, check=True).stdout
+    full, kept, released = map(int, out.split())
+    assert kept > full - (20 << 20), "freed heap blocks stay resident until trimmed"
+    assert released < kept - (150 << 20), (full, kept, released)
+
+
 def test_missing_lora_file_is_a_checkpoint_error_not_a_traceback(tiny_base, tmp_path):
     from icmsr_cli.errors import CheckpointError
 

@@ -16,7 +16,7 @@ from ..errors import NumericalError, ResourceError, SetupError
 from ..tiling.plan import auto_tile_size, choose_tile, plan_tiles
 from ..tiling.vae import decoder_ops, encoder_ops, run_tiled
 from .color import apply_color_fix
-from .devices import available_memory, freed_memory_reused
+from .devices import available_memory, freed_memory_reused, release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class OneStepSR:
             encoder_ops(self.vae), x.mul(2).sub_(1),  # one whole-image copy, not two
             plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR), plan_tiles(h, w, tile, overlap),
             pad=ENCODER_PAD, device=self.device, dtype=self.dtype_of("encode"), batch=self.tile_batch, progress=self._stage("encode"),
-            park=self._parking(tile),
+            park=self._parking(tile), between_segments=release_freed_memory,
         )
         return moments[:, : moments.shape[1] // 2] * LATENT_SCALE  # the posterior mode is its mean
 
@@ -165,7 +165,7 @@ class OneStepSR:
             decoder_ops(self.vae), x0 / LATENT_SCALE,
             plan_tiles(h, w, tile, overlap), plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR),
             pad=DECODER_PAD, device=self.device, dtype=self.dtype_of("decode"), batch=self.tile_batch, progress=self._stage("decode"),
-            park=self._parking(tile),
+            park=self._parking(tile), between_segments=release_freed_memory,
         )
         return y.clamp_(-1, 1).mul_(0.5).add_(0.5)
 
@@ -250,9 +250,15 @@ class OneStepSR:
         return y.clamp_(0, 1)[..., :h, :w]
 
     def _graph(self, x: torch.Tensor, tile: int | None) -> torch.Tensor:
-        z = self._finite("encode", lambda: self.encode(x) if tile is None else self.encode_tiled(x, tile))
-        x0 = self._finite("unet", lambda: self.denoise(z) if tile is None else self.denoise_tiled(z, tile))
-        return self._finite("decode", lambda: self.decode(x0) if tile is None else self.decode_tiled(x0, tile))
+        if tile is None:
+            z = self._finite("encode", lambda: self.encode(x))
+            x0 = self._finite("unet", lambda: self.denoise(z))
+            return self._finite("decode", lambda: self.decode(x0))
+        z = self._finite("encode", lambda: self.encode_tiled(x, tile))
+        release_freed_memory()  # the heap kept what the tiles freed: see release_freed_memory
+        x0 = self._finite("unet", lambda: self.denoise_tiled(z, tile))
+        release_freed_memory()
+        return self._finite("decode", lambda: self.decode_tiled(x0, tile))
 
     def dtype_of(self, stage: str) -> torch.dtype:
         """The dtype a stage (encode, unet, decode) runs in: the pipeline's, or float32 after an fp16 overflow."""

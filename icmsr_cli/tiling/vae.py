@@ -217,22 +217,25 @@ def run_tiled(
     batch: int = 4,
     progress: Progress | None = None,
     park: list[tuple[torch.device, float]] | None = None,
+    between_segments: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Run `ops` over x (1, C, H, W) tile by tile. `in_tiles` are boxes in x's pixels (grown by
     `pad` of context), `out_tiles` the same tiles in output pixels with their blend windows.
     Waiting tiles are kept in the memory tiers of `park` ((device, byte budget), in order; default:
-    host memory without limit), then in temporary files.
+    host memory without limit), then in temporary files. `between_segments` runs when all tiles
+    have passed a segment (the caller hands freed host memory back there).
     Returns the blended output (float32 at least) on the CPU."""
     if x.shape[0] != 1:
         raise ValueError("tiled VAE runs one image at a time")
     parking = Parking(park if park is not None else [(torch.device("cpu"), float("inf"))])
     try:
-        return _run(ops, x, in_tiles, out_tiles, parking, pad=pad, device=device, dtype=dtype, batch=batch, progress=progress)
+        return _run(ops, x, in_tiles, out_tiles, parking, pad=pad, device=device, dtype=dtype, batch=batch, progress=progress,
+                    between_segments=between_segments)
     finally:
         parking.close()
 
 
-def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batch, progress) -> torch.Tensor:
+def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batch, progress, between_segments) -> torch.Tensor:
     _, _, height, width = x.shape
     boxes = [t.padded(pad, height, width) for t in in_tiles]
     states = [_State(park.put(x[:, :, y0:y1, x0:x1])) for y0, y1, x0, x1 in boxes]
@@ -277,6 +280,8 @@ def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batc
                 progress(done, total)
         if next_norm is not None:
             pooled = pool_stats(collected)
+        if between_segments:
+            between_segments()
 
     # blended on the host one tile at a time, divided in place: one whole-image copy, however many tiles
     scale = out_tiles[-1].core[1] / in_tiles[-1].core[1]  # output pixels per input pixel
