@@ -38,13 +38,16 @@ def child(model: str, device: str, tile: str, size: int) -> dict:
     from _models import random_model
 
     from icmsr_cli.io.images import Picture
+    from icmsr_cli.model.devices import resolve_dtype
     from icmsr_cli.model.loading import load_pipeline
     from icmsr_cli.upscaler import UpscaleOptions, upscale_picture
 
     base, lora = random_model(model)
     dev = torch.device(device)
-    pipe = load_pipeline(base, lora, device=dev, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
-    pipe.reuse_freed_memory = True  # as the CLI runs (it applies to images run whole)
+    tiles = []
+    pipe = load_pipeline(base, lora, device=dev, dtype=resolve_dtype("auto", dev),  # as the CLI picks
+                         reuse_freed_memory=True,  # as the CLI runs (it applies to images run whole)
+                         progress=lambda stage, done, total: tiles.append((stage, total)))
     loaded_rss = rss_now()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -52,8 +55,6 @@ def child(model: str, device: str, tile: str, size: int) -> dict:
     rng = np.random.default_rng(0)
     lr = size // 4
     picture = Picture(rng.random((lr, lr, 3)).astype(np.float32))
-    tiles = []
-    pipe.progress = lambda stage, done, total: tiles.append((stage, total))
     t0 = time.perf_counter()
     out = upscale_picture(pipe, picture, UpscaleOptions(scale=4, tile=None if tile == "off" else (tile if tile == "auto" else int(tile))))
     seconds = time.perf_counter() - t0
