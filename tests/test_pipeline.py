@@ -299,6 +299,50 @@ def test_release_freed_memory_hands_the_heaps_free_pages_back():
     assert released < kept - (150 << 20), (full, kept, released)
 
 
+_MAPPED_PROBE = """
+import ctypes, ctypes.util, sys
+from icmsr_cli.model.devices import large_blocks_mapped
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t if hasattr(libc, "mallinfo2") else ctypes.c_int) for name in fields]
+mallinfo = getattr(libc, "mallinfo2", None) or libc.mallinfo
+mallinfo.restype = Info
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+
+def mapped_for(mb):
+    before = mallinfo().hblkhd
+    block = libc.malloc(mb << 20)
+    mapped = mallinfo().hblkhd - before
+    libc.free(block)
+    return mapped
+
+libc.free(libc.malloc(16 << 20))  # a freed 16 MB mmapped block raises glibc's threshold past 8 MB
+if sys.argv[1] == "fixed":
+    large_blocks_mapped()
+print(mapped_for(8))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_large_blocks_stay_mapped_once_fixed():
+    """glibc's threshold rises after a large free, so a tiled run's tile-sized blocks land in the
+    heap and its peak grows with the image (BENCHMARKS.md, host memory); large_blocks_mapped keeps
+    them mmapped, so each is handed back when freed. Read from glibc's own accounting."""
+    import subprocess
+
+    from icmsr_cli.model.devices import _glibc_mallopt
+
+    if _glibc_mallopt() is None:
+        pytest.skip("not glibc")
+    def run(mode: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", _MAPPED_PROBE, mode], capture_output=True, text=True, check=True).stdout.split()
+
+    assert run("default") == ["0"], "glibc's default: after a 16 MB free, an 8 MB block comes from the heap"
+    assert int(run("fixed")[0]) >= 8 << 20
+
+
 def test_missing_lora_file_is_a_checkpoint_error_not_a_traceback(tiny_base, tmp_path):
     from icmsr_cli.errors import CheckpointError
 

@@ -77,8 +77,8 @@ def available_memory(device: torch.device) -> int:
 
 
 # glibc mallopt parameters (malloc.h) and their defaults
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 128 * 1024, 65536
 
 
 def _glibc():
@@ -112,6 +112,22 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def large_blocks_mapped() -> None:
+    """From now on glibc serves every block of 128 KB or more with mmap and unmaps it on free
+    (process-wide; a no-op off glibc).
+
+    glibc starts at that threshold but raises it to the size of each mmapped block freed, up to
+    32 MB. After the first large free, a tiled run's blocks below 32 MB come from the heap, where
+    tiles parked for a whole segment sit between freed ones; the heap cannot shrink past them, and
+    its size grows with the number of tiles: with 64-px tiles the tiny model's peak grew 1015 MB
+    from a 2048^2 to a 3072^2 output, 175 MB with the threshold fixed, and no slower (BENCHMARKS.md,
+    host memory). Fixing the threshold turns glibc's adjustment off for good, so this is not undone;
+    whole-image runs inside freed_memory_reused take no mmapped blocks at all either way."""
+    mallopt = _glibc_mallopt()
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from ..errors import NumericalError, ResourceError, SetupError
 from ..tiling.plan import auto_tile_size, choose_tile, plan_tiles
 from ..tiling.vae import decoder_ops, encoder_ops, run_tiled
 from .color import apply_color_fix
-from .devices import available_memory, freed_memory_reused, release_freed_memory
+from .devices import available_memory, freed_memory_reused, large_blocks_mapped, release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ class OneStepSR:
     tile_batch: int = 4  # tiles per model call
     memory_format: torch.memory_format = MEMORY_FORMAT  # activations' layout; the weights' matches (load_pipeline)
     stage_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # stages moved to float32 after an fp16 overflow
-    reuse_freed_memory: bool = False  # CPU whole-image runs inside devices.freed_memory_reused (the CLI asks for it)
+    # glibc tuned for a process that only upscales (the CLI asks for it): CPU whole-image runs inside
+    # devices.freed_memory_reused, and large blocks mapped for tiled runs (devices.large_blocks_mapped)
+    reuse_freed_memory: bool = False
     park_budget: float | None = None  # host bytes for waiting VAE tiles before files; None: see _parking
     progress: Progress | None = None  # told about tiles done, for long images
     _measured_bytes: float | None = field(default=None, repr=False)  # see _bytes_per_latent_px
@@ -254,6 +256,8 @@ class OneStepSR:
             z = self._finite("encode", lambda: self.encode(x))
             x0 = self._finite("unet", lambda: self.denoise(z))
             return self._finite("decode", lambda: self.decode(x0))
+        if self.reuse_freed_memory:
+            large_blocks_mapped()  # host memory of a tiled run stays flat in the image size
         z = self._finite("encode", lambda: self.encode_tiled(x, tile))
         release_freed_memory()  # the heap kept what the tiles freed: see release_freed_memory
         x0 = self._finite("unet", lambda: self.denoise_tiled(z, tile))
