@@ -136,8 +136,9 @@ def load_upscaler(
     """Load a registry model (or --base/--lora overrides) onto a device, ready to upscale.
 
     `notify` gets one-line notes (downloads, out-of-memory retries, fp16 fallbacks), `progress`
-    (stage, done, total) for tiles; `reuse_freed_memory` keeps glibc's freed memory while a CPU image
-    runs whole (process-wide while it runs: for processes that do nothing else; the CLI sets it)."""
+    (stage, done, total) for tiles; `reuse_freed_memory` tunes glibc for a process that does nothing
+    else (the CLI sets it): freed memory kept while a CPU image runs whole, large blocks mapped once an
+    image runs in tiles (process-wide; see model/devices.py)."""
     import torch
 
     from .model.devices import resolve_device, resolve_dtype
