@@ -215,9 +215,9 @@ def test_fp16_overflow_moves_only_that_stage_to_fp32(tiny_base, tiny_lora, stage
     assert len(notes) == 1
 
 
-_REUSE_PROBE = """
+# glibc's own accounting of one process's allocations, for the allocator probes below
+_MALLINFO = """
 import ctypes, ctypes.util
-from icmsr_cli.model.devices import freed_memory_reused
 
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
@@ -234,6 +234,10 @@ def block(mb):
     mapped = mallinfo().hblkhd - before
     libc.free(block)
     return mapped, mallinfo().arena
+"""
+
+_REUSE_PROBE = _MALLINFO + """
+from icmsr_cli.model.devices import freed_memory_reused
 
 before = block(256)
 with freed_memory_reused():
@@ -299,29 +303,14 @@ def test_release_freed_memory_hands_the_heaps_free_pages_back():
     assert released < kept - (150 << 20), (full, kept, released)
 
 
-_MAPPED_PROBE = """
-import ctypes, ctypes.util, sys
+_MAPPED_PROBE = _MALLINFO + """
+import sys
 from icmsr_cli.model.devices import large_blocks_mapped
-
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
-class Info(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t if hasattr(libc, "mallinfo2") else ctypes.c_int) for name in fields]
-mallinfo = getattr(libc, "mallinfo2", None) or libc.mallinfo
-mallinfo.restype = Info
-libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
-
-def mapped_for(mb):
-    before = mallinfo().hblkhd
-    block = libc.malloc(mb << 20)
-    mapped = mallinfo().hblkhd - before
-    libc.free(block)
-    return mapped
 
 libc.free(libc.malloc(16 << 20))  # a freed 16 MB mmapped block raises glibc's threshold past 8 MB
 if sys.argv[1] == "fixed":
     large_blocks_mapped()
-print(mapped_for(8))
+print(block(8)[0])
 """
 
 
