@@ -76,6 +76,14 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception means memory ran out (torch's CUDA/MPS errors, the CPU allocator's)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
 # glibc mallopt parameters (malloc.h) and their defaults
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 128 * 1024, 65536

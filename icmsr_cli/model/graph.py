@@ -16,7 +16,7 @@ from ..errors import NumericalError, ResourceError, SetupError
 from ..tiling.plan import auto_tile_size, choose_tile, plan_tiles
 from ..tiling.vae import decoder_ops, encoder_ops, run_tiled
 from .color import apply_color_fix
-from .devices import available_memory, freed_memory_reused, large_blocks_mapped, release_freed_memory
+from .devices import available_memory, freed_memory_reused, is_out_of_memory, large_blocks_mapped, release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class OneStepSR:
                     y = self._graph(x, tile)
                 break
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-                if not _is_out_of_memory(exc):
+                if not is_out_of_memory(exc):
                     raise
                 smaller = (tile or max(x.shape[-2:]) // VAE_FACTOR) // 2 // 8 * 8
                 if smaller < MIN_TILE:
@@ -304,13 +304,6 @@ def _nan_advice(dtype: torch.dtype) -> str:
     if dtype == torch.bfloat16:
         return "rerun with --dtype fp32"
     return "the weights or the input hold NaN/Inf, or the weights do not belong to this model"
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc)
-    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
 def _release(device: torch.device) -> None:

@@ -21,6 +21,7 @@ from . import weight_cache
 from .devices import memory_format_for
 from .graph import MEMORY_FORMAT, TIMESTEP, OneStepSR, Progress, alphas_cumprod
 from .lora import LoraCheckpoint, load_lora_checkpoint, merge_lora
+from .norms import fuse_group_norms, fused_available
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ def load_pipeline(
         module.requires_grad_(False).eval().to(device)
         if layout != MEMORY_FORMAT:
             module.to(memory_format=layout)
+    if fused_available(device):  # GroupNorm(+SiLU) through Triton: norms.py says why
+        fuse_group_norms(modules["vae"])
     embeds = prompt_embedding(base, prompt)
     return OneStepSR(vae=modules["vae"], unet=modules["unet"], prompt_embeds=embeds, alpha_t=alpha_t, device=device, dtype=dtype,
                      memory_format=layout, reuse_freed_memory=reuse_freed_memory, progress=progress,

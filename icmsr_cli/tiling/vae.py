@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io.atomic import is_no_space, no_space_error
+from ..model.norms import normalize
 from .plan import Tile
 
 Progress = Callable[[int, int], None]
@@ -189,22 +190,6 @@ def pool_stats(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[tor
     return mean, var
 
 
-def _apply_norm(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, act: bool) -> torch.Tensor:
-    """GroupNorm with given statistics (then SiLU), in place on one working copy to keep the
-    batch's working set small."""
-    b, c, h, w = x.shape
-    g = norm.num_groups
-    acc = _acc(x.dtype)
-    y = x.to(acc, copy=True).view(b, g, c // g, h, w)
-    y.sub_(mean.to(x.device, acc).view(1, g, 1, 1, 1)).mul_(torch.rsqrt(var.to(x.device, acc) + norm.eps).view(1, g, 1, 1, 1))
-    y = y.view(b, c, h, w)
-    if norm.affine:
-        y.mul_(norm.weight.to(acc).view(1, c, 1, 1)).add_(norm.bias.to(acc).view(1, c, 1, 1))
-    if act:
-        F.silu(y, inplace=True)
-    return y.to(x.dtype)
-
-
 def run_tiled(
     ops: list[_Op],
     x: torch.Tensor,
@@ -258,7 +243,7 @@ def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batc
                 saved = torch.cat([_take(park, states[i], "saved") for i in members]).to(device, dtype, non_blocking=True)
             for op in segment:
                 if op.kind == "norm":
-                    h = _apply_norm(op.module, h, pooled[0], pooled[1], op.act)
+                    h = normalize(h, pooled[0], pooled[1], op.module, op.act)
                 elif op.kind == "module":
                     h = op.module(h)
                 elif op.kind == "save":

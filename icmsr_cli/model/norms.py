@@ -1,0 +1,245 @@
+"""GroupNorm (+SiLU) for the VAE through two Triton kernels on CUDA, eager PyTorch elsewhere.
+
+Why: on an H100 the untiled 2048^2 graph spent 334 of 829 ms in GroupNorm, 302 ms of it in
+PyTorch's RowwiseMoments kernel. That kernel gives each (sample, group) row one thread block, so a
+VAE norm at full resolution (32 rows of millions of elements) keeps 32 of 132 SMs busy and reads at
+a few percent of the memory bandwidth (issue 10's profile). Here the statistics are reduced in
+chunks of a row by many programs, the partial moments merged exactly in float64 (the same pooling
+as the tiled VAE's), and normalisation, affine and SiLU are one elementwise pass: the SiLU that
+followed as its own kernel and its own full-size tensor is gone.
+
+The numbers are GroupNorm's: float32 statistics (two passes per chunk, so no cancellation),
+y = x * (rstd * gamma) + (beta - mean * rstd * gamma), as PyTorch's own kernels compute it; the
+output is rounded once, to the input's dtype. tests/test_norms.py checks both kernels against
+eager GroupNorm under Triton's interpreter on the CPU.
+
+`fuse_group_norms(vae)` swaps the VAE's GroupNorms for `FusedGroupNorm` (same parameters, same
+names, so state dicts and the merged-weights cache are untouched) and drops the SiLU modules the
+fused ones absorb. The tiled VAE normalises with pooled statistics through `normalize`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .devices import is_out_of_memory
+
+logger = logging.getLogger(__name__)
+
+#: elements of a row one statistics program reduces; rows shorter than this take one program
+_CHUNK = 16384
+#: elements per program step (statistics) and per program (normalisation)
+_BLOCK = 2048
+
+_kernels = None  # the compiled-on-demand Triton functions, built on first use
+_failed: BaseException | None = None  # set when Triton could not compile or run here: eager from then on
+
+
+def interpreted() -> bool:
+    """Triton's interpreter runs the kernels on CPU tensors with numpy (tests; never fast)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on `device`: CUDA with Triton importable (CUDA builds of
+    torch install it), or the CPU under Triton's interpreter."""
+    if _failed is not None or not (device.type == "cuda" or (device.type == "cpu" and interpreted())):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class FusedGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm, followed by SiLU when `act`, through the Triton kernels when the input allows
+    (contiguous NCHW on a device where they run), else eager."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, act: bool = False, **kw):
+        super().__init__(num_groups, num_channels, eps, affine, **kw)
+        self.act = act
+
+    @classmethod
+    def replacing(cls, norm: nn.GroupNorm, act: bool) -> FusedGroupNorm:
+        fused = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine, act=act, device="meta")
+        if norm.affine:  # the same Parameter objects: nothing copied, nothing renamed
+            fused.weight, fused.bias = norm.weight, norm.bias
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _runs_fused(x):
+            try:
+                mean, var = _moments(x, self.num_groups)
+                return _normalize(x, mean, var, self, self.act)
+            except Exception as exc:  # noqa: BLE001 - any Triton failure falls back; out of memory does not
+                _give_up(exc)
+        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.silu(y, inplace=True) if self.act else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", act=silu" if self.act else "")
+
+
+def fuse_group_norms(vae: nn.Module) -> int:
+    """Swap every GroupNorm of an AutoencoderKL for a FusedGroupNorm, absorbing the SiLU that
+    follows it: both norms of each ResnetBlock2D (the VAE's resnets have no time embedding, so
+    their `nonlinearity` follows nothing else), conv_norm_out with conv_act, and the attentions'
+    group_norm (no SiLU). Returns how many were swapped."""
+    swapped = 0
+    for coder in (vae.encoder, vae.decoder):
+        for module in list(coder.modules()):
+            # without a time embedding a resnet's SiLU runs only after its two norms ("default" or
+            # "group" embedding norm alike: there is no embedding to norm)
+            if hasattr(module, "norm1") and hasattr(module, "nonlinearity") and getattr(module, "time_emb_proj", None) is None:
+                if isinstance(module.norm1, nn.GroupNorm) and isinstance(module.norm2, nn.GroupNorm) and isinstance(module.nonlinearity, nn.SiLU):
+                    module.norm1 = FusedGroupNorm.replacing(module.norm1, act=True)
+                    module.norm2 = FusedGroupNorm.replacing(module.norm2, act=True)
+                    module.nonlinearity = nn.Identity()
+                    swapped += 2
+            elif type(getattr(module, "group_norm", None)) is nn.GroupNorm:
+                module.group_norm = FusedGroupNorm.replacing(module.group_norm, act=False)
+                swapped += 1
+        if type(getattr(coder, "conv_norm_out", None)) is nn.GroupNorm and isinstance(getattr(coder, "conv_act", None), nn.SiLU):
+            coder.conv_norm_out = FusedGroupNorm.replacing(coder.conv_norm_out, act=True)
+            coder.conv_act = nn.Identity()
+            swapped += 1
+    return swapped
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: nn.GroupNorm, act: bool) -> torch.Tensor:
+    """GroupNorm of x (B, C, H, W) with given per-group statistics (G,) shared by the batch (the
+    tiled VAE's pooled ones), then SiLU when `act`; in x's dtype. Fused when `norm` is a
+    FusedGroupNorm and x allows; else eager, in place on one float32 working copy."""
+    if isinstance(norm, FusedGroupNorm) and _runs_fused(x):
+        try:
+            b = x.shape[0]
+            return _normalize(x, mean.expand(b, -1), var.expand(b, -1), norm, act)
+        except Exception as exc:  # noqa: BLE001
+            _give_up(exc)
+    b, c, h, w = x.shape
+    g = norm.num_groups
+    acc = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(acc, copy=True).view(b, g, c // g, h, w)
+    y.sub_(mean.to(x.device, acc).view(1, g, 1, 1, 1)).mul_(torch.rsqrt(var.to(x.device, acc) + norm.eps).view(1, g, 1, 1, 1))
+    y = y.view(b, c, h, w)
+    if norm.affine:
+        y.mul_(norm.weight.to(acc).view(1, c, 1, 1)).add_(norm.bias.to(acc).view(1, c, 1, 1))
+    if act:
+        F.silu(y, inplace=True)
+    return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------ Triton
+
+
+def _runs_fused(x: torch.Tensor) -> bool:
+    return (
+        _failed is None
+        and x.ndim >= 3  # (B, C, H, W), or (B, C, H*W) inside diffusers' attention
+        and x.is_contiguous()
+        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and fused_available(x.device)
+    )
+
+
+def _give_up(exc: BaseException) -> None:
+    if is_out_of_memory(exc):
+        raise exc
+    global _failed
+    _failed = exc
+    logger.warning("fused GroupNorm kernels failed here (%s: %s); using PyTorch's from now on", type(exc).__name__, exc)
+
+
+def _moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (sample, group) mean and population variance, (B, G) in float64: float32 partial
+    moments per chunk from the kernel, pooled exactly as the tiled VAE pools its tiles."""
+    k = _build()
+    b, c = x.shape[:2]
+    rows = b * groups
+    row_len = x.numel() // rows
+    chunk = min(_CHUNK, row_len)
+    splits = -(-row_len // chunk)  # every chunk holds elements; the last may be short
+    sums = torch.empty(rows, splits, device=x.device, dtype=torch.float32)
+    m2s = torch.empty_like(sums)
+    k.moments[(splits, rows)](x, sums, m2s, row_len, chunk, BLOCK=_BLOCK)
+    n = torch.full((splits,), chunk, device=x.device, dtype=torch.float64)
+    n[-1] = row_len - (splits - 1) * chunk
+    sums, m2s = sums.double(), m2s.double()
+    mean = sums.sum(1, keepdim=True) / row_len
+    var = (m2s + n * (sums / n - mean) ** 2).sum(1) / row_len
+    return mean.view(b, groups), var.view(b, groups)
+
+
+def _normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: nn.GroupNorm, act: bool) -> torch.Tensor:
+    """y = x * scale + shift per (sample, channel), SiLU when act, in x's dtype: one pass."""
+    k = _build()
+    b, c = x.shape[:2]
+    g = norm.num_groups
+    rstd = torch.rsqrt(var.to(x.device, torch.float32) + norm.eps)  # (B, G)
+    scale = rstd.repeat_interleave(c // g, dim=1)  # (B, C)
+    shift = -mean.to(x.device, torch.float32).repeat_interleave(c // g, dim=1) * scale
+    if norm.affine:
+        gamma, beta = norm.weight.to(torch.float32), norm.bias.to(torch.float32)
+        shift = shift * gamma + beta
+        scale = scale * gamma
+    y = torch.empty_like(x)
+    hw = x.numel() // (b * c)
+    k.normalize[(-(-hw // _BLOCK), b * c)](x, y, scale.contiguous(), shift.contiguous(), hw, ACT=act, BLOCK=_BLOCK)
+    return y
+
+
+def _build():
+    """Define the kernels on first use: importing Triton costs time, and the interpreter is
+    chosen when the functions are decorated."""
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def moments(x_ptr, sum_ptr, m2_ptr, row_len, chunk, BLOCK: tl.constexpr):
+        # program (split, row): sum and centred sum of squares of one chunk of one row, float32
+        split, row = tl.program_id(0), tl.program_id(1)
+        start = split * chunk
+        end = tl.minimum(start + chunk, row_len)
+        base = x_ptr + row.to(tl.int64) * row_len
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(start, end, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            acc += tl.load(base + idx, mask=idx < end, other=0.0).to(tl.float32)
+        total = tl.sum(acc, axis=0)
+        mean = total / (end - start).to(tl.float32)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(start, end, BLOCK):  # second pass: the chunk is still in L2
+            idx = off + tl.arange(0, BLOCK)
+            d = tl.load(base + idx, mask=idx < end, other=0.0).to(tl.float32) - mean
+            acc += tl.where(idx < end, d * d, 0.0)
+        out = row * tl.num_programs(0) + split
+        tl.store(sum_ptr + out, total)
+        tl.store(m2_ptr + out, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def normalize(x_ptr, y_ptr, scale_ptr, shift_ptr, hw, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        # program (block, plane): one block of one (sample, channel) plane
+        block, plane = tl.program_id(0), tl.program_id(1)
+        idx = block * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < hw
+        offset = plane.to(tl.int64) * hw + idx
+        y = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32) * tl.load(scale_ptr + plane) + tl.load(shift_ptr + plane)
+        if ACT:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + offset, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    class _Kernels:
+        pass
+
+    _kernels = _Kernels()
+    _kernels.moments, _kernels.normalize = moments, normalize
+    return _kernels

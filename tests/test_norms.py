@@ -1,0 +1,131 @@
+"""The fused GroupNorm(+SiLU) route (model/norms.py) against eager PyTorch.
+
+The Triton kernels run on the CPU under Triton's interpreter (TRITON_INTERPRET=1, chosen when the
+kernels are first built, so in a fresh interpreter); on CUDA the same kernels are compiled."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from icmsr_cli.model.norms import FusedGroupNorm, fuse_group_norms
+
+HERE = Path(__file__).parent
+
+
+def _tiny_vae(tiny_base):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(tiny_base / "vae").eval()
+
+
+def test_fusing_keeps_the_vae_exact_and_its_weights_named(tiny_base):
+    """Where the kernels do not run (here: the CPU), the swapped modules compute exactly what the
+    originals did; every GroupNorm is swapped and every SiLU after one absorbed."""
+    vae = _tiny_vae(tiny_base)
+    fused = copy.deepcopy(vae)
+    groupnorms = sum(isinstance(m, nn.GroupNorm) for part in (vae.encoder, vae.decoder) for m in part.modules())
+    assert fuse_group_norms(fused) == groupnorms
+    for part in (fused.encoder, fused.decoder):
+        assert all(type(m) is not nn.GroupNorm for m in part.modules())
+        assert not any(isinstance(m, nn.SiLU) for m in part.modules())
+    assert list(fused.state_dict()) == list(vae.state_dict())
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 48, 40) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(fused.encode(x).latent_dist.mode(), vae.encode(x).latent_dist.mode())
+        z = torch.randn(1, 4, 6, 5)
+        assert torch.equal(fused.decode(z).sample, vae.decode(z).sample)
+
+
+_INTERPRETED = textwrap.dedent(
+    """
+    import copy, json, sys
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+    from icmsr_cli.model import norms
+    from icmsr_cli.model.norms import FusedGroupNorm, fuse_group_norms, normalize
+
+    norms._CHUNK = 1000  # rows of several chunks, so the partial moments are pooled
+    torch.manual_seed(0)
+    out = {}
+
+    def reference(x, norm, act):
+        y = F.group_norm(x.double(), norm.num_groups, norm.weight.double(), norm.bias.double(), norm.eps)
+        return F.silu(y) if act else y
+
+    for name, shape, dtype, offset in [("fp32", (2, 64, 13, 17), torch.float32, 0.0),
+                                       ("fp32-offset", (2, 64, 13, 17), torch.float32, 100.0),
+                                       ("fp32-3d", (2, 64, 300), torch.float32, 0.0),
+                                       ("bf16", (1, 32, 40, 40), torch.bfloat16, 0.0),
+                                       ("fp16", (1, 32, 40, 40), torch.float16, 0.0)]:
+        for act in (False, True):
+            norm = FusedGroupNorm(8, shape[1], act=act)
+            with torch.no_grad():
+                norm.weight.normal_(1, 0.5), norm.bias.normal_(0, 0.5)
+            norm.requires_grad_(False)
+            x = (torch.randn(shape) * 3 + offset).to(dtype)
+            norm.to(dtype)
+            with torch.no_grad():
+                y = norm(x)
+                eager = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+                eager = F.silu(eager) if act else eager
+            ref = reference(x, norm, act)
+            assert norms._failed is None, norms._failed
+            # largest error against float64 of the fused route and of eager PyTorch in the same
+            # dtype, and how far the fused route strays beyond one unit in the last place
+            err = (y.double() - ref).abs()
+            beyond_ulp = float((err - torch.finfo(dtype).eps * ref.abs()).max())
+            out[f"{name}-act{int(act)}"] = [float(err.max()), float((eager.double() - ref).abs().max()), beyond_ulp, str(y.dtype)]
+
+    # the shared-statistics path of the tiled VAE: given statistics, a batch of tiles
+    norm = FusedGroupNorm(8, 64, act=True)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5), norm.bias.normal_(0, 0.5)
+    plain = torch.nn.GroupNorm(8, 64)
+    plain.load_state_dict(norm.state_dict())
+    x = torch.randn(3, 64, 11, 19)
+    mean, var = torch.randn(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5
+    out["tiled"] = float((normalize(x, mean, var, norm, True) - normalize(x, mean, var, plain, True)).abs().max())
+
+    # the whole tiny VAE, both ways
+    vae = AutoencoderKL.from_pretrained(sys.argv[1]).eval()
+    fused = copy.deepcopy(vae)
+    fuse_group_norms(fused)
+    img = torch.rand(1, 3, 32, 24) * 2 - 1
+    z = torch.randn(1, 4, 4, 3)
+    with torch.no_grad():
+        out["encode"] = float((fused.encode(img).latent_dist.mode() - vae.encode(img).latent_dist.mode()).abs().max())
+        out["decode"] = float((fused.decode(z).sample - vae.decode(z).sample).abs().max())
+    assert norms._failed is None, norms._failed
+    print(json.dumps(out))
+    """
+)
+
+
+def test_triton_kernels_equal_eager_groupnorm(tiny_base):
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE.parent)}
+    run = subprocess.run([sys.executable, "-c", _INTERPRETED, str(tiny_base / "vae")], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for key in [k for k in out if "-act" in k]:
+        fused, eager, beyond_ulp, dtype = out[key]
+        assert dtype == {"bf16": "torch.bfloat16", "fp16": "torch.float16"}.get(key.split("-")[0], "torch.float32"), key
+        if dtype == "torch.float32":  # no further from float64 than PyTorch's own GroupNorm
+            assert fused <= 2 * eager + 1e-6, (key, fused, eager)
+        else:  # within one unit in the last place: the interpreter truncates float32 -> bf16, CUDA rounds to nearest
+            assert beyond_ulp <= 1e-6, (key, fused, eager, beyond_ulp)
+    assert out["tiled"] < 1e-5
+    assert out["encode"] < 1e-4 and out["decode"] < 1e-4, out
