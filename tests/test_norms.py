@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from icmsr_cli.model.norms import FusedGroupNorm, fuse_group_norms
+from icmsr_cli.model.norms import fuse_group_norms
 
 HERE = Path(__file__).parent
 

@@ -18,6 +18,7 @@ from ..cache import writable_cache_dir
 from ..errors import DiskFullError, ModelNotFoundError
 from ..io import atomic
 from . import weight_cache
+from .attention import use_vae_attention
 from .devices import memory_format_for
 from .graph import MEMORY_FORMAT, TIMESTEP, OneStepSR, Progress, alphas_cumprod
 from .lora import LoraCheckpoint, load_lora_checkpoint, merge_lora
@@ -75,6 +76,8 @@ def load_pipeline(
             module.to(memory_format=layout)
     if fused_available(device):  # GroupNorm(+SiLU) through Triton: norms.py says why
         fuse_group_norms(modules["vae"])
+    if device.type == "cuda":  # the mid-block attention in query blocks where SDPA is slow: attention.py
+        use_vae_attention(modules["vae"])
     embeds = prompt_embedding(base, prompt)
     return OneStepSR(vae=modules["vae"], unet=modules["unet"], prompt_embeds=embeds, alpha_t=alpha_t, device=device, dtype=dtype,
                      memory_format=layout, reuse_freed_memory=reuse_freed_memory, progress=progress,

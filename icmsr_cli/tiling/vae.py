@@ -20,10 +20,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..io.atomic import is_no_space, no_space_error
+from ..model.attention import attend
 from ..model.norms import normalize
 from .plan import Tile
 
@@ -85,19 +85,6 @@ def decoder_ops(vae) -> list[_Op]:
         ops += [_Op("module", u) for u in (block.upsamplers or [])]
     ops += [_Op("norm", dec.conv_norm_out, act=True), _Op("module", dec.conv_out)]
     return ops
-
-
-def _attention(attn, x: torch.Tensor) -> torch.Tensor:
-    """diffusers' AttnProcessor2_0 without its group norm and residual (done as separate ops)."""
-    b, c, h, w = x.shape
-    x = x.view(b, c, h * w).transpose(1, 2)
-    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-    head_dim = k.shape[-1] // attn.heads
-    q, k, v = (t.view(b, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(q.dtype)
-    out = attn.to_out[1](attn.to_out[0](out))
-    return out.transpose(-1, -2).reshape(b, c, h, w)
 
 
 @dataclass
@@ -252,7 +239,7 @@ def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batc
                     h = ((op.module(saved) if op.module is not None else saved) + h) / op.scale
                     saved = None
                 elif op.kind == "attn":
-                    h = _attention(op.module, h)
+                    h = attend(op.module, h)
             for k, i in enumerate(members):
                 if next_norm is not None:
                     own = _own_in_feature(in_tiles[i].own, boxes[i], h.shape[-2:])
