@@ -56,7 +56,7 @@ _INTERPRETED = textwrap.dedent(
     from icmsr_cli.model import norms
     from icmsr_cli.model.norms import FusedGroupNorm, fuse_group_norms, normalize
 
-    norms._CHUNK = 1000  # rows of several chunks, so the partial moments are pooled
+    norms._CHUNK, norms._SPLIT_BLOCK = 1000, 4  # rows of several chunks, merged over several steps
     torch.manual_seed(0)
     out = {}
 

@@ -1,16 +1,16 @@
-"""GroupNorm (+SiLU) for the VAE through two Triton kernels on CUDA, eager PyTorch elsewhere.
+"""GroupNorm (+SiLU) for the VAE through Triton kernels on CUDA, eager PyTorch elsewhere.
 
 Why: on an H100 the untiled 2048^2 graph spent 334 of 829 ms in GroupNorm, 302 ms of it in
 PyTorch's RowwiseMoments kernel. That kernel gives each (sample, group) row one thread block, so a
 VAE norm at full resolution (32 rows of millions of elements) keeps 32 of 132 SMs busy and reads at
 a few percent of the memory bandwidth (issue 10's profile). Here the statistics are reduced in
-chunks of a row by many programs, the partial moments merged exactly in float64 (the same pooling
-as the tiled VAE's), and normalisation, affine and SiLU are one elementwise pass: the SiLU that
-followed as its own kernel and its own full-size tensor is gone.
+chunks of a row by many programs, the chunks' moments pooled per row by a small kernel (the
+pooling the tiled VAE uses across tiles), and normalisation, affine and SiLU are one elementwise
+pass: the SiLU that followed as its own kernel and its own full-size tensor is gone.
 
 The numbers are GroupNorm's: float32 statistics (two passes per chunk, so no cancellation),
 y = x * (rstd * gamma) + (beta - mean * rstd * gamma), as PyTorch's own kernels compute it; the
-output is rounded once, to the input's dtype. tests/test_norms.py checks both kernels against
+output is rounded once, to the input's dtype. tests/test_norms.py checks the kernels against
 eager GroupNorm under Triton's interpreter on the CPU.
 
 `fuse_group_norms(vae)` swaps the VAE's GroupNorms for `FusedGroupNorm` (same parameters, same
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 _CHUNK = 16384
 #: elements per program step (statistics) and per program (normalisation)
 _BLOCK = 2048
+#: chunks per step when a row's chunk moments are merged
+_SPLIT_BLOCK = 1024
 
 _kernels = None  # the compiled-on-demand Triton functions, built on first use
 _failed: BaseException | None = None  # set when Triton could not compile or run here: eager from then on
@@ -75,8 +77,7 @@ class FusedGroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _runs_fused(x):
             try:
-                mean, var = _moments(x, self.num_groups)
-                return _normalize(x, mean, var, self, self.act)
+                return _group_norm(x, self, self.act)
             except Exception as exc:  # noqa: BLE001 - any Triton failure falls back; out of memory does not
                 _give_up(exc)
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
@@ -156,29 +157,29 @@ def _give_up(exc: BaseException) -> None:
     logger.warning("fused GroupNorm kernels failed here (%s: %s); using PyTorch's from now on", type(exc).__name__, exc)
 
 
-def _moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (sample, group) mean and population variance, (B, G) in float64: float32 partial
-    moments per chunk from the kernel, pooled exactly as the tiled VAE pools its tiles."""
+def _group_norm(x: torch.Tensor, norm: nn.GroupNorm, act: bool) -> torch.Tensor:
+    """Three launches and no small torch ops (their launch costs would add up over a VAE's fifty
+    norms): partial moments per chunk of each (sample, group) row, their merge into each row's
+    scale and shift per channel, then the normalising pass."""
     k = _build()
     b, c = x.shape[:2]
-    rows = b * groups
+    g = norm.num_groups
+    rows = b * g
     row_len = x.numel() // rows
     chunk = min(_CHUNK, row_len)
     splits = -(-row_len // chunk)  # every chunk holds elements; the last may be short
-    sums = torch.empty(rows, splits, device=x.device, dtype=torch.float32)
-    m2s = torch.empty_like(sums)
-    k.moments[(splits, rows)](x, sums, m2s, row_len, chunk, BLOCK=_BLOCK)
-    n = torch.full((splits,), chunk, device=x.device, dtype=torch.float64)
-    n[-1] = row_len - (splits - 1) * chunk
-    sums, m2s = sums.double(), m2s.double()
-    mean = sums.sum(1, keepdim=True) / row_len
-    var = (m2s + n * (sums / n - mean) ** 2).sum(1) / row_len
-    return mean.view(b, groups), var.view(b, groups)
+    partial = torch.empty(2, rows, splits, device=x.device, dtype=torch.float32)
+    k.moments[(splits, rows)](x, partial[0], partial[1], row_len, chunk, BLOCK=_BLOCK)
+    coeffs = torch.empty(2, b * c, device=x.device, dtype=torch.float32)
+    weight, bias = (norm.weight, norm.bias) if norm.affine else (partial, partial)  # unread without AFFINE
+    k.finalize[(rows,)](partial[0], partial[1], weight, bias, coeffs[0], coeffs[1], splits, chunk, row_len, g, c // g, norm.eps,
+                        AFFINE=norm.affine, BLOCK=_SPLIT_BLOCK, CHANNELS=_next_power_of_2(c // g))
+    return _apply(x, coeffs[0], coeffs[1], act)
 
 
 def _normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: nn.GroupNorm, act: bool) -> torch.Tensor:
-    """y = x * scale + shift per (sample, channel), SiLU when act, in x's dtype: one pass."""
-    k = _build()
+    """The normalising pass with given statistics (B, G): y = x * scale + shift per (sample,
+    channel), as PyTorch's GroupNorm forms them, in float32."""
     b, c = x.shape[:2]
     g = norm.num_groups
     rstd = torch.rsqrt(var.to(x.device, torch.float32) + norm.eps)  # (B, G)
@@ -188,10 +189,20 @@ def _normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: nn.
         gamma, beta = norm.weight.to(torch.float32), norm.bias.to(torch.float32)
         shift = shift * gamma + beta
         scale = scale * gamma
+    return _apply(x, scale.contiguous(), shift.contiguous(), act)
+
+
+def _apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool) -> torch.Tensor:
+    k = _build()
+    planes = x.shape[0] * x.shape[1]
+    hw = x.numel() // planes
     y = torch.empty_like(x)
-    hw = x.numel() // (b * c)
-    k.normalize[(-(-hw // _BLOCK), b * c)](x, y, scale.contiguous(), shift.contiguous(), hw, ACT=act, BLOCK=_BLOCK)
+    k.normalize[(-(-hw // _BLOCK), planes)](x, y, scale, shift, hw, ACT=act, BLOCK=_BLOCK)
     return y
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def _build():
@@ -226,6 +237,41 @@ def _build():
         tl.store(m2_ptr + out, tl.sum(acc, axis=0))
 
     @triton.jit
+    def finalize(sum_ptr, m2_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, splits, chunk, row_len, groups, per_group, eps,
+                 AFFINE: tl.constexpr, BLOCK: tl.constexpr, CHANNELS: tl.constexpr):
+        # program (row): the row's mean and variance from its chunks' moments (Chan's pooling:
+        # sum of m2_i + n_i (mean_i - mean)^2), then scale and shift for each channel of the group
+        row = tl.program_id(0)
+        base = row * splits
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(0, splits, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            acc += tl.load(sum_ptr + base + idx, mask=idx < splits, other=0.0)
+        mean = tl.sum(acc, axis=0) / row_len
+        last = row_len - (splits - 1) * chunk
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(0, splits, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            inside = idx < splits
+            n = tl.where(idx == splits - 1, last, chunk).to(tl.float32)
+            d = tl.load(sum_ptr + base + idx, mask=inside, other=0.0) / n - mean
+            acc += tl.where(inside, tl.load(m2_ptr + base + idx, mask=inside, other=0.0) + n * d * d, 0.0)
+        rstd = tl.rsqrt(tl.sum(acc, axis=0) / row_len + eps)
+        group = row % groups
+        channel = group * per_group + tl.arange(0, CHANNELS)
+        valid = tl.arange(0, CHANNELS) < per_group
+        scale = tl.zeros([CHANNELS], dtype=tl.float32) + rstd
+        shift = -mean * scale
+        if AFFINE:
+            gamma = tl.load(w_ptr + channel, mask=valid, other=0.0).to(tl.float32)
+            beta = tl.load(b_ptr + channel, mask=valid, other=0.0).to(tl.float32)
+            shift = shift * gamma + beta
+            scale = scale * gamma
+        out = (row // groups) * (groups * per_group) + channel
+        tl.store(scale_ptr + out, scale, mask=valid)
+        tl.store(shift_ptr + out, shift, mask=valid)
+
+    @triton.jit
     def normalize(x_ptr, y_ptr, scale_ptr, shift_ptr, hw, ACT: tl.constexpr, BLOCK: tl.constexpr):
         # program (block, plane): one block of one (sample, channel) plane
         block, plane = tl.program_id(0), tl.program_id(1)
@@ -241,5 +287,5 @@ def _build():
         pass
 
     _kernels = _Kernels()
-    _kernels.moments, _kernels.normalize = moments, normalize
+    _kernels.moments, _kernels.finalize, _kernels.normalize = moments, finalize, normalize
     return _kernels
