@@ -129,3 +129,20 @@ def test_triton_kernels_equal_eager_groupnorm(tiny_base):
             assert beyond_ulp <= 1e-6, (key, fused, eager, beyond_ulp)
     assert out["tiled"] < 1e-5
     assert out["encode"] < 1e-4 and out["decode"] < 1e-4, out
+
+
+def test_load_pipeline_fuses_the_vae_where_the_kernels_run(tiny_base, tiny_lora, monkeypatch):
+    """Where the kernels are available the loaded VAE holds FusedGroupNorms (and nowhere else), and
+    a whole upscale through them, here on their eager fallback, gives the unfused pipeline's numbers."""
+    from icmsr_cli.model import loading
+    from icmsr_cli.model.norms import FusedGroupNorm
+
+    cpu = torch.device("cpu")
+    plain = loading.load_pipeline(tiny_base, tiny_lora, device=cpu, dtype=torch.float32)
+    assert not any(isinstance(m, FusedGroupNorm) for m in plain.vae.modules())
+    monkeypatch.setattr(loading, "fused_available", lambda device: True)
+    fused = loading.load_pipeline(tiny_base, tiny_lora, device=cpu, dtype=torch.float32)
+    assert any(isinstance(m, FusedGroupNorm) for m in fused.vae.modules())
+    assert not any(isinstance(m, FusedGroupNorm) for m in fused.unet.modules())
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fused(x, "adain", None), plain(x, "adain", None))
