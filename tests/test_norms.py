@@ -98,14 +98,14 @@ _INTERPRETED = textwrap.dedent(
     mean, var = torch.randn(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5
     out["tiled"] = float((normalize(x, mean, var, norm, True) - normalize(x, mean, var, plain, True)).abs().max())
 
-    # the whole tiny VAE, both ways
+    # the tiny VAE's decoder (all its norm kinds: resnets', the attention's on (B, C, H*W), the
+    # last), both ways; one chunk per row, as the interpreter pays per program
+    norms._CHUNK, norms._SPLIT_BLOCK = 16384, 1024
     vae = AutoencoderKL.from_pretrained(sys.argv[1]).eval()
     fused = copy.deepcopy(vae)
     fuse_group_norms(fused)
-    img = torch.rand(1, 3, 32, 24) * 2 - 1
     z = torch.randn(1, 4, 4, 3)
     with torch.no_grad():
-        out["encode"] = float((fused.encode(img).latent_dist.mode() - vae.encode(img).latent_dist.mode()).abs().max())
         out["decode"] = float((fused.decode(z).sample - vae.decode(z).sample).abs().max())
     assert norms._failed is None, norms._failed
     print(json.dumps(out))
@@ -128,7 +128,7 @@ def test_triton_kernels_equal_eager_groupnorm(tiny_base):
         else:  # within one unit in the last place: the interpreter truncates float32 -> bf16, CUDA rounds to nearest
             assert beyond_ulp <= 1e-6, (key, fused, eager, beyond_ulp)
     assert out["tiled"] < 1e-5
-    assert out["encode"] < 1e-4 and out["decode"] < 1e-4, out
+    assert out["decode"] < 1e-4, out
 
 
 def test_load_pipeline_fuses_the_vae_where_the_kernels_run(tiny_base, tiny_lora, monkeypatch):
