@@ -146,3 +146,34 @@ def test_load_pipeline_fuses_the_vae_where_the_kernels_run(tiny_base, tiny_lora,
     assert not any(isinstance(m, FusedGroupNorm) for m in fused.unet.modules())
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(fused(x, "adain", None), plain(x, "adain", None))
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_kernels_compile_for_ampere_and_hopper(capability, tmp_path, monkeypatch):
+    """The interpreter runs what CUDA may refuse to compile; Triton compiles for a GPU without one
+    (down to a cubin, through its bundled ptxas), so every variant the pipeline can launch is built
+    here for sm_80 and sm_90."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from icmsr_cli.model import norms
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # 3.9 warns when unset; fused multiply-adds, as on the GPU by default
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(norms, "_kernels", None)  # built afresh, compiled rather than interpreted
+    k = norms._build()
+    target = GPUTarget("cuda", capability, 32)
+    ints = dict.fromkeys(("splits", "chunk", "row_len", "groups", "per_group"), "i32")
+    for dt in ("bf16", "fp16", "fp32"):
+        jobs = [(k.moments, {"x_ptr": f"*{dt}", "sum_ptr": "*fp32", "m2_ptr": "*fp32", "row_len": "i32", "chunk": "i32", "BLOCK": "constexpr"},
+                 {"BLOCK": norms._BLOCK})]
+        jobs += [(k.normalize, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "hw": "i32",
+                                "ACT": "constexpr", "BLOCK": "constexpr"}, {"ACT": act, "BLOCK": norms._BLOCK}) for act in (False, True)]
+        jobs += [(k.finalize, {"sum_ptr": "*fp32", "m2_ptr": "*fp32", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "scale_ptr": "*fp32",
+                               "shift_ptr": "*fp32", **ints, "eps": "fp32", "AFFINE": "constexpr", "BLOCK": "constexpr", "CHANNELS": "constexpr"},
+                  {"AFFINE": affine, "BLOCK": norms._SPLIT_BLOCK, "CHANNELS": 16}) for affine in (False, True)]
+        for fn, signature, constants in jobs:
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target)
+            assert compiled.asm.get("cubin"), (fn, dt)
