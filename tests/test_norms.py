@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from icmsr_cli.model.norms import fuse_group_norms
@@ -177,3 +178,36 @@ def test_kernels_compile_for_ampere_and_hopper(capability, tmp_path, monkeypatch
         for fn, signature, constants in jobs:
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target)
             assert compiled.asm.get("cubin"), (fn, dt)
+
+
+def test_a_failing_kernel_falls_back_to_eager_once_but_out_of_memory_propagates(monkeypatch, caplog):
+    """If Triton cannot compile or launch here the norm gives eager's numbers, with one warning, and
+    the kernels are not tried again; out of memory is no kernel failure: it reaches the tile-halving retry."""
+    from icmsr_cli.model import norms
+
+    monkeypatch.setattr(norms, "_failed", None)
+    monkeypatch.setattr(norms, "fused_available", lambda device: norms._failed is None)
+    calls = []
+
+    def broken(x, norm, act):
+        calls.append(1)
+        raise RuntimeError("PTX .version 9.0 does not support .target sm_120")
+
+    monkeypatch.setattr(norms, "_group_norm", broken)
+    norm = norms.FusedGroupNorm(4, 16, act=True)
+    x = torch.randn(2, 16, 5, 7)
+    with torch.no_grad():
+        want = F.silu(F.group_norm(x, 4, norm.weight, norm.bias, norm.eps))
+        assert torch.equal(norm(x), want) and torch.equal(norm(x), want)
+    assert len(calls) == 1 and norms._failed is not None
+    assert sum("fused GroupNorm kernels failed" in r.getMessage() for r in caplog.records) == 1
+
+    monkeypatch.setattr(norms, "_failed", None)
+
+    def out_of_memory(x, norm, act):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(norms, "_group_norm", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError), torch.no_grad():
+        norm(x)
+    assert norms._failed is None
