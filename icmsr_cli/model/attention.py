@@ -56,7 +56,7 @@ def _chunked_pays(q: torch.Tensor) -> bool:
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, block: int | None = None) -> torch.Tensor:
     """Exact attention one block of queries at a time: float32 scores and softmax, probabilities
     in v's dtype for the product with v. Shapes (B, heads, N, D); returns q's shape in v's dtype."""
-    b, heads, n, d = q.shape
+    b, heads, n = q.shape[:3]
     block = block or QUERY_BLOCK
     q3, k3, v3 = (t.reshape(b * heads, -1, t.shape[-1]) for t in (q, k, v))
     kt = k3.transpose(1, 2)

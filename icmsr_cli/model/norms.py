@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -141,8 +142,7 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: nn.G
 
 def _runs_fused(x: torch.Tensor) -> bool:
     return (
-        _failed is None
-        and x.ndim >= 3  # (B, C, H, W), or (B, C, H*W) inside diffusers' attention
+        x.ndim >= 3  # (B, C, H, W), or (B, C, H*W) inside diffusers' attention
         and x.is_contiguous()
         and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and fused_available(x.device)
@@ -173,7 +173,7 @@ def _group_norm(x: torch.Tensor, norm: nn.GroupNorm, act: bool) -> torch.Tensor:
     coeffs = torch.empty(2, b * c, device=x.device, dtype=torch.float32)
     weight, bias = (norm.weight, norm.bias) if norm.affine else (partial, partial)  # unread without AFFINE
     k.finalize[(rows,)](partial[0], partial[1], weight, bias, coeffs[0], coeffs[1], splits, chunk, row_len, g, c // g, norm.eps,
-                        AFFINE=norm.affine, BLOCK=_SPLIT_BLOCK, CHANNELS=_next_power_of_2(c // g))
+                        AFFINE=norm.affine, BLOCK=_SPLIT_BLOCK, CHANNELS=k.next_power_of_2(c // g))
     return _apply(x, coeffs[0], coeffs[1], act)
 
 
@@ -199,10 +199,6 @@ def _apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool)
     y = torch.empty_like(x)
     k.normalize[(-(-hw // _BLOCK), planes)](x, y, scale, shift, hw, ACT=act, BLOCK=_BLOCK)
     return y
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _build():
@@ -283,9 +279,5 @@ def _build():
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + offset, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    class _Kernels:
-        pass
-
-    _kernels = _Kernels()
-    _kernels.moments, _kernels.finalize, _kernels.normalize = moments, finalize, normalize
+    _kernels = SimpleNamespace(moments=moments, finalize=finalize, normalize=normalize, next_power_of_2=triton.next_power_of_2)
     return _kernels
