@@ -2,6 +2,10 @@
 fused Triton kernels (model/norms.py), and the mid-block attention through SDPA against query
 blocks (model/attention.py), at the shapes a 512^2 .. 4096^2 output gives the decoder.
 
+GroupNorm runs in both memory layouts, contiguous and channels-last, as the fused kernels take
+either: which layout the pipeline runs on CUDA (devices.memory_format_for) is measured whole by
+`speed.py` (variants ours and ours-channels-last); this shows the norms' share of it.
+
 Prints ms per call (median of --repeats after a warm-up, device-synchronised), the effective
 memory bandwidth or TFLOP/s, and each fused route's largest difference from eager. The routes the
 pipeline takes on CUDA are chosen on these numbers; run this on each new kind of GPU.
@@ -48,23 +52,24 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}; fused GroupNorm available: {norms.fused_available(device)}")
 
-    print("\nGroupNorm(32 groups) + SiLU, decoder shapes (batch 1):")
-    print(f"{'shape':>22} {'eager ms':>9} {'GB/s':>7} {'fused ms':>9} {'GB/s':>7} {'speed-up':>8} {'max diff':>9}")
+    print("\nGroupNorm(32 groups) + SiLU, decoder shapes (batch 1), in both memory layouts:")
+    print(f"{'shape':>22} {'layout':>8} {'eager ms':>9} {'GB/s':>7} {'fused ms':>9} {'GB/s':>7} {'speed-up':>8} {'max diff':>9}")
     for side in (int(s) for s in args.outputs.split(",")):
         for channels, res in ((512, side // 8), (512, side // 4), (256, side // 2), (128, side)):
-            x = torch.randn(1, channels, res, res, device=device, dtype=dtype)
             eager = nn.GroupNorm(32, channels).to(device, dtype)
             with torch.no_grad():
                 eager.weight.normal_(1, 0.2), eager.bias.normal_(0, 0.2)
             fused = norms.FusedGroupNorm.replacing(eager, act=True)
-            gb = x.numel() * x.element_size() * 3 / 1e9  # eager: read for statistics, read + write to normalise (SiLU adds two more)
-            with torch.no_grad():
-                t_eager = timed(lambda: F.silu(eager(x), inplace=True), device, args.repeats)
-                t_fused = timed(lambda: fused(x), device, args.repeats) if norms.fused_available(device) else float("nan")
-                diff = float((fused(x).float() - F.silu(eager(x)).float()).abs().max())
-            print(f"{str(tuple(x.shape)):>22} {t_eager:9.2f} {gb / t_eager * 1e3:7.0f} {t_fused:9.2f} {gb / t_fused * 1e3:7.0f} "
-                  f"{t_eager / t_fused:7.2f}x {diff:9.2e}")
-            del x
+            for layout, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
+                x = torch.randn(1, channels, res, res, device=device, dtype=dtype).contiguous(memory_format=fmt)
+                gb = x.numel() * x.element_size() * 3 / 1e9  # read for statistics, read + write to normalise (eager's SiLU adds two more)
+                with torch.no_grad():
+                    t_eager = timed(lambda: F.silu(eager(x), inplace=True), device, args.repeats)
+                    t_fused = timed(lambda: fused(x), device, args.repeats) if norms.fused_available(device) else float("nan")
+                    diff = float((fused(x).float() - F.silu(eager(x)).float()).abs().max())
+                print(f"{str(tuple(x.shape)):>22} {layout:>8} {t_eager:9.2f} {gb / t_eager * 1e3:7.0f} {t_fused:9.2f} "
+                      f"{gb / t_fused * 1e3:7.0f} {t_eager / t_fused:7.2f}x {diff:9.2e}")
+                del x
 
     print("\nVAE mid-block attention, one head of 512 (batch 1):")
     print(f"{'tokens':>8} {'SDPA ms':>9} {'TFLOP/s':>8} {'blocks ms':>10} {'TFLOP/s':>8} {'speed-up':>8} {'max diff':>9}")

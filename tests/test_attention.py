@@ -50,3 +50,24 @@ def test_the_vae_through_query_blocks_equals_diffusers(tiny_base, monkeypatch):
         monkeypatch.setattr(attention, "QUERY_BLOCK", 20)  # 48 tokens: blocks of 20, 20 and 8
         assert torch.allclose(ours.encode(x).latent_dist.mode(), want_z, atol=1e-5)
         assert torch.allclose(ours.decode(z).sample, want_y, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_vae_attention_hands_back_its_input_layout(tiny_base, layout):
+    """The mid-block attention's output is laid out as its input, with diffusers' numbers: diffusers
+    hands back channels-last whatever it is given, which would carry a contiguous decoder
+    channels-last from the mid-block on (on CUDA convolutions follow their input's layout), so the
+    layout chosen per device would not hold for the VAE."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_base / "vae").eval()
+    ours = copy.deepcopy(vae).to(memory_format=layout)
+    use_vae_attention(ours)
+    h = torch.randn(2, 64, 8, 6, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=layout)
+    with torch.no_grad():
+        out = ours.decoder.mid_block.attentions[0](h)
+        want = vae.decoder.mid_block.attentions[0](h)
+        assert out.is_contiguous(memory_format=layout)
+        assert torch.allclose(out, want, atol=1e-6)
+        # the tiled VAE's route keeps the layout too
+        assert attention.attend(ours.decoder.mid_block.attentions[0], h).is_contiguous(memory_format=layout)

@@ -29,8 +29,9 @@ _out_dtype_ok: dict[str, bool] = {}  # per device type: whether baddbmm takes ou
 
 def attend(attn, x: torch.Tensor) -> torch.Tensor:
     """diffusers' Attention on x (B, C, H, W) without its group norm and residual: the q/k/v
-    projections, attention, the output projection."""
+    projections, attention, the output projection; the result in x's memory layout."""
     b, c, h, w = x.shape
+    layout = _layout(x)
     x = x.view(b, c, h * w).transpose(1, 2)
     q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
     head_dim = k.shape[-1] // attn.heads
@@ -38,7 +39,16 @@ def attend(attn, x: torch.Tensor) -> torch.Tensor:
     out = dot_product_attention(q, k, v, scale=attn.scale)
     out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(q.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
-    return out.transpose(-1, -2).reshape(b, c, h, w)
+    # (B, H*W, C) read as (B, C, H, W) is channels-last. Left so, it would carry the rest of a
+    # contiguous decoder channels-last through the residual adds (on CUDA, cuDNN follows the
+    # input's layout), against contiguous weights, and the layout chosen for the device
+    # (devices.memory_format_for) would hold only up to the mid-block.
+    return out.transpose(-1, -2).reshape(b, c, h, w).contiguous(memory_format=layout)
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
@@ -100,8 +110,8 @@ class VAEAttnProcessor:
         residual = hidden_states
         b, c, h, w = hidden_states.shape
         x = hidden_states
-        if attn.group_norm is not None:
-            x = attn.group_norm(x.reshape(b, c, h * w)).view(b, c, h, w)
+        if attn.group_norm is not None:  # eager GroupNorm hands back contiguous whatever it is given
+            x = attn.group_norm(x.reshape(b, c, h * w)).view(b, c, h, w).contiguous(memory_format=_layout(hidden_states))
         out = attend(attn, x)
         if attn.residual_connection:
             out = out + residual

@@ -60,7 +60,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def memory_format_for(device: torch.device) -> torch.memory_format:
     """Activation and conv-weight layout per device, as measured: on an H100 (bf16, cuDNN) the
     untiled 2048^2 graph took 1248 ms channels-last against 835 ms contiguous (GroupNorm and the
-    NCHW<->NHWC conversions around it); on CPU channels-last is no slower (BENCHMARKS.md)."""
+    NCHW<->NHWC conversions around it); on CPU channels-last is no slower (BENCHMARKS.md).
+    That H100 figure predates the fused GroupNorm, which takes channels-last as it is, and the
+    attention that keeps the layout (before it a contiguous decoder ran channels-last from its
+    mid-block on): `benchmarks/speed.py --device cuda` (ours against ours-channels-last) decides
+    it again."""
     return torch.contiguous_format if device.type in ("cuda", "mps") else torch.channels_last
 
 

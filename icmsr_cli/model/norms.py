@@ -8,6 +8,11 @@ chunks of a row by many programs, the chunks' moments pooled per row by a small 
 pooling the tiled VAE uses across tiles), and normalisation, affine and SiLU are one elementwise
 pass: the SiLU that followed as its own kernel and its own full-size tensor is gone.
 
+Both layouts run fused: contiguous (N, C, H, W), where a (sample, group) row is one run of
+memory, and channels-last (N, H, W, C in memory), where every pixel holds all its channels side
+by side: there a program reduces a block of whole pixels for all groups at once, so each load is
+one contiguous run. Which layout the pipeline runs is measured per device (devices.py).
+
 The numbers are GroupNorm's: float32 statistics (two passes per chunk, so no cancellation),
 y = x * (rstd * gamma) + (beta - mean * rstd * gamma), as PyTorch's own kernels compute it; the
 output is rounded once, to the input's dtype. tests/test_norms.py checks the kernels against
@@ -62,7 +67,7 @@ def fused_available(device: torch.device) -> bool:
 
 class FusedGroupNorm(nn.GroupNorm):
     """nn.GroupNorm, followed by SiLU when `act`, through the Triton kernels when the input allows
-    (contiguous NCHW on a device where they run), else eager."""
+    (contiguous or channels-last, on a device where they run), else eager."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, act: bool = False, **kw):
         super().__init__(num_groups, num_channels, eps, affine, **kw)
@@ -76,7 +81,7 @@ class FusedGroupNorm(nn.GroupNorm):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _runs_fused(x):
+        if _runs_fused(x, self.num_groups):
             try:
                 return _group_norm(x, self, self.act)
             except Exception as exc:  # noqa: BLE001 - any Triton failure falls back; out of memory does not
@@ -118,7 +123,7 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: nn.G
     """GroupNorm of x (B, C, H, W) with given per-group statistics (G,) shared by the batch (the
     tiled VAE's pooled ones), then SiLU when `act`; in x's dtype. Fused when `norm` is a
     FusedGroupNorm and x allows; else eager, in place on one float32 working copy."""
-    if isinstance(norm, FusedGroupNorm) and _runs_fused(x):
+    if isinstance(norm, FusedGroupNorm) and _runs_fused(x, None):
         try:
             b = x.shape[0]
             return _normalize(x, mean.expand(b, -1), var.expand(b, -1), norm, act)
@@ -140,13 +145,31 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: nn.G
 # ------------------------------------------------------------------------------------ Triton
 
 
-def _runs_fused(x: torch.Tensor) -> bool:
-    return (
-        x.ndim >= 3  # (B, C, H, W), or (B, C, H*W) inside diffusers' attention
-        and x.is_contiguous()
-        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and fused_available(x.device)
-    )
+def _layout(x: torch.Tensor) -> str | None:
+    """"nchw" for a contiguous tensor, "nhwc" where the channels are the innermost dimension and the
+    rest is contiguous around them (channels_last, or its 3-D (B, C, N) view), else None."""
+    if x.is_contiguous():
+        return "nchw"
+    if x.movedim(1, -1).is_contiguous():
+        return "nhwc"
+    return None
+
+
+def _runs_fused(x: torch.Tensor, groups: int | None) -> bool:
+    """Whether the kernels take x; `groups` when its statistics are to be reduced here (channels-
+    last statistics hold a pixel's channels in one block, split by group: powers of two)."""
+    layout = _layout(x) if x.ndim >= 3 else None  # (B, C, H, W), or (B, C, H*W) inside diffusers' attention
+    if layout is None or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if layout == "nhwc" and groups is not None:
+        c = x.shape[1]
+        if not (_pow2(c) and _pow2(groups) and c % groups == 0 and c <= _BLOCK):
+            return False
+    return fused_available(x.device)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def _give_up(exc: BaseException) -> None:
@@ -166,10 +189,19 @@ def _group_norm(x: torch.Tensor, norm: nn.GroupNorm, act: bool) -> torch.Tensor:
     g = norm.num_groups
     rows = b * g
     row_len = x.numel() // rows
-    chunk = min(_CHUNK, row_len)
-    splits = -(-row_len // chunk)  # every chunk holds elements; the last may be short
-    partial = torch.empty(2, rows, splits, device=x.device, dtype=torch.float32)
-    k.moments[(splits, rows)](x, partial[0], partial[1], row_len, chunk, BLOCK=_BLOCK)
+    if _layout(x) == "nchw":
+        chunk = min(_CHUNK, row_len)  # elements of one row
+        splits = -(-row_len // chunk)  # every chunk holds elements; the last may be short
+        partial = torch.empty(2, rows, splits, device=x.device, dtype=torch.float32)
+        k.moments[(splits, rows)](x, partial[0], partial[1], row_len, chunk, BLOCK=_BLOCK)
+    else:  # a chunk is whole pixels, every group's share of them reduced by one program
+        pixels = x.numel() // (b * c)
+        per_chunk = min(max(_CHUNK // c, 1), pixels)
+        splits = -(-pixels // per_chunk)
+        partial = torch.empty(2, rows, splits, device=x.device, dtype=torch.float32)
+        k.moments_nhwc[(splits, b)](x, partial[0], partial[1], pixels, per_chunk, splits,
+                                    CHANNELS=c, GROUPS=g, PIXELS=max(_BLOCK // c, 1))
+        chunk = per_chunk * (c // g)  # elements of one row
     coeffs = torch.empty(2, b * c, device=x.device, dtype=torch.float32)
     weight, bias = (norm.weight, norm.bias) if norm.affine else (partial, partial)  # unread without AFFINE
     k.finalize[(rows,)](partial[0], partial[1], weight, bias, coeffs[0], coeffs[1], splits, chunk, row_len, g, c // g, norm.eps,
@@ -193,11 +225,16 @@ def _normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: nn.
 
 
 def _apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool) -> torch.Tensor:
+    """y = x * scale + shift per (sample, channel), then SiLU when `act`; y in x's layout."""
     k = _build()
-    planes = x.shape[0] * x.shape[1]
-    hw = x.numel() // planes
-    y = torch.empty_like(x)
-    k.normalize[(-(-hw // _BLOCK), planes)](x, y, scale, shift, hw, ACT=act, BLOCK=_BLOCK)
+    b, c = x.shape[:2]
+    y = torch.empty_like(x)  # keeps the layout (channels-last stays channels-last)
+    if _layout(x) == "nchw":
+        hw = x.numel() // (b * c)
+        k.normalize[(-(-hw // _BLOCK), b * c)](x, y, scale, shift, hw, ACT=act, BLOCK=_BLOCK)
+    else:
+        size = x.numel() // b
+        k.normalize_nhwc[(-(-size // _BLOCK), b)](x, y, scale, shift, size, c, ACT=act, BLOCK=_BLOCK)
     return y
 
 
@@ -231,6 +268,32 @@ def _build():
         out = row * tl.num_programs(0) + split
         tl.store(sum_ptr + out, total)
         tl.store(m2_ptr + out, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def moments_nhwc(x_ptr, sum_ptr, m2_ptr, pixels, chunk, splits,
+                     CHANNELS: tl.constexpr, GROUPS: tl.constexpr, PIXELS: tl.constexpr):
+        # program (split, sample): for every group, the sum and centred sum of squares of one chunk
+        # of a channels-last sample's pixels; a load is PIXELS whole pixels, one contiguous run
+        split, sample = tl.program_id(0), tl.program_id(1)
+        start = split * chunk
+        end = tl.minimum(start + chunk, pixels)
+        base = x_ptr + sample.to(tl.int64) * pixels * CHANNELS
+        channel = tl.arange(0, CHANNELS)[None, :]
+        acc = tl.zeros([PIXELS, CHANNELS], dtype=tl.float32)
+        for off in range(start, end, PIXELS):
+            p = off + tl.arange(0, PIXELS)
+            acc += tl.load(base + p[:, None].to(tl.int64) * CHANNELS + channel, mask=(p < end)[:, None], other=0.0).to(tl.float32)
+        total = tl.sum(tl.sum(tl.reshape(acc, [PIXELS, GROUPS, CHANNELS // GROUPS]), axis=2), axis=0)  # (GROUPS,)
+        mean = total / ((end - start) * (CHANNELS // GROUPS)).to(tl.float32)
+        acc3 = tl.zeros([PIXELS, GROUPS, CHANNELS // GROUPS], dtype=tl.float32)
+        for off in range(start, end, PIXELS):  # second pass: the chunk is still in L2
+            p = off + tl.arange(0, PIXELS)
+            v = tl.load(base + p[:, None].to(tl.int64) * CHANNELS + channel, mask=(p < end)[:, None], other=0.0).to(tl.float32)
+            d = tl.reshape(v, [PIXELS, GROUPS, CHANNELS // GROUPS]) - mean[None, :, None]
+            acc3 += tl.where((p < end)[:, None, None], d * d, 0.0)
+        out = (sample * GROUPS + tl.arange(0, GROUPS)) * splits + split
+        tl.store(sum_ptr + out, total)
+        tl.store(m2_ptr + out, tl.sum(tl.sum(acc3, axis=2), axis=0))
 
     @triton.jit
     def finalize(sum_ptr, m2_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, splits, chunk, row_len, groups, per_group, eps,
@@ -279,5 +342,21 @@ def _build():
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + offset, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    _kernels = SimpleNamespace(moments=moments, finalize=finalize, normalize=normalize, next_power_of_2=triton.next_power_of_2)
+    @triton.jit
+    def normalize_nhwc(x_ptr, y_ptr, scale_ptr, shift_ptr, size, channels, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        # program (block, sample): one block of a channels-last sample's elements, whose channel
+        # is the position modulo the channel count
+        block, sample = tl.program_id(0), tl.program_id(1)
+        idx = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < size
+        offset = sample.to(tl.int64) * size + idx
+        coeff = sample * channels + (idx % channels).to(tl.int32)
+        y = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32) * tl.load(scale_ptr + coeff, mask=mask, other=0.0) \
+            + tl.load(shift_ptr + coeff, mask=mask, other=0.0)
+        if ACT:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + offset, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    _kernels = SimpleNamespace(moments=moments, moments_nhwc=moments_nhwc, finalize=finalize, normalize=normalize,
+                               normalize_nhwc=normalize_nhwc, next_power_of_2=triton.next_power_of_2)
     return _kernels
