@@ -4,12 +4,13 @@
 # fp16 finiteness. Stage the wheels first (../shared/tools/device-wheels), carry .wheels-device,
 # and run `bash benchmarks/gpu_check.sh` after the install line that script prints. Logs go to
 # $OUT (or ./gpu-check), one file per step; each step has its own time limit so one slow step
-# cannot take the others' time.
+# cannot take the others' time, and the limits add up to 560 s: under the device's 600 s a call.
 set -u
 out=${OUT:-gpu-check}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:-}:$PWD
 export ICMSR_CACHE_DIR=/tmp/icmsr-cache
+export PYTHONUNBUFFERED=1  # a step cut off by its limit keeps what it printed
 step() {  # name, limit in seconds, command...
   local name=$1 limit=$2; shift 2
   echo "=== $name ($(date +%T))"
@@ -18,11 +19,11 @@ step() {  # name, limit in seconds, command...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1; cat "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-step model 90 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from _models import random_model; print(random_model('full'))"
-step kernels 90 python3 benchmarks/kernels.py --device cuda
+step model 60 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from _models import random_model; print(random_model('full'))"
+step kernels 70 python3 benchmarks/kernels.py --device cuda
 # fp16 on the GPU gives a file (a per-stage fallback to fp32 is allowed, and says so)
-step fp16 90 bash -c 'python3 -c "import numpy as np; from PIL import Image; Image.fromarray((np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)).save(\"/tmp/in128.png\")" &&
+step fp16 60 bash -c 'python3 -c "import numpy as np; from PIL import Image; Image.fromarray((np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)).save(\"/tmp/in128.png\")" &&
   python3 -m icmsr_cli upscale /tmp/in128.png -o /tmp/out-fp16.png --dtype fp16 --overwrite \
     --base benchmarks/.models/full/base --lora benchmarks/.models/full/osediff.pkl && python3 -c "from PIL import Image; print(Image.open(\"/tmp/out-fp16.png\").size)"'
-step speed 300 python3 benchmarks/speed.py --device cuda
-step memory 120 python3 benchmarks/memory.py --model full --device cuda --sizes 1024,2048,4096,8192
+step speed 270 python3 benchmarks/speed.py --device cuda
+step memory 100 python3 benchmarks/memory.py --model full --device cuda --sizes 1024,2048,4096,8192

@@ -211,6 +211,8 @@ def _short(dtype: torch.dtype) -> str:
 
 def _timed_row(fn, device, repeats, size, name, peak) -> tuple:
     seconds, flops, mem = timed(fn, device, repeats)
+    # each row as soon as it is measured: a run cut short by a time limit keeps what it measured
+    print(f"  {name} {size}^2: {seconds:.3f} s, {1000 * seconds / (size * size / 512**2):.1f} ms per 512^2, peak {mem:.0f} MB", flush=True)
     return size, name, seconds, flops, mem, peak
 
 
