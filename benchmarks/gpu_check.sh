@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure issue 10 asks for, in one run on a lent device (see /work/.library/device/):
-# the kernel routes, the pipeline against OSEDiff's graph, the CLI end to end, peak CUDA memory,
-# fp16 finiteness. Stage the wheels first (../shared/tools/device-wheels), carry .wheels-device,
+# the kernel routes and their exactness on the GPU (tests/test_cuda.py), the pipeline against
+# OSEDiff's graph, the CLI end to end, peak CUDA memory, fp16 finiteness. Stage the wheels first (../shared/tools/device-wheels), carry .wheels-device,
 # and run `bash benchmarks/gpu_check.sh` after the install line that script prints. Logs go to
 # $OUT (or ./gpu-check), one file per step; each step has its own time limit so one slow step
 # cannot take the others' time, and the limits add up to 560 s: under the device's 600 s a call.
@@ -21,9 +21,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step model 60 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from _models import random_model; print(random_model('full'))"
 step kernels 70 python3 benchmarks/kernels.py --device cuda
+step tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py  # the CUDA routes' exactness and layout
 # fp16 on the GPU gives a file (a per-stage fallback to fp32 is allowed, and says so)
-step fp16 60 bash -c 'python3 -c "import numpy as np; from PIL import Image; Image.fromarray((np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)).save(\"/tmp/in128.png\")" &&
+step fp16 50 bash -c 'python3 -c "import numpy as np; from PIL import Image; Image.fromarray((np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)).save(\"/tmp/in128.png\")" &&
   python3 -m icmsr_cli upscale /tmp/in128.png -o /tmp/out-fp16.png --dtype fp16 --overwrite \
     --base benchmarks/.models/full/base --lora benchmarks/.models/full/osediff.pkl && python3 -c "from PIL import Image; print(Image.open(\"/tmp/out-fp16.png\").size)"'
-step speed 270 python3 benchmarks/speed.py --device cuda
-step memory 100 python3 benchmarks/memory.py --model full --device cuda --sizes 1024,2048,4096,8192
+step speed 240 python3 benchmarks/speed.py --device cuda
+step memory 80 python3 benchmarks/memory.py --model full --device cuda --sizes 1024,2048,4096,8192
