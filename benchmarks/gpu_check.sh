@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU figure issue 10 asks for, in one run on a lent device (see /work/.library/device/):
 # the kernel routes and their exactness on the GPU (tests/test_cuda.py), the pipeline against
-# OSEDiff's graph, the CLI end to end, peak CUDA memory, fp16 finiteness. Stage the wheels first (../shared/tools/device-wheels), carry .wheels-device,
-# and run `bash benchmarks/gpu_check.sh` after the install line that script prints. Logs go to
+# OSEDiff's graph, the CLI end to end, peak CUDA memory, fp16 finiteness. Stage the wheels first
+# (../shared/tools/device-wheels), carry .wheels-device, and run `bash benchmarks/gpu_check.sh`
+# after the install line that script prints. Logs go to
 # $OUT (or ./gpu-check), one file per step; each step has its own time limit so one slow step
 # cannot take the others' time, and the limits add up to 560 s: under the device's 600 s a call.
 set -u
