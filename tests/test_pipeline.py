@@ -357,3 +357,28 @@ def test_device_quantisation_gives_the_cpu_paths_bytes(pipe):
     floats = pipe(torch.from_numpy(np.ascontiguousarray(rgba[..., :3])).permute(2, 0, 1)[None], "adain", None)
     assert np.array_equal(out.pixels[..., :3], quantise(floats[0].permute(1, 2, 0).numpy(), 8))
     assert (out.pixels[..., 3] == 200).all()
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "contiguous"])
+def test_every_conv_sees_the_layout_chosen_for_the_device(tiny_base, tiny_lora, layout, monkeypatch):
+    """The activations keep the layout load_pipeline chose, through the UNet's transformer blocks
+    (diffusers hands back contiguous there) and the whole upscale: a conv fed the other layout
+    converts its input or its weights on every call."""
+    from icmsr_cli.model import loading
+
+    monkeypatch.setattr(loading, "memory_format_for", lambda device: layout)
+    pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
+    seen = {}
+
+    def check(name):
+        def hook(module, args):
+            seen.setdefault(name, args[0].is_contiguous(memory_format=layout))
+        return hook
+
+    for part in ("unet", "vae"):
+        for name, module in getattr(pipe, part).named_modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.register_forward_pre_hook(check(f"{part}.{name}"))
+    # large enough that the UNet's deepest maps are wider than 1x1 (one pixel is both layouts)
+    pipe(torch.rand(1, 3, 128, 96, generator=torch.Generator().manual_seed(0)), "adain", None)
+    assert len(seen) > 20 and all(seen.values()), [name for name, ok in seen.items() if not ok]

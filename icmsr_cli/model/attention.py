@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .devices import layout_of
+
 #: queries per block of the chunked route
 QUERY_BLOCK = 1024
 #: the widest head SDPA's flash and cuDNN kernels take
@@ -31,7 +33,7 @@ def attend(attn, x: torch.Tensor) -> torch.Tensor:
     """diffusers' Attention on x (B, C, H, W) without its group norm and residual: the q/k/v
     projections, attention, the output projection; the result in x's memory layout."""
     b, c, h, w = x.shape
-    layout = _layout(x)
+    layout = layout_of(x)
     x = x.view(b, c, h * w).transpose(1, 2)
     q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
     head_dim = k.shape[-1] // attn.heads
@@ -46,9 +48,6 @@ def attend(attn, x: torch.Tensor) -> torch.Tensor:
     return out.transpose(-1, -2).reshape(b, c, h, w).contiguous(memory_format=layout)
 
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
@@ -111,7 +110,7 @@ class VAEAttnProcessor:
         b, c, h, w = hidden_states.shape
         x = hidden_states
         if attn.group_norm is not None:  # eager GroupNorm hands back contiguous whatever it is given
-            x = attn.group_norm(x.reshape(b, c, h * w)).view(b, c, h, w).contiguous(memory_format=_layout(hidden_states))
+            x = attn.group_norm(x.reshape(b, c, h * w)).view(b, c, h, w).contiguous(memory_format=layout_of(hidden_states))
         out = attend(attn, x)
         if attn.residual_connection:
             out = out + residual

@@ -19,7 +19,7 @@ from ..errors import DiskFullError, ModelNotFoundError
 from ..io import atomic
 from . import weight_cache
 from .attention import use_vae_attention
-from .devices import memory_format_for
+from .devices import hold_layout, memory_format_for
 from .graph import MEMORY_FORMAT, TIMESTEP, OneStepSR, Progress, alphas_cumprod
 from .lora import LoraCheckpoint, load_lora_checkpoint, merge_lora
 from .norms import fuse_group_norms, fused_available
@@ -74,6 +74,7 @@ def load_pipeline(
         module.requires_grad_(False).eval().to(device)
         if layout != MEMORY_FORMAT:
             module.to(memory_format=layout)
+    hold_layout(modules["unet"])  # the layout chosen holds through the UNet: devices.py says why
     if fused_available(device):  # GroupNorm(+SiLU) through Triton: norms.py says why
         fuse_group_norms(modules["vae"])
     if device.type == "cuda":  # the mid-block attention in query blocks where SDPA is slow: attention.py
