@@ -48,8 +48,6 @@ def attend(attn, x: torch.Tensor) -> torch.Tensor:
     return out.transpose(-1, -2).reshape(b, c, h, w).contiguous(memory_format=layout)
 
 
-
-
 def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v over (B, heads, N, D): in query blocks where SDPA has no fast
     kernel for the head width (see the module's note), else SDPA."""
