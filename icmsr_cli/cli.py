@@ -308,7 +308,14 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
     try:
         with bar or nullcontext():
             task = bar.add_task("images", total=len(jobs)) if bar else None
-            for result in batch.run(todo, upscaler.upscale_picture if upscaler else None, settings, notify=_notify):
+            # on a GPU the resize to the model's size (tens of ms for a 2048^2 output) is done in the reader
+            # thread while the model runs; on the CPU the model takes seconds and a second whole-image
+            # float copy would only add to the resident memory
+            if upscaler is not None and upscaler.pipe.device.type != "cpu":
+                upscale, prepare = upscaler.upscale_prepared, upscaler.prepare
+            else:
+                upscale, prepare = (upscaler.upscale_picture if upscaler else None), None
+            for result in batch.run(todo, upscale, settings, prepare=prepare, notify=_notify):
                 report(result)
                 if bar:
                     bar.advance(task)

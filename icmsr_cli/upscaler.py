@@ -59,34 +59,59 @@ def processing_size(out: tuple[int, int], min_side: int) -> tuple[int, int]:
     return tuple(min_side if side == short else max(min_side, round(side * f)) for side in out)
 
 
-def upscale_picture(pipe: OneStepSR, picture: Picture, options: UpscaleOptions = UpscaleOptions()) -> Picture:
-    """Upscale one picture; the colour goes through the model, alpha is resized bicubic alongside.
-    8-bit colour at the model's own size comes back quantised (uint8 pixels), the rest as float."""
+@dataclass(frozen=True)
+class Prepared:
+    """A picture made ready for the model: everything of an upscale that needs no model (the
+    sizes, the bicubic enlargement to the size the model runs at, the alpha plane at the output
+    size). `prepare_picture` makes one and `upscale_prepared` finishes it; a batch prepares the
+    next file in its reader thread while the model works on this one (io/batch.py)."""
+
+    picture: Picture  # the input; its metadata and bit depth go to the output
+    options: UpscaleOptions
+    out: tuple[int, int]  # output size (W, H)
+    run_at: tuple[int, int]  # the size the model runs at (W, H)
+    x: np.ndarray  # H x W x 3 float32: the model's input at run_at
+    alpha: np.ndarray  # H x W x (0 or 1) float32: alpha at the output size
+
+
+def prepare_picture(picture: Picture, options: UpscaleOptions = UpscaleOptions()) -> Prepared:
+    """The model-free first half of an upscale (see Prepared); raises ImageError for an empty output."""
     out = output_size(picture.size, options.scale)
     run_at = processing_size(out, options.min_side)
     n_color = 1 if picture.is_gray else 3
     color, alpha = picture.pixels[..., :n_color], picture.pixels[..., n_color:]
     exact_8bit = picture.bit_depth == 8
-
     x = resize_planes(color, run_at, exact_8bit=exact_8bit)
     if n_color == 1:
         x = np.repeat(x, 3, axis=2)
+    alpha = np.clip(resize_planes(alpha, out, exact_8bit=exact_8bit), 0, 1) if alpha.shape[2] else alpha
+    return Prepared(picture, options, out, run_at, x, alpha)
+
+
+def upscale_prepared(pipe: OneStepSR, prepared: Prepared) -> Picture:
+    """The model and the output: the colour through the model at run_at, then to the output size;
+    8-bit colour at the model's own size comes back quantised (uint8 pixels), the rest as float."""
     import torch
 
-    y = pipe(torch.from_numpy(x).permute(2, 0, 1)[None], options.color_fix, options.tile)
-    alpha = np.clip(resize_planes(alpha, out, exact_8bit=exact_8bit), 0, 1) if alpha.shape[2] else alpha
-    if run_at == out and n_color == 3 and picture.bit_depth == 8:
+    picture, options, out, alpha = prepared.picture, prepared.options, prepared.out, prepared.alpha
+    y = pipe(torch.from_numpy(prepared.x).permute(2, 0, 1)[None], options.color_fix, options.tile)
+    if prepared.run_at == out and not picture.is_gray and picture.bit_depth == 8:
         # the common case stays on the device until it is uint8: one small transfer back
         rgb = quantise_on_device(y[0].permute(1, 2, 0)).cpu().numpy()
         return picture.with_pixels(np.concatenate([rgb, quantise(alpha, 8)], axis=2) if alpha.shape[2] else rgb)
     y = y[0].permute(1, 2, 0).cpu().numpy()
-    if run_at != out:
+    if prepared.run_at != out:
         y = np.clip(resize_planes(y, out, exact_8bit=False), 0, 1)
-    if n_color == 1:
+    if picture.is_gray:
         y = (y @ _LUMA)[..., None]
     if alpha.shape[2]:
         y = np.concatenate([y, alpha], axis=2)
     return picture.with_pixels(y.astype(np.float32))
+
+
+def upscale_picture(pipe: OneStepSR, picture: Picture, options: UpscaleOptions = UpscaleOptions()) -> Picture:
+    """Upscale one picture; the colour goes through the model, alpha is resized bicubic alongside."""
+    return upscale_prepared(pipe, prepare_picture(picture, options))
 
 
 def quantise_on_device(y: torch.Tensor) -> torch.Tensor:
@@ -113,6 +138,13 @@ class Upscaler:
 
     def upscale_picture(self, picture: Picture, **overrides) -> Picture:
         return upscale_picture(self.pipe, picture, _with(self.options, overrides))
+
+    def prepare(self, picture: Picture, **overrides) -> Prepared:
+        """The model-free half of upscale_picture (any thread); finish it with upscale_prepared."""
+        return prepare_picture(picture, _with(self.options, overrides))
+
+    def upscale_prepared(self, prepared: Prepared) -> Picture:
+        return upscale_prepared(self.pipe, prepared)
 
 
 def _with(options: UpscaleOptions, overrides: dict) -> UpscaleOptions:

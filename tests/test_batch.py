@@ -212,3 +212,44 @@ def test_writer_threads_keep_job_order_and_the_same_files(tmp_path, tiny_base, t
     for name, path in outputs[1].items():
         np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(outputs[3][name])))
     assert sum(p.stat().st_size for p in outputs[1].values()) < sum(p.stat().st_size for p in outputs[3].values())
+
+
+def test_prepared_in_the_reader_thread_gives_the_same_files_and_names_a_failure(tmp_path, tiny_base, tiny_lora):
+    """With `prepare` (the CLI passes it on a GPU) the resize to the model's size runs in the reader
+    thread, overlapping the model's work on the file before; the files equal the plain run's. A
+    file that fails there (an empty output size) fails alone, on a line that names it."""
+    import threading
+
+    import torch
+
+    from icmsr_cli.io import batch
+    from icmsr_cli.model.loading import load_pipeline
+    from icmsr_cli.upscaler import Upscaler, UpscaleOptions
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(photo_like(24 + 4 * i, 20, seed=i)).save(src / f"{i}.png")
+    Image.fromarray(photo_like(1, 1, seed=5)).save(src / "dot.png")  # 1x1 at scale 0.4: no pixels
+    up = Upscaler(load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32),
+                  UpscaleOptions(scale=0.4, min_side=16, tile=None))
+    threads = []
+
+    def prepare(picture):
+        threads.append(threading.current_thread().name)
+        return up.prepare(picture)
+
+    runs = {}
+    for name, upscale, ahead in (("plain", up.upscale_picture, None), ("ahead", up.upscale_prepared, prepare)):
+        jobs, _ = batch.plan([str(src)], str(tmp_path / name))
+        runs[name] = {r.job.source.name: r for r in batch.run(jobs, upscale, batch.BatchSettings(), prepare=ahead)}
+    assert len(threads) == 4 and all(t.startswith("icmsr-read") for t in threads), threads
+    for name, result in runs["ahead"].items():
+        plain = runs["plain"][name]
+        assert result.status == plain.status
+        if name == "dot.png":
+            assert result.status == "failed" and result.error == plain.error
+            assert result.error.startswith(f"{src / 'dot.png'}: ") and "empty 0x0 output" in result.error, result.error
+        else:
+            assert result.status == "done"
+            np.testing.assert_array_equal(np.asarray(Image.open(result.job.target)), np.asarray(Image.open(plain.job.target)))

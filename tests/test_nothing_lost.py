@@ -304,6 +304,7 @@ def test_nan_in_every_file_is_one_line_each_and_the_batch_goes_on(tmp_path, tiny
     assert result.exit_code == 1
     lines = errors(result)
     assert len(lines) == 3 and all("NaN/Inf in float32" in line for line in lines), lines
+    assert sorted(line.removeprefix("error: ").split(": ")[0] for line in lines) == [str(src / f"{i}.png") for i in range(3)], lines
     assert all("--dtype fp32" not in line for line in lines)
     assert "0 done, 0 skipped, 3 failed" in result.stderr
 

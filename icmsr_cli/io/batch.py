@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .atomic import is_no_space, no_space_error
 from ..errors import DiskFullError, IcmsrError, ImageError, SetupError
@@ -169,14 +169,19 @@ class BatchSettings:
 
 def run(
     jobs: Iterable[Job],
-    upscale: Callable[[Picture], Picture],
+    upscale: Callable[[Any], Picture],
     settings: BatchSettings,
     *,
+    prepare: Callable[[Picture], Any] | None = None,
     read_stdin: Callable[[], bytes] = lambda: sys.stdin.buffer.read(),
     notify: Callable[[str], None] = lambda message: None,
 ) -> Iterator[JobResult]:
     """Run the jobs, yielding one result each in job order. The model works on one image while a
     reader thread decodes the next and a few writer threads encode and write finished ones.
+
+    With `prepare`, the reader thread also passes each picture through it, and `upscale` gets what
+    it returns instead of the picture: work that needs no model (upscaler.prepare_picture's resize)
+    then overlaps the model's work on the previous file.
 
     `jobs` is consumed lazily, one job ahead of the model: with claims.claimed, a worker claims a
     file only when it is about to read it.
@@ -200,7 +205,7 @@ def run(
                 return None
             if is_skipped(job, settings.overwrite):
                 return job, None
-            return job, reader.submit(_read, job, settings, read_stdin)
+            return job, reader.submit(_read, job, settings, read_stdin, prepare)
 
         def drain(limit: int) -> Iterator[JobResult]:
             """Yield finished results from the front until at most `limit` remain in flight."""
@@ -225,12 +230,15 @@ def run(
                     continue
                 t0 = time.perf_counter()
                 try:
-                    picture, fmt, notes = future.result()
+                    picture, fmt, notes, work = future.result()
                     for note in notes:
                         if note not in told:
                             told.add(note)
                             notify(note)
-                    upscaled = upscale(picture)
+                    try:
+                        upscaled = upscale(work)
+                    except IcmsrError as exc:
+                        raise _named(exc, job) from exc
                 except IcmsrError as exc:
                     in_flight.append((job, t0, _failure(job, t0, exc)))
                 else:
@@ -244,6 +252,12 @@ def run(
 
 def _ready(item: Future | JobResult) -> bool:
     return isinstance(item, JobResult) or item.done()
+
+
+def _named(exc: IcmsrError, job: Job) -> IcmsrError:
+    """An error of the model's side (NaN, out of memory, an empty output size), which knows no file,
+    as the same kind of error naming the file."""
+    return type(exc)(f"{job.name}: {exc}")
 
 
 def _failure(job: Job, t0: float, exc: IcmsrError) -> JobResult:
@@ -282,10 +296,13 @@ def _same_file(job: Job) -> bool:
     return job.source is not None and job.target is not None and job.target.exists() and job.source.resolve() == job.target.resolve()
 
 
-def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes]) -> tuple[Picture, str, list[str]]:
+def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
+          prepare: Callable[[Picture], Any] | None) -> tuple[Picture, str, list[str], Any]:
     """Decode one input and settle its output format before any model work: the format (for
     standard output: --format, else the input's), and the notes of what that format converts.
-    An input the format cannot hold (alpha to JPEG) fails here, not after the model ran."""
+    An input the format cannot hold (alpha to JPEG) fails here, not after the model ran.
+    Returns the picture, the format, the notes and what `upscale` takes (prepare(picture), or the
+    picture itself)."""
     if _same_file(job):
         raise ImageError(f"{job.name}: the output would overwrite the input; choose another output")
     source = read_stdin() if job.source is None else job.source
@@ -296,4 +313,9 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes]) ->
         writable = picture.format in ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
         fmt = settings.stdout_format or (picture.format if writable else "PNG")
     _, notes = fit_to_format(picture, fmt, job.name)
-    return picture, fmt, notes
+    if prepare is None:
+        return picture, fmt, notes, picture
+    try:
+        return picture, fmt, notes, prepare(picture)
+    except IcmsrError as exc:
+        raise _named(exc, job) from exc
