@@ -69,7 +69,7 @@ def main() -> int:
                     diff = float((fused(x).float() - F.silu(eager(x)).float()).abs().max())
                 print(f"{str(tuple(x.shape)):>22} {layout:>8} {t_eager:9.2f} {gb / t_eager * 1e3:7.0f} {t_fused:9.2f} "
                       f"{gb / t_fused * 1e3:7.0f} {t_eager / t_fused:7.2f}x {diff:9.2e}")
-                del x
+                x = None  # freed before the next shape's allocation
 
     print("\nVAE mid-block attention, one head of 512 (batch 1):")
     print(f"{'tokens':>8} {'SDPA ms':>9} {'TFLOP/s':>8} {'blocks ms':>10} {'TFLOP/s':>8} {'speed-up':>8} {'max diff':>9}")
@@ -84,7 +84,7 @@ def main() -> int:
             diff = float((attention.chunked_attention(q, k, v, scale=scale).float() - F.scaled_dot_product_attention(q, k, v, scale=scale).float()).abs().max())
         route = "blocks" if attention._chunked_pays(q) else "SDPA"
         print(f"{n:8d} {t_sdpa:9.2f} {flop / t_sdpa / 1e9:8.1f} {t_blocks:10.2f} {flop / t_blocks / 1e9:8.1f} {t_sdpa / t_blocks:7.2f}x {diff:9.2e}  (pipeline: {route})")
-        del q, k, v
+        q = k = v = None  # freed before the next size's allocation
     return 0
 
 

@@ -85,7 +85,7 @@ def main() -> None:
         # encoder: latents compared in latent space
         z = pipe.encode(x)
         z_ours = pipe.encode_tiled(x, t)
-        enc = lambda crop: pipe.vae.encode(crop * 2 - 1).latent_dist.mode() * LATENT_SCALE
+        enc = lambda crop: pipe.vae.encode(crop * 2 - 1) * LATENT_SCALE
         z_naive = naive(enc, x, plan_tiles(hl, wl, t, vo, unit=8), plan_tiles(hl, wl, t, vo), ENCODER_PAD, z.shape)
         band = band_mask(plan_tiles(hl, wl, t, vo), (hl, wl))
         rows.append(("VAE encoder", z_ours, z_naive, z, band))
@@ -93,7 +93,7 @@ def main() -> None:
         x0 = pipe.denoise(z)
         y = pipe.decode(x0)
         y_ours = pipe.decode_tiled(x0, t)
-        dec = lambda crop: pipe.vae.decode(crop / LATENT_SCALE).sample.clamp(-1, 1) * 0.5 + 0.5
+        dec = lambda crop: pipe.vae.decode(crop / LATENT_SCALE).clamp(-1, 1) * 0.5 + 0.5
         y_naive = naive(dec, x0, plan_tiles(hl, wl, t, vo), plan_tiles(hl, wl, t, vo, unit=8), DECODER_PAD, y.shape)
         band = band_mask(plan_tiles(hl, wl, t, vo, unit=8), (h, w))
         rows.append(("VAE decoder", y_ours, y_naive, y, band))

@@ -91,6 +91,32 @@ def test_light_commands_import_neither_torch_nor_diffusers(args, tmp_path):
     assert heavy == [], f"{' '.join(args)} imported {heavy}"
 
 
+def test_a_warm_upscale_imports_neither_diffusers_nor_transformers(tmp_path, tiny_base, tiny_lora):
+    """The networks are our own modules (model/unet.py, model/vae.py): importing diffusers for two
+    classes cost 4.5 s of every run on the 2-core CPU (its every model, torch._dynamo, transformers,
+    peft). transformers runs once, for the prompt embedding, and not again once it is cached."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import json, sys\nfrom icmsr_cli.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    code = e.code\nprint(json.dumps([code, sorted(m for m in ('diffusers', 'transformers', 'peft', 'torch._dynamo') if m in sys.modules)]),"
+             " file=sys.stderr)")
+    png = tmp_path / "a.png"
+    Image.fromarray(photo_like(24, 16)).save(png)
+    env = {**os.environ, "ICMSR_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    heavy = []
+    for run_number in range(2):  # the first computes and caches the prompt embedding
+        out = tmp_path / f"out{run_number}.png"
+        proc = subprocess.run([sys.executable, "-c", probe, "upscale", str(png), "-o", str(out), "--base", str(tiny_base),
+                               "--lora", str(tiny_lora), "-q"], capture_output=True, text=True, env=env, timeout=300)
+        code, heavy = json.loads(proc.stderr.strip().splitlines()[-1])
+        assert code in (0, None) and out.is_file(), proc.stderr
+    assert heavy == [], f"a warm upscale imported {heavy}"
+    assert (tmp_path / "out0.png").read_bytes() == (tmp_path / "out1.png").read_bytes()
+
+
 def test_names_that_look_like_markup_print_as_they_are(tmp_path):
     """Messages carry file names; rich would read "[bold]" in a name as a style and drop it."""
     missing = tmp_path / "holiday [bold] [rank 0].png"

@@ -372,3 +372,37 @@ def test_a_live_process_keeps_its_temporary_a_dead_ones_is_removed(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_disk_filling_inside_torch_save_is_a_full_disk(tmp_path):
+    """torch's zip writer, closing an archive after a record's write failed for space, raises a
+    RuntimeError about its position with the OSError only as its context: that is a full disk too
+    (a one-line DiskFullError, the temporary removed), not an unexplained error. The merged-weights
+    cache hit it in a thread, which printed a traceback."""
+    import errno
+
+    from icmsr_cli.errors import DiskFullError
+    from icmsr_cli.io import atomic
+
+    class FullDisk(io.RawIOBase):  # a file on a disk with `room` bytes left
+        def __init__(self, room):
+            self.room, self.pos = room, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            if self.pos + len(b) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.pos += len(b)
+            return len(b)
+
+        def tell(self):
+            return self.pos
+
+    target = tmp_path / "weights.pt"
+    with pytest.raises(DiskFullError, match="no space left on the device"):
+        with atomic.replacing(target) as tmp:
+            tmp.write_bytes(b"partial")
+            torch.save({"w": torch.zeros(100_000)}, FullDisk(100_000))
+    assert list(tmp_path.iterdir()) == []

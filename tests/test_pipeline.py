@@ -362,8 +362,8 @@ def test_device_quantisation_gives_the_cpu_paths_bytes(pipe):
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "contiguous"])
 def test_every_conv_sees_the_layout_chosen_for_the_device(tiny_base, tiny_lora, layout, monkeypatch):
     """The activations keep the layout load_pipeline chose, through the UNet's transformer blocks
-    (diffusers hands back contiguous there) and the whole upscale: a conv fed the other layout
-    converts its input or its weights on every call."""
+    (diffusers' hand back contiguous there; unet.py's do not) and the whole upscale: a conv fed the
+    other layout converts its input or its weights on every call."""
     from icmsr_cli.model import loading
 
     monkeypatch.setattr(loading, "memory_format_for", lambda device: layout)

@@ -60,8 +60,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def is_no_space(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in _NO_SPACE
+def is_no_space(exc: BaseException | None) -> bool:
+    """A full disk: the OSError itself, or an error raised while handling one (torch's zip writer,
+    closing an archive the disk filled mid-record, raises a RuntimeError about its position)."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def no_space_error(path: Path, needed: int | None = None) -> DiskFullError:

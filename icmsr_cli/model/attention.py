@@ -10,8 +10,7 @@ the product with V (as flash and memory-efficient attention round them). A block
 queries holds three score matrices of that many rows, so the memory stays linear in the pixels.
 
 Used for 16-bit inputs on CUDA with heads wider than SDPA's fast kernels take; everywhere else
-SDPA, as diffusers runs it. `use_vae_attention(vae)` puts the route into the VAE's attention
-modules; the tiled VAE calls `attend` directly.
+SDPA, as diffusers runs it. The VAE's attention (vae.py) and the tiled VAE both call `attend`.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ _out_dtype_ok: dict[str, bool] = {}  # per device type: whether baddbmm takes ou
 
 
 def attend(attn, x: torch.Tensor) -> torch.Tensor:
-    """diffusers' Attention on x (B, C, H, W) without its group norm and residual: the q/k/v
+    """The VAE's attention (vae.Attention) on x (B, C, H, W) without its group norm and residual: the q/k/v
     projections, attention, the output projection; the result in x's memory layout."""
     b, c, h, w = x.shape
     layout = layout_of(x)
@@ -95,33 +94,3 @@ def _has_out_dtype(q: torch.Tensor) -> bool:
         except (TypeError, RuntimeError):
             _out_dtype_ok[kind] = False
     return _out_dtype_ok[kind]
-
-
-class VAEAttnProcessor:
-    """diffusers' attention processor for the VAE's mid-block (self-attention on (B, C, H, W),
-    group norm, residual, rescale) through `attend`."""
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        if hidden_states.ndim != 4 or encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None:
-            raise ValueError("VAEAttnProcessor runs the VAE's unmasked self-attention on (B, C, H, W) only")
-        residual = hidden_states
-        b, c, h, w = hidden_states.shape
-        x = hidden_states
-        if attn.group_norm is not None:  # eager GroupNorm hands back contiguous whatever it is given
-            x = attn.group_norm(x.reshape(b, c, h * w)).view(b, c, h, w).contiguous(memory_format=layout_of(hidden_states))
-        out = attend(attn, x)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-
-def use_vae_attention(vae: torch.nn.Module) -> int:
-    """Route the attention modules of an AutoencoderKL through VAEAttnProcessor; returns how many."""
-    from diffusers.models.attention_processor import Attention
-
-    count = 0
-    for module in vae.modules():
-        if isinstance(module, Attention):
-            module.set_processor(VAEAttnProcessor())
-            count += 1
-    return count

@@ -96,7 +96,7 @@ class OneStepSR:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """z = E(2x - 1).mode() * 0.18215 (the posterior mode keeps runs reproducible)."""
         x = (x.to(self.device, self.dtype_of("encode")) * 2 - 1).contiguous(memory_format=self.memory_format)
-        return self.vae.encode(x).latent_dist.mode() * LATENT_SCALE
+        return self.vae.encode(x) * LATENT_SCALE
 
     @torch.no_grad()
     def eps(self, z: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ class OneStepSR:
         c = self.prompt_embeds.to(self.device, dtype).expand(z.shape[0], -1, -1)
         t = torch.full((z.shape[0],), TIMESTEP, device=self.device, dtype=torch.long)
         z = z.to(self.device, dtype).contiguous(memory_format=self.memory_format)
-        return self.unet(z, t, encoder_hidden_states=c).sample
+        return self.unet(z, t, encoder_hidden_states=c)
 
     def x0(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x0 = (z - sqrt(1-a) eps) / sqrt(a), in float32: the 1/sqrt(a) ~ 14.6x gain would
@@ -120,7 +120,7 @@ class OneStepSR:
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """y = clamp(D(x0 / 0.18215), -1, 1) * 0.5 + 0.5, returned in float32."""
-        y = self.vae.decode((x0 / LATENT_SCALE).to(self.device, self.dtype_of("decode"))).sample
+        y = self.vae.decode((x0 / LATENT_SCALE).to(self.device, self.dtype_of("decode")))
         return y.to(torch.promote_types(y.dtype, torch.float32)).clamp(-1, 1) * 0.5 + 0.5
 
     # ----------------------------------------------------------------------------------- tiled

@@ -18,11 +18,12 @@ from ..cache import writable_cache_dir
 from ..errors import DiskFullError, ModelNotFoundError
 from ..io import atomic
 from . import weight_cache
-from .attention import use_vae_attention
-from .devices import hold_layout, memory_format_for
+from .devices import memory_format_for
 from .graph import MEMORY_FORMAT, TIMESTEP, OneStepSR, Progress, alphas_cumprod
 from .lora import LoraCheckpoint, load_lora_checkpoint, merge_lora
 from .norms import fuse_group_norms, fused_available
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ def load_pipeline(
     are kept on disk under `cache.cache_dir()` and later loads map them instead of merging again.
     `reuse_freed_memory`, `notify` and `progress` are OneStepSR's fields of those names.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     base = Path(base)
     _check_base_folder(base)
     scheduler_config = _read_json(base / "scheduler" / "scheduler_config.json")
@@ -74,11 +73,8 @@ def load_pipeline(
         module.requires_grad_(False).eval().to(device)
         if layout != MEMORY_FORMAT:
             module.to(memory_format=layout)
-    hold_layout(modules["unet"])  # the layout chosen holds through the UNet: devices.py says why
     if fused_available(device):  # GroupNorm(+SiLU) through Triton: norms.py says why
         fuse_group_norms(modules["vae"])
-    if device.type == "cuda":  # the mid-block attention in query blocks where SDPA is slow: attention.py
-        use_vae_attention(modules["vae"])
     embeds = prompt_embedding(base, prompt)
     return OneStepSR(vae=modules["vae"], unet=modules["unet"], prompt_embeds=embeds, alpha_t=alpha_t, device=device, dtype=dtype,
                      memory_format=layout, reuse_freed_memory=reuse_freed_memory, progress=progress,

@@ -158,7 +158,7 @@ def _layout(x: torch.Tensor) -> str | None:
 def _runs_fused(x: torch.Tensor, groups: int | None) -> bool:
     """Whether the kernels take x; `groups` when its statistics are to be reduced here (channels-
     last statistics hold a pixel's channels in one block, split by group: powers of two)."""
-    layout = _layout(x) if x.ndim >= 3 else None  # (B, C, H, W), or (B, C, H*W) inside diffusers' attention
+    layout = _layout(x) if x.ndim >= 3 else None  # (B, C, H, W), or (B, C, H*W) inside vae.Attention
     if layout is None or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     if layout == "nhwc" and groups is not None:

@@ -3,7 +3,7 @@ their memory layout (channels-last convolution weights) and every tensor 64-byte
 
 Merging and converting touch every weight (seconds on a CPU: about a fifth of a 512x512 run on two
 cores); a later run maps this file instead and starts computing at once. An entry is keyed by the
-identity of the base weights and configs, the LoRA file, the dtype and the diffusers version, so
+identity of the base weights and configs, the LoRA file, the dtype and the entry FORMAT, so
 any change makes a new entry; the oldest entries beyond `KEEP` are deleted.
 
 The files are torch.save archives, whose records are 64-byte aligned, mapped with torch.load(mmap=True).
@@ -29,11 +29,12 @@ from torch import nn
 
 from ..io import atomic
 from ..cache import MERGED_READY, merged_entries
-from ..errors import DiskFullError
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "icmsr-merged-2"
+#: the layout of an entry: the modules' parameter names (unet.py, vae.py) and the file format;
+#: a change to either needs a new value
+FORMAT = "icmsr-merged-3"
 KEEP = 3  # entries kept: e.g. two models, or one model in fp32 and in bf16
 _PARTS = ("unet", "vae")
 _SPARE = 1 << 30  # free bytes left beside a new entry, for the outputs and everything else
@@ -51,9 +52,7 @@ def file_identity(path: Path) -> str:
 
 
 def entry_dir(root: Path, base: Path, lora: Path, dtype: torch.dtype, weight_files: dict[str, list[Path]]) -> Path:
-    import diffusers
-
-    h = hashlib.sha256(f"{FORMAT}|{dtype}|diffusers {diffusers.__version__}|{file_identity(lora)}".encode())
+    h = hashlib.sha256(f"{FORMAT}|{dtype}|{file_identity(lora)}".encode())
     for part in _PARTS:
         h.update(b"\0" + (base / part / "config.json").read_bytes())
         for path in weight_files[part]:
@@ -144,8 +143,8 @@ def _write(entry: Path, states: dict[str, dict[str, torch.Tensor]], about: dict)
                 with open(tmp / f"{part}.pt", "wb") as f, _without_crc32():
                     torch.save({k: v.cpu() for k, v in states[part].items()}, f)
             (tmp / MERGED_READY).write_text(json.dumps({"format": FORMAT, **about}, indent=1))
-    except (OSError, DiskFullError) as exc:
-        reason = exc if isinstance(exc, DiskFullError) else (exc.strerror or exc)
+    except Exception as exc:  # noqa: BLE001 - the cache is optional: failing to write it is a warning, in a thread nobody joins on error
+        reason = exc.strerror or exc if isinstance(exc, OSError) else exc
         logger.warning("could not save the merged-weights cache in %s (%s); the next run merges again", entry.parent, reason)
         return
     _prune(entry.parent)
