@@ -319,12 +319,12 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
                 report(result)
                 if bar:
                     bar.advance(task)
+        if ranks:  # every rank learns the whole run's counts, so every rank exits 1 if a file failed anywhere
+            tally.done, tally.skipped, tally.failed = ranks.total([tally.done, tally.skipped, tally.failed])
+            ranks.leave()
     except RanksLostError as exc:  # the other ranks are gone: no summary to sum
         _say(f"{tag}{exc}", "error:", "red")
         raise typer.Exit(exc.exit_code)
-    if ranks:  # every rank learns the whole run's counts, so every rank exits 1 if a file failed anywhere
-        tally.done, tally.skipped, tally.failed = ranks.total([tally.done, tally.skipped, tally.failed])
-        ranks.leave()
     if not lead:
         return
     if tally.left:

@@ -3,7 +3,6 @@ pipeline against the untiled one with pointwise stand-ins for the UNet and VAE c
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -82,7 +81,7 @@ class PointwiseUNet(nn.Module):
         self.mix = nn.Conv2d(4, 4, 1)
 
     def forward(self, z, t, encoder_hidden_states):
-        return SimpleNamespace(sample=torch.tanh(self.mix(z)) + 0.1 * encoder_hidden_states.mean())
+        return torch.tanh(self.mix(z)) + 0.1 * encoder_hidden_states.mean()
 
 
 def _pointwise_vae(vae):

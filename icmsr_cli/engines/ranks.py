@@ -72,8 +72,7 @@ class Ranks:
         try:
             return int(self.store.add("next", 1)) - 1
         except Exception as exc:  # noqa: BLE001 - torch raises DistNetworkError, DistStoreError or RuntimeError
-            raise RanksLostError(f"lost contact with the other ranks ({_first_line(exc)}); finished outputs are "
-                                 "complete, rerun to resume") from None
+            raise _lost(exc) from None
 
     def check_same_plan(self, names: list[str]) -> None:
         """Every rank must have planned the same job list, or indices would mean different files."""
@@ -96,8 +95,17 @@ class Ranks:
         import torch.distributed as dist
 
         tensor = torch.tensor(counts, dtype=torch.int64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        try:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        except Exception as exc:  # noqa: BLE001 - gloo: "Connection closed by peer" when another rank has stopped
+            # a rank whose last claim came before the launcher died gets here while the others stop
+            # at their next claim: the same loss, in the same words
+            raise _lost(exc) from None
         return tensor.tolist()
+
+
+def _lost(exc: BaseException) -> RanksLostError:
+    return RanksLostError(f"lost contact with the other ranks ({_first_line(exc)}); finished outputs are complete, rerun to resume")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -54,7 +54,7 @@ class MidBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            x = resnet(attn(x))
+            x = resnet(attn(x) if attn is not None else x)  # None: a config without the attention (diffusers allows it)
         return x
 
 
