@@ -30,13 +30,16 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        # The sums go in place into the conv outputs, and the division by a factor of 1 (every
+        # resnet of SD's) is skipped: h + x and x + h are the same floats, x / 1 is x, and each
+        # pass skipped is a full read and write of the activation (diffusers' division was 2.5% of
+        # a 512^2 run on the CPU).
         h = self.conv1(self.nonlinearity(self.norm1(x)))
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
+            h += self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
         h = self.conv2(self.dropout(self.nonlinearity(self.norm2(h))))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return (x + h) / self.output_scale_factor
+        h += self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        return h if self.output_scale_factor == 1 else h / self.output_scale_factor
 
 
 class Downsample2D(nn.Module):

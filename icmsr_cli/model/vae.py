@@ -42,7 +42,9 @@ class Attention(nn.Module):
         b, c, h, w = x.shape
         # as diffusers norms it: over (B, C, H*W); an eager GroupNorm hands back contiguous whatever it is given
         y = self.group_norm(x.reshape(b, c, h * w)).view(b, c, h, w).contiguous(memory_format=layout_of(x))
-        return (attend(self, y) + x) / self.rescale_output_factor
+        out = attend(self, y)
+        out += x  # in place, and no division by a factor of 1: the same floats (blocks.ResnetBlock2D says why)
+        return out if self.rescale_output_factor == 1 else out / self.rescale_output_factor
 
 
 class MidBlock(nn.Module):

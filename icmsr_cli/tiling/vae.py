@@ -236,7 +236,8 @@ def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batc
                 elif op.kind == "save":
                     saved = h
                 elif op.kind == "add":
-                    h = ((op.module(saved) if op.module is not None else saved) + h) / op.scale
+                    h = (op.module(saved) if op.module is not None else saved) + h
+                    h = h if op.scale == 1 else h / op.scale  # x / 1 is x: a pass saved
                     saved = None
                 elif op.kind == "attn":
                     h = attend(op.module, h)
