@@ -117,6 +117,9 @@ def test_configs_of_another_layout_are_refused_by_name(tiny_base, tmp_path):
     vae_config = json.loads((tiny_base / "vae" / "config.json").read_text())
     with pytest.raises(SetupError, match="use_quant_conv=False"):
         AutoencoderKL.from_config({**vae_config, "use_quant_conv": False})
+    with pytest.raises(SetupError, match="scaling_factor=0.13025"):  # SDXL's VAE: graph.LATENT_SCALE would be wrong for it
+        AutoencoderKL.from_config({**vae_config, "scaling_factor": 0.13025})
+    AutoencoderKL.from_config({**vae_config, "scaling_factor": 0.18215, "force_upcast": False})  # SD's own values pass
     # weights that do not fit their config (a wider model's config beside them)
     folder = tmp_path / "unet"
     shutil.copytree(tiny_base / "unet", folder)

@@ -15,7 +15,10 @@ from .folders import FromFolder, check_config
 #: the config values this module implements (a key's absence means diffusers' default: this value)
 _REQUIRED = {
     "act_fn": "silu",
-    "force_upcast": True,
+    "scaling_factor": 0.18215,  # graph.LATENT_SCALE: a VAE with another (SDXL's, SD3's) is another model
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
     "use_quant_conv": True,
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
@@ -42,8 +45,10 @@ class Attention(nn.Module):
         b, c, h, w = x.shape
         # as diffusers norms it: over (B, C, H*W); an eager GroupNorm hands back contiguous whatever it is given
         y = self.group_norm(x.reshape(b, c, h * w)).view(b, c, h, w).contiguous(memory_format=layout_of(x))
-        out = attend(self, y)
-        out += x  # in place, and no division by a factor of 1: the same floats (blocks.ResnetBlock2D says why)
+        # not in place: attend's (B, C, H, W) view of its (B, H*W, C) result can carry a batch stride
+        # that CPU GroupNorm does not take for channels-last, and the sum is a fresh, dense tensor.
+        # No division by a factor of 1: the same floats (blocks.ResnetBlock2D says why).
+        out = attend(self, y) + x
         return out if self.rescale_output_factor == 1 else out / self.rescale_output_factor
 
 
