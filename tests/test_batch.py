@@ -253,3 +253,25 @@ def test_prepared_in_the_reader_thread_gives_the_same_files_and_names_a_failure(
         else:
             assert result.status == "done"
             np.testing.assert_array_equal(np.asarray(Image.open(result.job.target)), np.asarray(Image.open(plain.job.target)))
+
+
+def test_animated_and_multi_page_inputs_say_that_only_the_first_frame_is_upscaled(tmp_path):
+    """A multi-page TIFF, an animated WebP and an animated PNG decode to their first frame: the
+    output holds that frame, and a note per file says so, instead of losing the rest in silence."""
+    from icmsr_cli.io import batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    first, second = photo_like(24, 16, seed=1), photo_like(24, 16, seed=2)
+    for name in ("pages.tiff", "anim.webp", "anim.png"):
+        Image.fromarray(first).save(src / name, save_all=True, append_images=[Image.fromarray(second)],
+                                    **({"lossless": True} if name.endswith(".webp") else {}))
+    Image.fromarray(first).save(src / "still.png")
+    jobs, missing = batch.plan([str(src)], str(tmp_path / "out"))
+    notes = []
+    results = list(batch.run(jobs, lambda picture: picture, batch.BatchSettings(), notify=notes.append))
+    assert [r.status for r in results] == ["done"] * 4 and not missing
+    assert sorted(notes) == [f"{src / name}: has 2 frames or pages; only the first is upscaled"
+                             for name in ("anim.png", "anim.webp", "pages.tiff")]
+    with Image.open(tmp_path / "out" / "pages.tiff") as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), first)

@@ -25,6 +25,7 @@ class Picture:
     bit_depth: int = 8  # 8 or 16: the precision the output is rounded to
     info: dict = field(default_factory=dict)  # icc_profile / exif bytes to keep in the output
     format: str | None = None  # the source file's Pillow format name, when read from a file
+    frames: int = 1  # frames or pages in the source (animated PNG/WebP/GIF, multi-page TIFF); the first is read
 
     @property
     def size(self) -> tuple[int, int]:
@@ -98,10 +99,11 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             w, h = image.size
             if w * h > max_pixels:
                 raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}; raise --max-pixels to allow it")
+            frames = getattr(image, "n_frames", 1)
             if _is_16bit_color(image, data):
-                return replace(_read_16bit_color(image, data, name), format=image.format)
+                return replace(_read_16bit_color(image, data, name), format=image.format, frames=frames)
             image.load()
-            return replace(picture_from_pil(ImageOps.exif_transpose(image)), format=image.format)
+            return replace(picture_from_pil(ImageOps.exif_transpose(image)), format=image.format, frames=frames)
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
