@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 # ITU-R 601 luma, as Pillow's convert("L"): gray inputs come back gray
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# host memory an upscale holds per pixel at the larger of the output and the model's size: a few
+# whole-image float32 RGB copies (model input, blended output, colour fix) and the quantised
+# output; measured peak RSS grew 176 MB from 2048^2 to 3072^2 outputs, 34 bytes per pixel (BENCHMARKS.md)
+HOST_BYTES_PER_PIXEL = 36
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ def prepare_picture(picture: Picture, options: UpscaleOptions = UpscaleOptions()
     """The model-free first half of an upscale (see Prepared); raises ImageError for an empty output."""
     out = output_size(picture.size, options.scale)
     run_at = processing_size(out, options.min_side)
+    _check_host_memory(out, run_at)
     n_color = 1 if picture.is_gray else 3
     color, alpha = picture.pixels[..., :n_color], picture.pixels[..., n_color:]
     exact_8bit = picture.bit_depth == 8
@@ -86,6 +91,21 @@ def prepare_picture(picture: Picture, options: UpscaleOptions = UpscaleOptions()
         x = np.repeat(x, 3, axis=2)
     alpha = np.clip(resize_planes(alpha, out, exact_8bit=exact_8bit), 0, 1) if alpha.shape[2] else alpha
     return Prepared(picture, options, out, run_at, x, alpha)
+
+
+def _check_host_memory(out: tuple[int, int], run_at: tuple[int, int]) -> None:
+    """Refuse, before any allocation, an output whose whole-image buffers cannot fit in the memory
+    available: past it Linux's out-of-memory killer ends the process with no word (a 40x30 image at
+    --scale 1000 did: a 40000x30000 output)."""
+    import torch
+
+    from .model import devices
+
+    need = max(out[0] * out[1], run_at[0] * run_at[1]) * HOST_BYTES_PER_PIXEL
+    have = devices.available_memory(torch.device("cpu"))
+    if need > have:
+        raise ImageError(f"a {out[0]}x{out[1]} output needs about {need / 2**30:.1f} GB of memory, "
+                         f"{have / 2**30:.1f} GB is available; use a smaller --scale")
 
 
 def upscale_prepared(pipe: OneStepSR, prepared: Prepared) -> Picture:

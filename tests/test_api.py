@@ -33,3 +33,22 @@ def test_readme_example_runs(tmp_path, tiny_base, tiny_lora):
     write_image(up.upscale_picture(read_image(tmp_path / "scan16.tif")), tmp_path / "scan16_x2.tif")
     out = cv2.imread(str(tmp_path / "scan16_x2.tif"), cv2.IMREAD_UNCHANGED)
     assert out.dtype == np.uint16 and out.shape == (40, 48, 3)
+
+
+def test_an_output_too_large_for_memory_is_refused_before_any_allocation(monkeypatch):
+    """A tiny input at a huge scale was ended by the kernel's out-of-memory killer with no word
+    (40x30 at --scale 1000). Now the whole-image buffers are sized first and refused with one line;
+    a size that fits goes on."""
+    import pytest
+    import torch
+
+    from icmsr_cli.errors import ImageError
+    from icmsr_cli.model import devices
+    from icmsr_cli.upscaler import HOST_BYTES_PER_PIXEL, UpscaleOptions, prepare_picture
+
+    picture = icmsr_cli.Picture(photo_like(40, 30).astype(np.float32) / 255)
+    have = 2400 * 1800 * HOST_BYTES_PER_PIXEL - 1  # just short of a 60x output
+    monkeypatch.setattr(devices, "available_memory", lambda device: have if device == torch.device("cpu") else 0)
+    with pytest.raises(ImageError, match=r"a 2400x1800 output needs about 0\.1 GB of memory, 0\.1 GB is available; use a smaller --scale"):
+        prepare_picture(picture, UpscaleOptions(scale=60))
+    assert prepare_picture(picture, UpscaleOptions(scale=59)).x.shape == (1770, 2360, 3)
