@@ -52,10 +52,12 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}; fused GroupNorm available: {norms.fused_available(device)}")
 
-    print("\nGroupNorm(32 groups) + SiLU, decoder shapes (batch 1), in both memory layouts:")
+    print("\nGroupNorm(32 groups) + SiLU, decoder then UNet shapes (batch 1), in both memory layouts:")
     print(f"{'shape':>22} {'layout':>8} {'eager ms':>9} {'GB/s':>7} {'fused ms':>9} {'GB/s':>7} {'speed-up':>8} {'max diff':>9}")
     for side in (int(s) for s in args.outputs.split(",")):
-        for channels, res in ((512, side // 8), (512, side // 4), (256, side // 2), (128, side)):
+        # the decoder's levels, then the UNet's (latent resolution; 2560 and 1920: its up blocks' concatenations)
+        for channels, res in ((512, side // 8), (512, side // 4), (256, side // 2), (128, side),
+                              (320, side // 8), (640, side // 16), (1920, side // 32), (2560, side // 64)):
             eager = nn.GroupNorm(32, channels).to(device, dtype)
             with torch.no_grad():
                 eager.weight.normal_(1, 0.2), eager.bias.normal_(0, 0.2)

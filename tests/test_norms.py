@@ -48,6 +48,25 @@ def test_fusing_keeps_the_vae_exact_and_its_weights_named(tiny_base):
         assert torch.equal(fused.decode(z), vae.decode(z))
 
 
+def test_fusing_keeps_the_unet_exact_and_its_time_embedding_activated(tiny_base):
+    """The UNet's norms too: the resnets' SiLU after their norms is absorbed, the one on the time
+    embedding stays (a shared SiLU module would have lost it), and the numbers are the same."""
+    from icmsr_cli.model.unet import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base / "unet").eval()
+    fused = copy.deepcopy(unet)
+    assert fuse_group_norms(fused) == sum(isinstance(m, nn.GroupNorm) for m in unet.modules())
+    assert all(type(m) is not nn.GroupNorm for m in fused.modules())
+    assert [name for name, m in fused.named_modules() if isinstance(m, nn.SiLU)] == ["time_embedding.act"]
+    assert list(fused.state_dict()) == list(unet.state_dict())
+    g = torch.Generator().manual_seed(0)
+    z, c, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g), torch.tensor([999])
+    with torch.no_grad():
+        # not torch.equal: the copy's weights sit at other addresses, and MKL's sgemm sums in another
+        # order for operands aligned otherwise (weight_cache.py); 8e-7 here
+        torch.testing.assert_close(fused(z, t, c), unet(z, t, c), rtol=0, atol=1e-5)
+
+
 _INTERPRETED = textwrap.dedent(
     """
     import copy, json, sys
@@ -119,6 +138,15 @@ _INTERPRETED = textwrap.dedent(
     fuse_group_norms(fused)
     z = torch.randn(1, 4, 4, 3)
     with torch.no_grad():
+        # the tiny UNet (norms on 32-128 channels, the transformers' without SiLU), contiguous
+        from icmsr_cli.model.unet import UNet2DConditionModel
+        unet = UNet2DConditionModel.from_pretrained(sys.argv[2]).eval()
+        fused_unet = copy.deepcopy(unet)
+        fuse_group_norms(fused_unet)
+        zu, c, t = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32), torch.tensor([999])
+        out["unet-nchw"] = float((fused_unet(zu, t, c) - unet(zu, t, c)).abs().max())
+        assert set(launches) == {"nchw"} and len(launches) >= 20, launches
+        launches.clear()
         want = vae.decode(z)
         out["decode-nchw"] = float((fused.decode(z) - want).abs().max())
         assert set(launches) == {"nchw"}, launches
@@ -135,7 +163,7 @@ _INTERPRETED = textwrap.dedent(
 def test_triton_kernels_equal_eager_groupnorm(tiny_base):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE.parent)}
-    run = subprocess.run([sys.executable, "-c", _INTERPRETED, str(tiny_base / "vae")], capture_output=True, text=True, env=env,
+    run = subprocess.run([sys.executable, "-c", _INTERPRETED, str(tiny_base / "vae"), str(tiny_base / "unet")], capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
@@ -148,12 +176,13 @@ def test_triton_kernels_equal_eager_groupnorm(tiny_base):
         else:  # within one unit in the last place: the interpreter truncates float32 -> bf16, CUDA rounds to nearest
             assert beyond_ulp <= 1e-6, (key, fused, eager, beyond_ulp)
     assert out["tiled-nchw"] < 1e-5 and out["tiled-nhwc"] < 1e-5, out
-    assert out["decode-nchw"] < 1e-4 and out["decode-nhwc"] < 1e-4, out
+    assert out["decode-nchw"] < 1e-4 and out["decode-nhwc"] < 1e-4 and out["unet-nchw"] < 1e-4, out
 
 
-def test_load_pipeline_fuses_the_vae_where_the_kernels_run(tiny_base, tiny_lora, monkeypatch):
-    """Where the kernels are available the loaded VAE holds FusedGroupNorms (and nowhere else), and
-    a whole upscale through them, here on their eager fallback, gives the unfused pipeline's numbers."""
+def test_load_pipeline_fuses_the_vae_and_unet_where_the_kernels_run(tiny_base, tiny_lora, monkeypatch):
+    """Where the kernels are available the loaded VAE and UNet hold FusedGroupNorms (and nowhere
+    else), and a whole upscale through them, here on their eager fallback, gives the unfused
+    pipeline's numbers."""
     from icmsr_cli.model import loading
     from icmsr_cli.model.norms import FusedGroupNorm
 
@@ -163,7 +192,7 @@ def test_load_pipeline_fuses_the_vae_where_the_kernels_run(tiny_base, tiny_lora,
     monkeypatch.setattr(loading, "fused_available", lambda device: True)
     fused = loading.load_pipeline(tiny_base, tiny_lora, device=cpu, dtype=torch.float32)
     assert any(isinstance(m, FusedGroupNorm) for m in fused.vae.modules())
-    assert not any(isinstance(m, FusedGroupNorm) for m in fused.unet.modules())
+    assert not any(type(m) is torch.nn.GroupNorm for part in (fused.vae, fused.unet) for m in part.modules())
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(fused(x, "adain", None), plain(x, "adain", None))
 

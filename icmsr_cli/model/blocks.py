@@ -36,7 +36,9 @@ class ResnetBlock2D(nn.Module):
         # a 512^2 run on the CPU).
         h = self.conv1(self.nonlinearity(self.norm1(x)))
         if self.time_emb_proj is not None and temb is not None:
-            h += self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
+            # F.silu, not self.nonlinearity (diffusers shares the module; the same function): the
+            # module then follows the two norms only, and norms.fuse_group_norms can absorb it
+            h += self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(self.nonlinearity(self.norm2(h))))
         h += self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return h if self.output_scale_factor == 1 else h / self.output_scale_factor

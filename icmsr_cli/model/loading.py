@@ -74,7 +74,8 @@ def load_pipeline(
         if layout != MEMORY_FORMAT:
             module.to(memory_format=layout)
     if fused_available(device):  # GroupNorm(+SiLU) through Triton: norms.py says why
-        fuse_group_norms(modules["vae"])
+        for module in modules.values():
+            fuse_group_norms(module)
     embeds = prompt_embedding(base, prompt)
     return OneStepSR(vae=modules["vae"], unet=modules["unet"], prompt_embeds=embeds, alpha_t=alpha_t, device=device, dtype=dtype,
                      memory_format=layout, reuse_freed_memory=reuse_freed_memory, progress=progress,
