@@ -112,6 +112,9 @@ def test_configs_of_another_layout_are_refused_by_name(tiny_base, tmp_path):
     config = json.loads((tiny_base / "unet" / "config.json").read_text())
     with pytest.raises(SetupError, match="use_linear_projection=False"):
         UNet2DConditionModel.from_config({**config, "use_linear_projection": False})
+    UNet2DConditionModel.from_config({**config, "transformer_layers_per_block": [1, 1, 1, 1]})  # SD's value, per block
+    with pytest.raises(SetupError, match=r"transformer_layers_per_block=\[1, 2, 2, 2\]"):
+        UNet2DConditionModel.from_config({**config, "transformer_layers_per_block": [1, 2, 2, 2]})
     with pytest.raises(SetupError, match="block types"):
         UNet2DConditionModel.from_config({**config, "down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4})
     vae_config = json.loads((tiny_base / "vae" / "config.json").read_text())

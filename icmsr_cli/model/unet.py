@@ -232,6 +232,9 @@ class UNet2DConditionModel(FromFolder, nn.Module):
         n = len(widths)
         down_types = list(config.get("down_block_types", ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]))
         up_types = list(config.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1)))
+        layers_per_transformer = config.get("transformer_layers_per_block", 1)
+        if isinstance(layers_per_transformer, (list, tuple)) and set(layers_per_transformer) == {1}:
+            config = {**config, "transformer_layers_per_block": 1}  # the same, written per block
         check_config(config, "UNet config", _REQUIRED)
         if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down_types) or any(t not in ("CrossAttnUpBlock2D", "UpBlock2D") for t in up_types):
             raise SetupError(f"UNet config: block types {down_types} / {up_types} are not supported (icmsr runs SD-2.1-base's layout)")
