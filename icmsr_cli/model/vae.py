@@ -65,35 +65,23 @@ class MidBlock(nn.Module):
         return x
 
 
-class DownEncoderBlock2D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, *, layers: int, groups: int, downsample: bool):
+class CoderBlock(nn.Module):
+    """DownEncoderBlock2D (a Downsample2D as `downsamplers`) or UpDecoderBlock2D (an Upsample2D as
+    `upsamplers`): resnets at one width, then the resampling unless the block is the last."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, layers: int, groups: int, resample: str | None):
         super().__init__()
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None, groups=groups, eps=_EPS) for i in range(layers)]
         )
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=0)]) if downsample else None
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=0)]) if resample == "down" else None
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if resample == "up" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
             x = resnet(x)
-        for down in self.downsamplers or ():
-            x = down(x)
-        return x
-
-
-class UpDecoderBlock2D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, *, layers: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None, groups=groups, eps=_EPS) for i in range(layers)]
-        )
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        for up in self.upsamplers or ():
-            x = up(x)
+        for resample in [*(self.downsamplers or ()), *(self.upsamplers or ())]:
+            x = resample(x)
         return x
 
 
@@ -103,7 +91,7 @@ class Encoder(nn.Module):
         widths, groups, layers = config["block_out_channels"], config.get("norm_num_groups", 32), config.get("layers_per_block", 2)
         self.conv_in = nn.Conv2d(config.get("in_channels", 3), widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownEncoderBlock2D(widths[max(i - 1, 0)], w, layers=layers, groups=groups, downsample=i < len(widths) - 1) for i, w in enumerate(widths)
+            CoderBlock(widths[max(i - 1, 0)], w, layers=layers, groups=groups, resample="down" if i < len(widths) - 1 else None) for i, w in enumerate(widths)
         )
         self.mid_block = MidBlock(widths[-1], groups=groups)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=_EPS)
@@ -125,7 +113,7 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(config.get("latent_channels", 4), widths[-1], 3, padding=1)
         self.mid_block = MidBlock(widths[-1], groups=groups)
         self.up_blocks = nn.ModuleList(
-            UpDecoderBlock2D(up[max(i - 1, 0)], w, layers=layers + 1, groups=groups, upsample=i < len(up) - 1) for i, w in enumerate(up)
+            CoderBlock(up[max(i - 1, 0)], w, layers=layers + 1, groups=groups, resample="up" if i < len(up) - 1 else None) for i, w in enumerate(up)
         )
         self.conv_norm_out = nn.GroupNorm(groups, widths[0], eps=_EPS)
         self.conv_act = nn.SiLU()
