@@ -123,6 +123,11 @@ def test_configs_of_another_layout_are_refused_by_name(tiny_base, tmp_path):
     with pytest.raises(SetupError, match="scaling_factor=0.13025"):  # SDXL's VAE: graph.LATENT_SCALE would be wrong for it
         AutoencoderKL.from_config({**vae_config, "scaling_factor": 0.13025})
     AutoencoderKL.from_config({**vae_config, "scaling_factor": 0.18215, "force_upcast": False})  # SD's own values pass
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_base / "unet", broken)
+    (broken / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "block_out_channels"}))
+    with pytest.raises(SetupError, match=r"config.json: not a usable UNet2DConditionModel config \(KeyError: 'block_out_channels'\)"):
+        UNet2DConditionModel.from_pretrained(broken)
     # weights that do not fit their config (a wider model's config beside them)
     folder = tmp_path / "unet"
     shutil.copytree(tiny_base / "unet", folder)

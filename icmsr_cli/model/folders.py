@@ -98,12 +98,17 @@ class FromFolder:
         return read_config(folder)
 
     @classmethod
-    def from_config(cls, config: dict):
-        return cls(config)
+    def from_config(cls, config: dict, folder: Path | None = None):
+        try:
+            return cls(config)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # a field missing or of the wrong kind
+            where = f"{folder / 'config.json'}" if folder else f"{cls.__name__} config"
+            raise SetupError(f"{where}: not a usable {cls.__name__} config ({type(exc).__name__}: {exc})") from None
 
     @classmethod
     def from_pretrained(cls, folder: Path, *, torch_dtype: torch.dtype | None = None, variant: str | None = None):
+        folder = Path(folder)
         config = read_config(folder)
         with torch.device("meta"):  # no memory for weights the file is about to provide
-            module = cls(config)
-        return load_into(module, Path(folder), dtype=torch_dtype, variant=variant)
+            module = cls.from_config(config, folder)
+        return load_into(module, folder, dtype=torch_dtype, variant=variant)
