@@ -102,6 +102,7 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             frames = getattr(image, "n_frames", 1)
             if _is_16bit_color(image, data):
                 return replace(_read_16bit_color(image, data, name), format=image.format, frames=frames)
+            image.getexif()  # read (and cached) while the file is open: Pillow 10.0 lost a multi-page TIFF's after load()
             image.load()
             return replace(picture_from_pil(ImageOps.exif_transpose(image)), format=image.format, frames=frames)
     except ImageError:
