@@ -134,3 +134,20 @@ def test_configs_of_another_layout_are_refused_by_name(tiny_base, tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "block_out_channels": [64, 64, 64, 64]}))
     with pytest.raises(SetupError, match="does not fit"):
         UNet2DConditionModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["bin", "legacy-bin"])
+def test_bin_weights_load_in_either_torch_format(tiny_base, tmp_path, pairs, zip_format):
+    """Folders with .bin weights instead of safetensors, including torch's pre-1.6 format (which
+    cannot be memory-mapped), load the same weights."""
+    from safetensors.torch import load_file
+
+    _, (_, ours) = pairs
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    shutil.copy(tiny_base / "vae" / "config.json", folder / "config.json")
+    state = load_file(str(tiny_base / "vae" / "diffusion_pytorch_model.safetensors"))
+    torch.save(state, folder / "diffusion_pytorch_model.bin", _use_new_zipfile_serialization=zip_format)
+    loaded = AutoencoderKL.from_pretrained(folder)
+    want = ours.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())

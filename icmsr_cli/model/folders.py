@@ -10,6 +10,7 @@ torch itself, on every run. unet.py and vae.py hold the two networks SD-2.1-base
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -56,7 +57,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mapped when it is a zip archive (torch >= 1.6); older .bin files are the legacy format, read whole
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file, in the file's own words
         raise ModelNotFoundError(f"{path}: unreadable weights ({exc})") from exc
 
