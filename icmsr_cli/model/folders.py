@@ -24,12 +24,16 @@ WEIGHTS_STEM = "diffusion_pytorch_model"
 _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def read_config(folder: Path) -> dict:
-    path = Path(folder) / "config.json"
+def read_json(path: Path) -> dict:
+    """A model folder's JSON file (a config), or ModelNotFoundError naming it."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"{path}: unreadable ({exc})") from exc
+
+
+def read_config(folder: Path) -> dict:
+    return read_json(Path(folder) / "config.json")
 
 
 def check_config(config: dict, what: str, required: dict) -> None:

@@ -7,7 +7,6 @@ later runs never load the text encoder.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -19,6 +18,7 @@ from ..errors import DiskFullError, ModelNotFoundError
 from ..io import atomic
 from . import weight_cache
 from .devices import memory_format_for
+from .folders import WEIGHTS_STEM, read_json
 from .graph import MEMORY_FORMAT, TIMESTEP, OneStepSR, Progress, alphas_cumprod
 from .lora import LoraCheckpoint, load_lora_checkpoint, merge_lora
 from .norms import fuse_group_norms, fused_available
@@ -50,7 +50,7 @@ def load_pipeline(
     """
     base = Path(base)
     _check_base_folder(base)
-    scheduler_config = _read_json(base / "scheduler" / "scheduler_config.json")
+    scheduler_config = read_json(base / "scheduler" / "scheduler_config.json")
     alpha_t = float(alphas_cumprod(scheduler_config)[TIMESTEP])
     classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
     entry = None
@@ -88,7 +88,7 @@ def _merge(base: Path, lora: str | Path | LoraCheckpoint, classes: dict, *, devi
     loras = {"unet": (ckpt.state_dict_unet, ckpt.rank_unet, "UNet"), "vae": (ckpt.state_dict_vae, ckpt.rank_vae, "VAE")}
     modules = {}
     for part, cls in classes.items():
-        module = cls.from_pretrained(base / part, torch_dtype=dtype, **_variant(base / part, "diffusion_pytorch_model"))
+        module = cls.from_pretrained(base / part, torch_dtype=dtype, **_variant(base / part, WEIGHTS_STEM))
         # onto the device first so a GPU does the merging; the merge writes its convs channels-last
         # directly and the final .to() converts only the convs without a LoRA. The LoRA is merged
         # in the compute dtype, with float32 arithmetic inside merge_lora.
@@ -106,13 +106,6 @@ def _check_base_folder(base: Path) -> None:
     missing = [sub for sub in BASE_SUBFOLDERS if not (base / sub).is_dir()]
     if missing:
         raise ModelNotFoundError(f"{base}: not a Stable Diffusion 2.1-base folder (missing {', '.join(missing)}/)")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"{path}: unreadable ({exc})") from exc
 
 
 def _weight_files(folder: Path) -> list[Path]:
