@@ -120,8 +120,16 @@ def _loading(label: str, quiet: bool = False):
     progress.add_task(label, total=None, amount="")
 
     class Bar(tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "gui": True})  # gui: tqdm draws nothing itself, display() does
+        def __init__(self, *args, name=None, disable=False, **kwargs):
+            # huggingface_hub releases before its PR 4056 (April 2026; our floor, 1.1, among them) hand
+            # a custom class their own name= and disable=None. Plain tqdm raises on name= wherever it
+            # draws (every download failed in a terminal), and disable=None has tqdm ask sys.stderr,
+            # which rich 13.0's live display answers "not a terminal" (the bars went silent). This
+            # display is on a terminal; hub's switches (HF_HUB_DISABLE_PROGRESS_BARS) still hold.
+            from huggingface_hub.utils import are_progress_bars_disabled
+
+            disable = bool(disable) or are_progress_bars_disabled(name)
+            super().__init__(*args, **kwargs, disable=disable, gui=True)  # gui: tqdm draws nothing itself, display() does
             if not self.disable:
                 self._task = progress.add_task(self.desc or "", total=None, amount="")
                 self.display()

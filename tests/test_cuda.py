@@ -52,7 +52,11 @@ def test_fused_group_norm_on_the_gpu_is_as_exact_as_eager(dtype, layout, launche
             if dtype == torch.float32:
                 assert float(err.max()) <= 2 * float((eager.double() - ref).abs().max()) + 1e-6
             else:
-                assert float((err - torch.finfo(dtype).eps * ref.abs()).max()) <= 1e-6
+                # + 1e-5: where the output crosses zero, the fp32 arithmetic's own rounding remains
+                # (inputs near 20: x * scale and the shift, ~16 each, cancel; ~1e-6 apiece), which
+                # no 16-bit unit covers. Seen under Triton's interpreter. Wrong statistics or
+                # 16-bit intermediates stray by ~1e-3 and more.
+                assert float((err - torch.finfo(dtype).eps * ref.abs()).max()) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

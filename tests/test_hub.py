@@ -260,3 +260,32 @@ def test_hub_lora_reference_and_token(tmp_path, hub, env):
     assert any(p.startswith("/someone/osediff-lora/resolve/") for p in hub.downloaded())
     assert all(r.authorization == "Bearer hf_testtoken" for r in hub.log)
     assert not any(r.path.startswith("/files/") for r in hub.log), "--lora overrides the registry's LoRA"
+
+
+def test_download_bars_take_what_every_hub_release_hands_them(monkeypatch):
+    """huggingface_hub releases before its PR 4056 (our floor among them) build a custom bar with
+    name= and disable=None, later ones with neither. On a terminal both must draw: the old bar raised
+    TqdmKeyError on name= where tqdm saw a terminal (every download failed) and went silent where
+    rich's live display hid it. Hub's own switch still turns a group off."""
+    import io
+
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from rich.console import Console
+
+    from icmsr_cli import cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, force_terminal=True, width=120))
+    with cli._loading("downloading osediff") as bar:
+        old_hub = bar(unit="B", unit_scale=True, total=2048, initial=0, desc="osediff.pkl", disable=None, name="huggingface_hub.http_get")
+        new_hub = bar(unit="B", unit_scale=True, total=4096, initial=0, desc="model.safetensors")
+        disable_progress_bars("huggingface_hub.snapshot_download")
+        try:
+            switched_off = bar(total=3, disable=None, name="huggingface_hub.snapshot_download")
+        finally:
+            enable_progress_bars("huggingface_hub.snapshot_download")
+        assert not old_hub.disable and not new_hub.disable and switched_off.disable
+        old_hub.update(1024), new_hub.update(4096)
+        old_hub.close(), new_hub.close(), switched_off.close()
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert re.search(r"osediff\.pkl .*1\.00kB/2\.00kB", drawn) and re.search(r"model\.safetensors .*4\.00kB/4\.00kB", drawn), drawn
