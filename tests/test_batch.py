@@ -275,3 +275,25 @@ def test_animated_and_multi_page_inputs_say_that_only_the_first_frame_is_upscale
                              for name in ("anim.png", "anim.webp", "pages.tiff")]
     with Image.open(tmp_path / "out" / "pages.tiff") as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), first)
+
+
+def test_float_and_32_bit_samples_outside_the_range_read_are_counted_and_said(tmp_path):
+    """A float TIFF is read as 0-1 and a 32-bit integer one as 0-65535; values beyond are cut, and
+    a note per file gives their share instead of clipping in silence. In-range files get no note."""
+    from icmsr_cli.io import batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    ramp = np.linspace(-0.5, 1.5, 16 * 24, dtype=np.float32).reshape(16, 24)  # a quarter below 0, a quarter above 1
+    Image.fromarray(ramp).save(src / "hdr.tif")
+    Image.fromarray(np.clip(ramp, 0, 1)).save(src / "unit.tif")
+    Image.fromarray((ramp * 65535).astype(np.int32)).save(src / "wide.tif")
+    jobs, missing = batch.plan([str(src)], str(tmp_path / "out"))
+    notes = []
+    results = list(batch.run(jobs, lambda picture: picture, batch.BatchSettings(), notify=notes.append))
+    assert [r.status for r in results] == ["done"] * 3 and not missing
+    assert sorted(notes) == [f"{src / name}: 50% of its values lie outside 0-1 (float samples) or 0-65535 (integer "
+                             "samples) and were clipped to that range" for name in ("hdr.tif", "wide.tif")], notes
+    with Image.open(tmp_path / "out" / "hdr.tif") as im:
+        out = np.asarray(im, dtype=np.float64) / 65535
+    np.testing.assert_allclose(out, np.clip(ramp, 0, 1), atol=1 / 65535)

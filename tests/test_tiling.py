@@ -237,3 +237,18 @@ def test_choose_tile_runs_whole_when_the_measured_working_set_fits(free_gb, expe
         assert tile is not None and tile % 8 == 0 and 16 <= tile <= 256
         assert 4 * tile * tile * 64 * per_px <= free_gb * 1e9 / 4 or tile == 16  # a batch of tiles fits a quarter
     assert choose_tile(4096, 4096, 80e9, 600.0, tile_batch=4) is None  # 12.6 GB: an H100 runs 4096^2 whole
+
+
+def test_cpu_auto_runs_an_image_whole_when_it_is_no_larger_than_a_tile(monkeypatch):
+    """On the CPU `auto` tiles by area: a 4:3 output at the 512-px minimum (86x64 latent px) whose long
+    side exceeds an 80-px tile runs whole (tiled it took 5x the time); a larger one is still tiled."""
+    from types import SimpleNamespace
+
+    from icmsr_cli.model import graph
+
+    monkeypatch.setattr(graph, "available_memory", lambda device: 20.2e9)  # 80-latent-px tiles, batches of 4
+    pipe = SimpleNamespace(device=torch.device("cpu"), tile_batch=4)
+    assert graph.OneStepSR.auto_tile(pipe, 1024, 1024) == 80
+    assert graph.OneStepSR.auto_tile(pipe, 688, 512) is None
+    assert graph.OneStepSR.auto_tile(pipe, 640, 640) is None
+    assert graph.OneStepSR.auto_tile(pipe, 648, 640) == 80

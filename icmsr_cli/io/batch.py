@@ -315,6 +315,9 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
     _, notes = fit_to_format(picture, fmt, job.name)
     if picture.frames > 1:  # said, not done silently: the other frames are not in the output
         notes = [*notes, f"{job.name}: has {picture.frames} frames or pages; only the first is upscaled"]
+    if picture.clipped:  # float (HDR, scientific) or 32-bit samples beyond what any output here holds
+        notes = [*notes, f"{job.name}: {100 * picture.clipped:.3g}% of its values lie outside 0-1 (float samples) or "
+                         f"0-65535 (integer samples) and were clipped to that range"]
     if prepare is None:
         return picture, fmt, notes, picture
     try:

@@ -26,6 +26,7 @@ class Picture:
     info: dict = field(default_factory=dict)  # icc_profile / exif bytes to keep in the output
     format: str | None = None  # the source file's Pillow format name, when read from a file
     frames: int = 1  # frames or pages in the source (animated PNG/WebP/GIF, multi-page TIFF); the first is read
+    clipped: float = 0.0  # share of the source's values outside the range read (float or 32-bit samples), cut to it
 
     @property
     def size(self) -> tuple[int, int]:
@@ -50,12 +51,12 @@ def picture_from_pil(image: Image.Image) -> Picture:
     """Convert any Pillow image to planes: palette/CMYK/YCbCr go to RGB(A), 16-bit stays 16-bit."""
     info = {k: image.info[k] for k in ("icc_profile", "exif") if image.info.get(k)}
     mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit grayscale (Pillow opens 16-bit gray PNG/TIFF as I;16 or I)
-        arr = np.asarray(image, dtype=np.float64)
-        return Picture((np.clip(arr, 0, 65535) / 65535.0).astype(np.float32)[..., None], 16, info)
-    if mode == "F":
-        return Picture(np.clip(np.asarray(image, dtype=np.float32), 0, 1)[..., None], 16, info)
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16-bit grayscale (Pillow opens 16-bit gray PNG/TIFF as I;16 or I), 32-bit integer or float
+        # samples: read as 0-65535, or 0-1 for floats; what lies outside is cut, and counted
+        arr = np.asarray(image, dtype=np.float64) / (1.0 if mode == "F" else 65535.0)
+        outside = float(np.count_nonzero((arr < 0) | (arr > 1))) / max(arr.size, 1)
+        return Picture(np.clip(arr, 0, 1).astype(np.float32)[..., None], 16, info, clipped=outside)
     if mode == "CMYK":
         info.pop("icc_profile", None)  # a CMYK profile does not describe the RGB output
     if mode not in ("L", "LA", "RGB", "RGBA"):
