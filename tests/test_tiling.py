@@ -239,16 +239,17 @@ def test_choose_tile_runs_whole_when_the_measured_working_set_fits(free_gb, expe
     assert choose_tile(4096, 4096, 80e9, 600.0, tile_batch=4) is None  # 12.6 GB: an H100 runs 4096^2 whole
 
 
-def test_cpu_auto_runs_an_image_whole_when_it_is_no_larger_than_a_tile(monkeypatch):
-    """On the CPU `auto` tiles by area: a 4:3 output at the 512-px minimum (86x64 latent px) whose long
-    side exceeds an 80-px tile runs whole (tiled it took 5x the time); a larger one is still tiled."""
+def test_cpu_auto_runs_an_image_whole_while_its_estimated_working_set_fits_half_the_ram(monkeypatch):
+    """On the CPU `auto` runs whole while the estimate (196,608 B per latent px, 1.25x) fits half the
+    available RAM: with 20.2 GB, images up to ~2.63 Mpx. Tiled, a 1024x768 output took 5.8x the time
+    and 1.7x the memory (full model); a 4:3 output at the 512-px minimum was cut in two for its long side."""
     from types import SimpleNamespace
 
     from icmsr_cli.model import graph
 
-    monkeypatch.setattr(graph, "available_memory", lambda device: 20.2e9)  # 80-latent-px tiles, batches of 4
+    monkeypatch.setattr(graph, "available_memory", lambda device: 20.2e9)  # tiles of 80 latent px, batches of 4
     pipe = SimpleNamespace(device=torch.device("cpu"), tile_batch=4)
-    assert graph.OneStepSR.auto_tile(pipe, 1024, 1024) == 80
-    assert graph.OneStepSR.auto_tile(pipe, 688, 512) is None
-    assert graph.OneStepSR.auto_tile(pipe, 640, 640) is None
-    assert graph.OneStepSR.auto_tile(pipe, 648, 640) == 80
+    for height, width in ((688, 512), (768, 1024), (1600, 1600)):
+        assert graph.OneStepSR.auto_tile(pipe, height, width) is None, (height, width)
+    assert graph.OneStepSR.auto_tile(pipe, 1624, 1624) == 80  # 2.64 Mpx
+    assert graph.OneStepSR.auto_tile(pipe, 2048, 2048) == 80

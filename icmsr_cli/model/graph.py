@@ -65,6 +65,8 @@ MIN_TILE = 16
 # working set of one tile per latent pixel: the decoder's last level holds ~6 float32 maps of
 # 128 channels at 8x8 image pixels per latent pixel
 _BYTES_PER_LATENT_PX = 64 * 128 * 6 * 4
+#: slack on the CPU estimate before a whole-image run is chosen (the GPU's measured figure gets choose_tile's)
+_WHOLE_MARGIN = 1.25
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -196,11 +198,13 @@ class OneStepSR:
         keep the resident memory small (BENCHMARKS.md, memory table)."""
         free = available_memory(self.device)
         if self.device.type == "cpu":
-            side = auto_tile_size(free, _BYTES_PER_LATENT_PX * self.tile_batch)
-            # by area, as memory goes: an image no larger than one tile needs less than the batch of
-            # tiles budgeted, and tiling it costs twice and more (a 4:3 output at the 512-px minimum,
-            # 86x64 latent px, was cut into two 80x64 tiles plus the shared-statistics passes: 5x the time)
-            return None if height * width <= (side * VAE_FACTOR) ** 2 else side
+            # Whole while the estimated working set fits half the available RAM (the other half for
+            # the rest of the machine): tiles cost overlap and the shared-statistics passes, and a
+            # batch of them holds more than a mid-sized image whole. Full model, 1024x768 output, this
+            # 2-core machine: 80-px tiles 337 s and 11.6 GB peak RSS, whole 58 s and 6.9 GB.
+            if height * width / VAE_FACTOR**2 * _BYTES_PER_LATENT_PX * _WHOLE_MARGIN <= free / 2:
+                return None
+            return auto_tile_size(free, _BYTES_PER_LATENT_PX * self.tile_batch)
         return choose_tile(height, width, free, self._bytes_per_latent_px() / VAE_FACTOR**2, tile_batch=self.tile_batch)
 
     def _bytes_per_latent_px(self) -> float:
