@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 import os
@@ -198,8 +199,8 @@ def upscale(
     tile_size = _parse_tile(tile)
     if color_fix not in COLOR_FIXES:
         raise typer.BadParameter(f"{color_fix!r}: expected one of {', '.join(COLOR_FIXES)}", param_hint="--color-fix")
-    if not scale > 0:
-        raise typer.BadParameter(f"{scale}: must be positive", param_hint="--scale")
+    if not 0 < scale < math.inf:
+        raise typer.BadParameter(f"{scale}: must be a positive finite number", param_hint="--scale")
     if fmt is not None and fmt.lower() not in FORMATS:
         raise typer.BadParameter(f"{fmt!r}: expected one of {', '.join(FORMATS)}", param_hint="--format")
     fmt = fmt.lower() if fmt else None

@@ -123,3 +123,14 @@ def test_names_that_look_like_markup_print_as_they_are(tmp_path):
     result = run("upscale", missing, "-o", tmp_path / "o.png")
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: no such file, folder or matching image"
+
+
+@pytest.mark.parametrize("scale", ["0", "-1", "nan", "inf"])
+def test_a_scale_that_is_not_a_positive_finite_number_is_a_usage_error(tmp_path, scale):
+    """-s inf passed the CLI's check and failed deep inside as "a bug in icmsr" (exit 3)."""
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(8, 8)).save(src)
+    result = run("upscale", src, "-o", tmp_path / "out.png", "-s", scale)
+    assert result.exit_code == 2, result.output
+    assert "--scale" in result.output and "positive finite" in result.output and "bug" not in result.output
+    assert not (tmp_path / "out.png").exists()
