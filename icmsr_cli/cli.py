@@ -388,9 +388,10 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="Device of the learned metrics: auto, cpu, cuda, cuda:N or mps."),
     json_lines: bool = typer.Option(False, "--json", help='One JSON line per pair on stdout, then {"mean": {...}, "count": N}.'),
 ) -> None:
-    """Score SR images against references: PSNR and SSIM on the Y channel (BT.601, as pyiqa with
-    test_y_channel=True, color_space=ycbcr), plus pyiqa's learned metrics when it is installed.
+    """Score SR images against references: PSNR and SSIM on the Y channel, plus pyiqa's learned metrics.
 
+    PSNR and SSIM are computed on BT.601 luma, as pyiqa does with test_y_channel=True and
+    color_space=ycbcr; LPIPS, DISTS and the no-reference metrics come from pyiqa when it is installed.
     A pair with a size mismatch, a missing partner or an unreadable file is one line on stderr; the others
     are still scored and the exit code is 1. Exit codes: 0 all pairs scored, 1 some failed, 2 usage error.
     """
@@ -446,8 +447,9 @@ def _score_table(scored, names: list[str], mean: dict[str, float]) -> None:
 
 @weights_app.command("list")
 def weights_list() -> None:
-    """List the registry's models: name, cached or not, size on disk, description; then the merged
-    weights kept by earlier runs. Needs no network."""
+    """List the registry's models and the merged weights kept by earlier runs. Needs no network.
+
+    Per model: its name, whether it is cached, its size on disk and its description."""
     from .cache import cache_dir, merged_usage
     from .weights.hub import cache_state
     from .weights.registry import load_registry
