@@ -206,6 +206,8 @@ def upscale(
     fmt = fmt.lower() if fmt else None
     if json_lines and output == batch.STDIO:
         raise typer.BadParameter("--json writes to stdout, which -o - already carries the image on", param_hint="--json")
+    if output == batch.STDIO and sys.stdout.isatty():  # image bytes would garble the terminal, as gzip refuses too
+        raise typer.BadParameter("standard output is a terminal; redirect it to a file or a pipe (> out.png)", param_hint="-o -")
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(message)s", stream=sys.stderr)
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # Slurm preemption and `timeout` send SIGTERM
         if hasattr(signal, name):

@@ -134,3 +134,35 @@ def test_a_scale_that_is_not_a_positive_finite_number_is_a_usage_error(tmp_path,
     assert result.exit_code == 2, result.output
     assert "--scale" in result.output and "positive finite" in result.output and "bug" not in result.output
     assert not (tmp_path / "out.png").exists()
+
+
+def test_image_bytes_are_not_written_to_a_terminal(tmp_path):
+    """-o - with stdout on a terminal is refused before any work (it dumped the encoded image there)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(8, 8)).save(src)
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "icmsr_cli", "upscale", str(src), "-o", "-"], stdout=terminal,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120, env={**os.environ, "COLUMNS": "200"})
+        os.close(terminal)
+        terminal = None
+        written = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            written += chunk
+    finally:
+        os.close(controller)
+        if terminal is not None:
+            os.close(terminal)
+    assert proc.returncode == 2, proc.stderr.decode()
+    assert b"standard output is a terminal" in proc.stderr and not written, (proc.stderr, written[:100])
