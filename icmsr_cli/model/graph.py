@@ -194,8 +194,9 @@ class OneStepSR:
 
     def auto_tile(self, height: int, width: int) -> int | None:
         """Latent tile size for an image of height x width pixels; None runs it whole. On a GPU the
-        whole image runs whenever its measured working set fits in free memory; on the CPU tiles
-        keep the resident memory small (BENCHMARKS.md, memory table)."""
+        whole image runs whenever its measured working set fits in free memory; on the CPU whenever
+        an estimate of it fits half the available RAM, and larger images get tiles sized to a quarter
+        (BENCHMARKS.md, memory tables)."""
         free = available_memory(self.device)
         if self.device.type == "cpu":
             # Whole while the estimated working set fits half the available RAM (the other half for
