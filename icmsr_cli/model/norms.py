@@ -130,14 +130,19 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: nn.G
             return _normalize(x, mean.expand(b, -1), var.expand(b, -1), norm, act)
         except Exception as exc:  # noqa: BLE001
             _give_up(exc)
-    b, c, h, w = x.shape
-    g = norm.num_groups
+    # one pass, y = x * scale + shift per channel, as PyTorch's own GroupNorm and the fused kernels
+    # compute it (a copy, then subtract, scale, weight and bias in place took five passes: ~0.7 s of a
+    # 1024x768 decode on two cores); scale and shift from the statistics in float64
+    c = x.shape[1]
     acc = torch.promote_types(x.dtype, torch.float32)
-    y = x.to(acc, copy=True).view(b, g, c // g, h, w)
-    y.sub_(mean.to(x.device, acc).view(1, g, 1, 1, 1)).mul_(torch.rsqrt(var.to(x.device, acc) + norm.eps).view(1, g, 1, 1, 1))
-    y = y.view(b, c, h, w)
+    per_channel = c // norm.num_groups
+    scale = torch.rsqrt(var.double() + norm.eps).repeat_interleave(per_channel)
+    shift = -mean.double().repeat_interleave(per_channel) * scale
     if norm.affine:
-        y.mul_(norm.weight.to(acc).view(1, c, 1, 1)).add_(norm.bias.to(acc).view(1, c, 1, 1))
+        weight = norm.weight.double().to(scale.device)
+        scale, shift = scale * weight, shift * weight + norm.bias.double().to(scale.device)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    y = torch.addcmul(shift.to(x.device, acc).view(shape), x.to(acc), scale.to(x.device, acc).view(shape))
     if act:
         F.silu(y, inplace=True)
     return y.to(x.dtype)

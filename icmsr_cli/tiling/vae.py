@@ -162,11 +162,13 @@ def _group_stats(x: torch.Tensor, groups: int, own: tuple[int, int, int, int]) -
     """Mean and (population) variance per group over the owned region of one tile, in float64
     (merging many tiles' statistics in float32 would lose the between-tile variance term)."""
     y0, y1, x0, x1 = own
-    part = x[:, y0:y1, x0:x1].to(_acc(x.dtype)).reshape(groups, -1)
-    var, mean = torch.var_mean(part, dim=1, unbiased=False)
+    # (groups, channels per group, h, w): a view in either memory layout (a reshape to (groups, -1)
+    # copied every channels-last activation; this halves the time)
+    part = x[:, y0:y1, x0:x1].to(_acc(x.dtype)).unflatten(0, (groups, -1))
+    var, mean = torch.var_mean(part, dim=(1, 2, 3), unbiased=False)
     if x.device.type == "mps":  # MPS has no float64: merge these few numbers on the CPU, exactly
         mean, var = mean.cpu(), var.cpu()
-    return mean.double(), var.double(), part.shape[1]
+    return mean.double(), var.double(), part[0].numel()
 
 
 def pool_stats(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,15 +221,22 @@ def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batc
     batches = _batches([tuple(b[1] - b[0] for b in (box[:2], box[2:])) for box in boxes], batch)
     total, done = len(segments) * len(states), 0
 
+    # One batch holds every tile: none waits for another, so its activations stay where they are
+    # between segments instead of being parked (two copies per segment, and files beyond the host
+    # budget: a single 1024x768 tile ran 1.9x slower than the untiled decoder on the CPU).
+    carry = None
     pooled = None
     for index, segment in enumerate(segments):
         next_norm = segments[index + 1][0].module if index + 1 < len(segments) else None
         collected = []
         for members in batches:
-            h = torch.cat([_take(park, states[i], "x") for i in members]).to(device, dtype, non_blocking=True)
-            saved = None
-            if states[members[0]].saved is not None:
-                saved = torch.cat([_take(park, states[i], "saved") for i in members]).to(device, dtype, non_blocking=True)
+            if carry is not None:
+                (h, saved), carry = carry, None
+            else:
+                h = torch.cat([_take(park, states[i], "x") for i in members]).to(device, dtype, non_blocking=True)
+                saved = None
+                if states[members[0]].saved is not None:
+                    saved = torch.cat([_take(park, states[i], "saved") for i in members]).to(device, dtype, non_blocking=True)
             for op in segment:
                 if op.kind == "norm":
                     h = normalize(h, pooled[0], pooled[1], op.module, op.act)
@@ -245,8 +254,12 @@ def _run(ops, x, in_tiles, out_tiles, park: Parking, *, pad, device, dtype, batc
                 if next_norm is not None:
                     own = _own_in_feature(in_tiles[i].own, boxes[i], h.shape[-2:])
                     collected.append(_group_stats(h[k], next_norm.num_groups, own))
-                states[i].x = park.put(h[k : k + 1])
-                states[i].saved = park.put(saved[k : k + 1]) if saved is not None else None
+            if len(batches) == 1 and next_norm is not None:
+                carry = (h, saved)
+            else:
+                for k, i in enumerate(members):
+                    states[i].x = park.put(h[k : k + 1])
+                    states[i].saved = park.put(saved[k : k + 1]) if saved is not None else None
             del h, saved
             done += len(members)
             if progress:
