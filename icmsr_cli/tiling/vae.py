@@ -163,7 +163,7 @@ def _group_stats(x: torch.Tensor, groups: int, own: tuple[int, int, int, int]) -
     (merging many tiles' statistics in float32 would lose the between-tile variance term)."""
     y0, y1, x0, x1 = own
     # (groups, channels per group, h, w): a view in either memory layout (a reshape to (groups, -1)
-    # copied every channels-last activation; this halves the time)
+    # copied every channels-last activation first)
     part = x[:, y0:y1, x0:x1].to(_acc(x.dtype)).unflatten(0, (groups, -1))
     var, mean = torch.var_mean(part, dim=(1, 2, 3), unbiased=False)
     if x.device.type == "mps":  # MPS has no float64: merge these few numbers on the CPU, exactly
