@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NumericalError, ResourceError, SetupError
-from ..tiling.plan import auto_tile_size, choose_tile, plan_tiles
+from ..tiling.plan import auto_tile_size, choose_tile, fits_whole, plan_tiles
 from ..tiling.vae import decoder_ops, encoder_ops, run_tiled
 from .color import apply_color_fix
 from .devices import available_memory, freed_memory_reused, is_out_of_memory, large_blocks_mapped, release_freed_memory
@@ -65,8 +65,6 @@ MIN_TILE = 16
 # working set of one tile per latent pixel: the decoder's last level holds ~6 float32 maps of
 # 128 channels at 8x8 image pixels per latent pixel
 _BYTES_PER_LATENT_PX = 64 * 128 * 6 * 4
-#: slack on the CPU estimate before a whole-image run is chosen (the GPU's measured figure gets choose_tile's)
-_WHOLE_MARGIN = 1.25
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -203,7 +201,7 @@ class OneStepSR:
             # the rest of the machine): tiles cost overlap and the shared-statistics passes, and a
             # batch of them holds more than a mid-sized image whole. Full model, 1024x768 output, this
             # 2-core machine: 80-px tiles 337 s and 11.6 GB peak RSS, whole 58 s and 6.9 GB.
-            if height * width / VAE_FACTOR**2 * _BYTES_PER_LATENT_PX * _WHOLE_MARGIN <= free / 2:
+            if fits_whole(height, width, free / 2, _BYTES_PER_LATENT_PX / VAE_FACTOR**2):
                 return None
             return auto_tile_size(free, _BYTES_PER_LATENT_PX * self.tile_batch)
         return choose_tile(height, width, free, self._bytes_per_latent_px() / VAE_FACTOR**2, tile_batch=self.tile_batch)
