@@ -23,9 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _models import random_model  # noqa: E402
 
-from icmsr_cli.model.graph import DECODER_PAD, ENCODER_PAD, LATENT_SCALE, VAE_OVERLAP, UNET_OVERLAP  # noqa: E402
+from icmsr_cli.model.graph import DECODER_PAD, ENCODER_PAD, LATENT_SCALE, VAE_OVERLAP, UNET_OVERLAP, unet_plan, vae_plan  # noqa: E402
 from icmsr_cli.model.loading import load_pipeline  # noqa: E402
-from icmsr_cli.tiling.plan import plan_tiles  # noqa: E402
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,25 +85,25 @@ def main() -> None:
         z = pipe.encode(x)
         z_ours = pipe.encode_tiled(x, t)
         enc = lambda crop: pipe.vae.encode(crop * 2 - 1) * LATENT_SCALE
-        z_naive = naive(enc, x, plan_tiles(hl, wl, t, vo, unit=8), plan_tiles(hl, wl, t, vo), ENCODER_PAD, z.shape)
-        band = band_mask(plan_tiles(hl, wl, t, vo), (hl, wl))
+        z_naive = naive(enc, x, vae_plan(hl, wl, t, unit=8), vae_plan(hl, wl, t), ENCODER_PAD, z.shape)
+        band = band_mask(vae_plan(hl, wl, t), (hl, wl))
         rows.append(("VAE encoder", z_ours, z_naive, z, band))
         # decoder: from the untiled x0, images compared in [0, 1]
         x0 = pipe.denoise(z)
         y = pipe.decode(x0)
         y_ours = pipe.decode_tiled(x0, t)
         dec = lambda crop: pipe.vae.decode(crop / LATENT_SCALE).clamp(-1, 1) * 0.5 + 0.5
-        y_naive = naive(dec, x0, plan_tiles(hl, wl, t, vo), plan_tiles(hl, wl, t, vo, unit=8), DECODER_PAD, y.shape)
-        band = band_mask(plan_tiles(hl, wl, t, vo, unit=8), (h, w))
+        y_naive = naive(dec, x0, vae_plan(hl, wl, t), vae_plan(hl, wl, t, unit=8), DECODER_PAD, y.shape)
+        band = band_mask(vae_plan(hl, wl, t, unit=8), (h, w))
         rows.append(("VAE decoder", y_ours, y_naive, y, band))
         # UNet: x0 from blended eps (the UNet's own GroupNorms stay per tile in both variants)
         x0_tiled = pipe.denoise_tiled(z, t)
-        band = band_mask(plan_tiles(hl, wl, t, t // UNET_OVERLAP), (hl, wl))
+        band = band_mask(unet_plan(hl, wl, t), (hl, wl))
         rows.append(("UNet (eps blended)", x0_tiled, None, x0, band))
         # end to end, all three stages tiled
         full = pipe(x, "adain", None)
         tiled = pipe(x, "adain", t)
-        rows.append(("end to end", tiled, None, full, band_mask(plan_tiles(hl, wl, t, vo, unit=8), (h, w))))
+        rows.append(("end to end", tiled, None, full, band_mask(vae_plan(hl, wl, t, unit=8), (h, w))))
     print(f"model={args.model} size={w}x{h} tile={t} latent px (VAE overlap {vo}, UNet overlap {t // UNET_OVERLAP}); "
           f"encoder pad {ENCODER_PAD} px, decoder pad {DECODER_PAD} latent px; {time.perf_counter() - t0:.0f} s")
     print("| stage | ours PSNR (dB) | ours seam excess | naive PSNR (dB) | naive seam excess |")

@@ -3,6 +3,7 @@ pipeline against the untiled one with pointwise stand-ins for the UNet and VAE c
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 import pytest
@@ -10,16 +11,26 @@ import torch
 from torch import nn
 
 from icmsr_cli.errors import ResourceError
+from icmsr_cli.model.graph import unet_plan, vae_plan
 from icmsr_cli.model.loading import load_pipeline
 from icmsr_cli.tiling.vae import pool_stats
 from icmsr_cli.tiling.plan import auto_tile_size, ownership, plan_spans, plan_tiles, window
 
 
-@pytest.mark.parametrize("length,tile,overlap", [(100, 32, 8), (33, 32, 8), (257, 64, 16), (64, 64, 8), (20, 32, 8), (1000, 96, 24)])
-def test_spans_are_even_full_size_and_cover(length, tile, overlap):
+@pytest.mark.parametrize("length,tile,overlap", [(100, 32, 8), (33, 32, 8), (257, 64, 16), (64, 64, 8), (20, 32, 8), (1000, 96, 24), (96, 80, 10), (512, 256, 64)])
+def test_spans_are_even_one_size_and_cover(length, tile, overlap):
     spans = plan_spans(length, tile, overlap)
     assert spans[0][0] == 0 and spans[-1][1] == length
-    assert all(e - s == min(tile, length) for s, e in spans)  # no sliver: every tile full size
+    size = spans[0][1] - spans[0][0]
+    assert all(e - s == size for s, e in spans)  # no sliver: every tile the same size
+    if length <= tile:
+        assert spans == [(0, length)]
+    else:
+        # as many tiles as `tile` needs, each the smallest multiple of 8 that covers with the overlap
+        assert len(spans) == math.ceil((length - overlap) / (tile - overlap))
+        assert size <= tile and (size % 8 == 0 or size == tile)
+        n = len(spans)
+        assert n * (size - 8) - (n - 1) * overlap < length  # 8 less would not cover
     starts = [s for s, _ in spans]
     steps = np.diff(starts)
     assert len(steps) == 0 or steps.max() - steps.min() <= 1  # evenly spaced
@@ -27,6 +38,18 @@ def test_spans_are_even_full_size_and_cover(length, tile, overlap):
     own = ownership(spans)
     assert own[0][0] == 0 and own[-1][1] == length and all(own[i][1] == own[i + 1][0] for i in range(len(own) - 1))
     assert all(s <= a < b <= e for (s, e), (a, b) in zip(spans, own))
+
+
+def test_tiles_shrink_to_the_count_they_need_and_unet_tiles_stay_at_least_64():
+    assert plan_spans(96, 80, 10) == [(0, 56), (40, 96)]  # two tiles of 80 would overlap by 64
+    assert plan_spans(512, 256, 32) == [(0, 192), (160, 352), (320, 512)]
+    assert plan_spans(96, 80, 20, least=64) == [(0, 64), (32, 96)]
+    # the stages' plans: the VAE's shrink freely (shared statistics), the UNet's not below 64 ...
+    assert {t.core[1] - t.core[0] for t in vae_plan(96, 96, 80)} == {56}
+    assert {t.core[1] - t.core[0] for t in unet_plan(96, 96, 80)} == {64}
+    # ... unless the tile asked for is smaller
+    assert {t.core[1] - t.core[0] for t in unet_plan(96, 96, 32)} == {32}
+    assert vae_plan(96, 96, 80, unit=8)[-1].core == (320, 768, 320, 768)
 
 
 def test_windows_are_a_partition_of_unity_that_hands_over_across_the_whole_overlap():

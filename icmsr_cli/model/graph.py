@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NumericalError, ResourceError, SetupError
-from ..tiling.plan import auto_tile_size, choose_tile, fits_whole, plan_tiles
+from ..tiling.plan import Tile, auto_tile_size, choose_tile, fits_whole, plan_tiles
 from ..tiling.vae import decoder_ops, encoder_ops, run_tiled
 from .color import apply_color_fix
 from .devices import available_memory, freed_memory_reused, is_out_of_memory, large_blocks_mapped, release_freed_memory
@@ -58,6 +58,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = VAE_FACTOR) -> torch.Tensor
 
 #: tiles overlap by a quarter (UNet) or an eighth (VAE, which also gets context padding) of their size
 UNET_OVERLAP, VAE_OVERLAP = 4, 8
+#: the smallest UNet tile the planner shrinks to: SD-2.1-base's training size in latent pixels
+UNET_LEAST = 64
 #: receptive-field context around each VAE tile: image pixels for the encoder, latent pixels for the decoder
 ENCODER_PAD, DECODER_PAD = 64, 12
 #: tile sizes are halved after an out-of-memory error down to this many latent pixels
@@ -65,6 +67,19 @@ MIN_TILE = 16
 # working set of one tile per latent pixel: the decoder's last level holds ~6 float32 maps of
 # 128 channels at 8x8 image pixels per latent pixel
 _BYTES_PER_LATENT_PX = 64 * 128 * 6 * 4
+
+
+def vae_plan(height: int, width: int, tile: int, unit: int = 1) -> list[Tile]:
+    """The VAE encoder's and decoder's tiles over a (height, width) latent, in units of `unit` pixels."""
+    return plan_tiles(height, width, tile, tile // VAE_OVERLAP, unit=unit)
+
+
+def unet_plan(height: int, width: int, tile: int) -> list[Tile]:
+    """The UNet's tiles over a (height, width) latent. Each UNet tile normalises with its own
+    GroupNorm statistics, so its tiles are not shrunk below the 64x64 latents SD-2.1-base was
+    trained on (unless asked for smaller ones)."""
+    return plan_tiles(height, width, tile, tile // UNET_OVERLAP, least=min(tile, UNET_LEAST))
+
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -128,10 +143,9 @@ class OneStepSR:
     @torch.no_grad()
     def encode_tiled(self, x: torch.Tensor, tile: int) -> torch.Tensor:
         h, w = x.shape[-2] // VAE_FACTOR, x.shape[-1] // VAE_FACTOR
-        overlap = tile // VAE_OVERLAP
         moments = run_tiled(
             encoder_ops(self.vae), x.mul(2).sub_(1),  # one whole-image copy, not two
-            plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR), plan_tiles(h, w, tile, overlap),
+            vae_plan(h, w, tile, unit=VAE_FACTOR), vae_plan(h, w, tile),
             pad=ENCODER_PAD, device=self.device, dtype=self.dtype_of("encode"), batch=self.tile_batch, progress=self._stage("encode"),
             park=self._parking(tile), between_segments=release_freed_memory,
         )
@@ -140,7 +154,7 @@ class OneStepSR:
     @torch.no_grad()
     def denoise_tiled(self, z: torch.Tensor, tile: int) -> torch.Tensor:
         """eps blended across tiles with the planner's windows, then x0 on the whole latent."""
-        tiles = plan_tiles(z.shape[-2], z.shape[-1], tile, tile // UNET_OVERLAP)
+        tiles = unet_plan(z.shape[-2], z.shape[-1], tile)
         acc = torch.promote_types(self.dtype, torch.float32)
         eps = torch.zeros(z.shape, dtype=acc, device=z.device)
         total = torch.zeros((1, 1, *z.shape[-2:]), dtype=acc, device=z.device)
@@ -162,10 +176,9 @@ class OneStepSR:
     @torch.no_grad()
     def decode_tiled(self, x0: torch.Tensor, tile: int) -> torch.Tensor:
         h, w = x0.shape[-2:]
-        overlap = tile // VAE_OVERLAP
         y = run_tiled(
             decoder_ops(self.vae), x0 / LATENT_SCALE,
-            plan_tiles(h, w, tile, overlap), plan_tiles(h, w, tile, overlap, unit=VAE_FACTOR),
+            vae_plan(h, w, tile), vae_plan(h, w, tile, unit=VAE_FACTOR),
             pad=DECODER_PAD, device=self.device, dtype=self.dtype_of("decode"), batch=self.tile_batch, progress=self._stage("decode"),
             park=self._parking(tile), between_segments=release_freed_memory,
         )

@@ -1,8 +1,8 @@
 """Tile plans and blend windows: pure functions shared by the VAE encoder, UNet and VAE decoder.
 
 Spans are half-open [start, end) intervals along one axis, in latent pixels unless scaled.
-Tiles are spaced evenly (no sliver at the edge) and every tile has the full tile size, so a
-stage can batch them. Blend windows ramp with a raised cosine across the *whole* overlap, and
+Tiles are spaced evenly (no sliver at the edge) and all have one shape, so a stage can batch
+them. Blend windows ramp with a raised cosine across the *whole* overlap, and
 are normalised by their sum, so they form a partition of unity.
 """
 
@@ -16,14 +16,22 @@ import torch
 Span = tuple[int, int]
 
 
-def plan_spans(length: int, tile: int, overlap: int) -> list[Span]:
-    """Evenly spaced spans of size `tile` covering [0, length), neighbours overlapping by >= `overlap`."""
+def plan_spans(length: int, tile: int, overlap: int, least: int = 0) -> list[Span]:
+    """Evenly spaced spans of one size covering [0, length), neighbours overlapping by >= `overlap`.
+
+    There are as many spans as tiles of size `tile` need, and each is as small as that count allows
+    (rounded up to a multiple of 8, never below `least`): a tile larger than that would only widen
+    the overlaps, which every stage pays for in pixels run twice. With 80-px tiles overlapping by
+    10, a 96-px side gets two spans of 56 rather than two of 80.
+    """
     if tile <= 0 or not 0 <= overlap < tile:
         raise ValueError(f"need 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     if length <= tile:
         return [(0, length)]
     n = math.ceil((length - overlap) / (tile - overlap))
-    return [(s, s + tile) for s in (round(i * (length - tile) / (n - 1)) for i in range(n))]
+    # n spans of `size` leave neighbours `overlap` apart when n * size - (n - 1) * overlap >= length
+    size = min(tile, max(least, -(-(math.ceil((length - overlap) / n) + overlap) // 8) * 8))
+    return [(s, s + size) for s in (round(i * (length - size) / (n - 1)) for i in range(n))]
 
 
 def ownership(spans: list[Span]) -> list[Span]:
@@ -68,10 +76,11 @@ class Tile:
         return (max(0, y0 - pad), min(height, y1 + pad), max(0, x0 - pad), min(width, x1 + pad))
 
 
-def plan_tiles(height: int, width: int, tile: int, overlap: int, unit: int = 1) -> list[Tile]:
+def plan_tiles(height: int, width: int, tile: int, overlap: int, unit: int = 1, least: int = 0) -> list[Tile]:
     """The 2-D plan over a (height, width) latent grid, with boxes and windows in units of
-    `unit` pixels per latent pixel (8 for image space). The order is the same for every unit."""
-    ys, xs = plan_spans(height, tile, overlap), plan_spans(width, tile, overlap)
+    `unit` pixels per latent pixel (8 for image space). The order is the same for every unit.
+    All tiles have one shape (a stage can batch them), each side sized by plan_spans."""
+    ys, xs = plan_spans(height, tile, overlap, least), plan_spans(width, tile, overlap, least)
     # ownership is cut on the latent grid, so it maps exactly onto every VAE feature map
     oys, oxs = ([(a * unit, b * unit) for a, b in ownership(spans)] for spans in (ys, xs))
     ys, xs = [(a * unit, b * unit) for a, b in ys], [(a * unit, b * unit) for a, b in xs]
