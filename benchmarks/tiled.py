@@ -27,9 +27,8 @@ sys.path.insert(0, HERE)
 from _models import random_model  # noqa: E402
 
 from icmsr_cli.model.devices import resolve_dtype  # noqa: E402
-from icmsr_cli.model.graph import DECODER_PAD, ENCODER_PAD, VAE_FACTOR, _BYTES_PER_LATENT_PX, unet_plan, vae_plan  # noqa: E402
+from icmsr_cli.model.graph import DECODER_PAD, ENCODER_PAD, VAE_FACTOR, unet_plan, vae_plan  # noqa: E402
 from icmsr_cli.model.loading import load_pipeline  # noqa: E402
-from icmsr_cli.tiling.plan import auto_tile_size  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -98,13 +97,7 @@ def main() -> None:
         total_whole = sum(whole.values())
         print(f"\n{w}x{h} whole: " + ", ".join(f"{k} {v:.2f} s" for k, v in whole.items()) + f"; total {total_whole:.2f} s")
         for word in args.tiles.split(","):
-            if word == "auto":
-                per_px = _BYTES_PER_LATENT_PX if device.type == "cpu" else pipe._bytes_per_latent_px()
-                from icmsr_cli.model.devices import available_memory
-
-                tile = auto_tile_size(available_memory(device), per_px * pipe.tile_batch)
-            else:
-                tile = int(word)
+            tile = pipe.largest_tile() if word == "auto" else int(word)
             tiled = stage_times(pipe, x, tile, args.repeats)
             px = plan_pixels(pipe, h // VAE_FACTOR, w // VAE_FACTOR, tile)
             print(f"  tile {tile} (tiles {px['tiles'][0]} VAE / {px['tiles'][1]} UNet, VAE tile {px['shape'][0]}x{px['shape'][1]}): "

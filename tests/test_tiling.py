@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from icmsr_cli.errors import ResourceError
+from icmsr_cli.model.devices import tiles_per_call
 from icmsr_cli.model.graph import unet_plan, vae_plan
 from icmsr_cli.model.loading import load_pipeline
 from icmsr_cli.tiling.vae import pool_stats
@@ -272,31 +273,45 @@ def test_parking_tiers_give_the_tiled_result_of_host_memory(pointwise_pipe, monk
     assert tiers, "the tiled VAE parks its tiles through Parking"
 
 
+def _bare_pipeline(device: str, bytes_per_latent_px: float | None = None):
+    """A OneStepSR with no modules: enough for the tile decisions, which read the device, the
+    batch and the working-set figure (given here as a GPU's probe would have measured it)."""
+    from icmsr_cli.model.graph import OneStepSR
+
+    dev = torch.device(device)
+    return OneStepSR(vae=None, unet=None, prompt_embeds=None, alpha_t=0.0, device=dev, dtype=torch.float32,
+                     tile_batch=tiles_per_call(dev), _measured_bytes=bytes_per_latent_px)
+
+
 @pytest.mark.parametrize("free_gb,expected", [(80, None), (3.2, None), (3.0, "tiled"), (0.5, "tiled")])
-def test_choose_tile_runs_whole_when_the_measured_working_set_fits(free_gb, expected):
-    from icmsr_cli.tiling.plan import choose_tile
+def test_gpu_auto_runs_whole_when_the_measured_working_set_fits(monkeypatch, free_gb, expected):
+    from icmsr_cli.model import graph
 
     per_px = 600.0  # bytes per output pixel, as measured on a GPU in bf16
-    tile = choose_tile(2048, 2048, free_gb * 1e9, per_px, tile_batch=4)  # 2048^2 * 600 B * 1.25 = 3.1 GB
+    pipe = _bare_pipeline("cuda", per_px * 64)
+    monkeypatch.setattr(graph, "available_memory", lambda device: free_gb * 1e9)
+    tile = pipe.auto_tile(2048, 2048)  # 2048^2 * 600 B * 1.25 = 3.1 GB
     if expected is None:
         assert tile is None
     else:
         assert tile is not None and tile % 8 == 0 and 16 <= tile <= 256
-        assert 4 * tile * tile * 64 * per_px <= free_gb * 1e9 / 4 or tile == 16  # a batch of tiles fits a quarter
-    assert choose_tile(4096, 4096, 80e9, 600.0, tile_batch=4) is None  # 12.6 GB: an H100 runs 4096^2 whole
+        # a call's batch of tiles fits a quarter of the free memory
+        assert pipe.tile_batch * tile * tile * 64 * per_px <= free_gb * 1e9 / 4 or tile == 16
+    monkeypatch.setattr(graph, "available_memory", lambda device: 80e9)
+    assert pipe.auto_tile(4096, 4096) is None  # 12.6 GB: an H100 runs 4096^2 whole
 
 
 def test_cpu_auto_runs_an_image_whole_while_its_estimated_working_set_fits_half_the_ram(monkeypatch):
     """On the CPU `auto` runs whole while the estimate (196,608 B per latent px, 1.25x) fits half the
     available RAM: with 20.2 GB, images up to ~2.63 Mpx. Tiled, a 1024x768 output took 5.8x the time
-    and 1.7x the memory (full model); a 4:3 output at the 512-px minimum was cut in two for its long side."""
-    from types import SimpleNamespace
-
+    and 1.7x the memory (full model, ninth session); a 4:3 output at the 512-px minimum was cut in two
+    for its long side."""
     from icmsr_cli.model import graph
 
-    monkeypatch.setattr(graph, "available_memory", lambda device: 20.2e9)  # tiles of 80 latent px, batches of 4
-    pipe = SimpleNamespace(device=torch.device("cpu"), tile_batch=4)
+    monkeypatch.setattr(graph, "available_memory", lambda device: 20.2e9)
+    pipe = _bare_pipeline("cpu")
     for height, width in ((688, 512), (768, 1024), (1600, 1600)):
-        assert graph.OneStepSR.auto_tile(pipe, height, width) is None, (height, width)
-    assert graph.OneStepSR.auto_tile(pipe, 1624, 1624) == 80  # 2.64 Mpx
-    assert graph.OneStepSR.auto_tile(pipe, 2048, 2048) == 80
+        assert pipe.auto_tile(height, width) is None, (height, width)
+    # one tile per call with a quarter of the RAM: 160 latent px, where batches of 4 got 80
+    assert pipe.auto_tile(1624, 1624) == 160  # 2.64 Mpx
+    assert pipe.auto_tile(2048, 2048) == 160 == pipe.largest_tile()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NumericalError, ResourceError, SetupError
-from ..tiling.plan import Tile, auto_tile_size, choose_tile, fits_whole, plan_tiles
+from ..tiling.plan import Tile, auto_tile_size, fits_whole, plan_tiles
 from ..tiling.vae import decoder_ops, encoder_ops, run_tiled
 from .color import apply_color_fix
 from .devices import available_memory, freed_memory_reused, is_out_of_memory, large_blocks_mapped, release_freed_memory
@@ -94,7 +94,7 @@ class OneStepSR:
     alpha_t: float  # alphas_cumprod[999]
     device: torch.device
     dtype: torch.dtype
-    tile_batch: int = 4  # tiles per model call
+    tile_batch: int = 4  # tiles per model call (load_pipeline: devices.tiles_per_call)
     memory_format: torch.memory_format = MEMORY_FORMAT  # activations' layout; the weights' matches (load_pipeline)
     stage_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # stages moved to float32 after an fp16 overflow
     # glibc tuned for a process that only upscales (the CLI asks for it): CPU whole-image runs inside
@@ -206,18 +206,23 @@ class OneStepSR:
     def auto_tile(self, height: int, width: int) -> int | None:
         """Latent tile size for an image of height x width pixels; None runs it whole. On a GPU the
         whole image runs whenever its measured working set fits in free memory; on the CPU whenever
-        an estimate of it fits half the available RAM, and larger images get tiles sized to a quarter
-        (BENCHMARKS.md, memory tables)."""
+        an estimate of it fits half the available RAM (BENCHMARKS.md, memory tables). Larger images
+        get largest_tile()."""
         free = available_memory(self.device)
-        if self.device.type == "cpu":
-            # Whole while the estimated working set fits half the available RAM (the other half for
-            # the rest of the machine): tiles cost overlap and the shared-statistics passes, and a
-            # batch of them holds more than a mid-sized image whole. Full model, 1024x768 output, this
-            # 2-core machine: 80-px tiles 337 s and 11.6 GB peak RSS, whole 58 s and 6.9 GB.
-            if fits_whole(height, width, free / 2, _BYTES_PER_LATENT_PX / VAE_FACTOR**2):
-                return None
-            return auto_tile_size(free, _BYTES_PER_LATENT_PX * self.tile_batch)
-        return choose_tile(height, width, free, self._bytes_per_latent_px() / VAE_FACTOR**2, tile_batch=self.tile_batch)
+        # The CPU keeps half its RAM for the rest of the machine. Tiles cost overlap and the
+        # shared-statistics passes: full model, 1024x768 output, this 2-core machine, one process:
+        # whole 63-73 s, 80-px tiles 110 s (337 s and 11.6 GB peak RSS through the CLI in the
+        # ninth session, with larger overlaps and batches of 4).
+        share = free / 2 if self.device.type == "cpu" else free
+        if fits_whole(height, width, share, self._bytes_per_latent_px() / VAE_FACTOR**2):
+            return None
+        return self.largest_tile(free)
+
+    def largest_tile(self, free: float | None = None) -> int:
+        """The latent tile `auto` takes when it must tile: the largest whose model call
+        (tile_batch tiles) fits a quarter of `free` bytes (default: the device's free memory)."""
+        free = available_memory(self.device) if free is None else free
+        return auto_tile_size(free, self._bytes_per_latent_px() * self.tile_batch)
 
     def _bytes_per_latent_px(self) -> float:
         """Peak device memory per latent pixel of a whole-image run, measured once on a 512x512

@@ -17,7 +17,7 @@ from ..cache import writable_cache_dir
 from ..errors import DiskFullError, ModelNotFoundError
 from ..io import atomic
 from . import weight_cache
-from .devices import memory_format_for
+from .devices import memory_format_for, tiles_per_call
 from .folders import WEIGHTS_STEM, read_json
 from .graph import MEMORY_FORMAT, TIMESTEP, OneStepSR, Progress, alphas_cumprod
 from .lora import LoraCheckpoint, load_lora_checkpoint, merge_lora
@@ -78,7 +78,7 @@ def load_pipeline(
             fuse_group_norms(module)
     embeds = prompt_embedding(base, prompt)
     return OneStepSR(vae=modules["vae"], unet=modules["unet"], prompt_embeds=embeds, alpha_t=alpha_t, device=device, dtype=dtype,
-                     memory_format=layout, reuse_freed_memory=reuse_freed_memory, progress=progress,
+                     memory_format=layout, tile_batch=tiles_per_call(device), reuse_freed_memory=reuse_freed_memory, progress=progress,
                      **({"notify": notify} if notify else {}))
 
 

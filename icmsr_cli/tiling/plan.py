@@ -106,11 +106,3 @@ WHOLE_MARGIN = 1.25
 def fits_whole(height: int, width: int, free_bytes: float, bytes_per_px: float) -> bool:
     """Whether an image's working set, `bytes_per_px` per image pixel with the margin, fits in `free_bytes`."""
     return height * width * bytes_per_px * WHOLE_MARGIN <= free_bytes
-
-
-def choose_tile(height: int, width: int, free_bytes: float, bytes_per_px: float, *, tile_batch: int) -> int | None:
-    """None (run the image whole) when it fits in `free_bytes` (fits_whole); else the largest
-    latent tile whose batch fits."""
-    if fits_whole(height, width, free_bytes, bytes_per_px):
-        return None
-    return auto_tile_size(free_bytes, bytes_per_px * 64 * tile_batch)
