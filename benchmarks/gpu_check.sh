@@ -31,7 +31,7 @@ step fp16 40 bash -c 'python3 -c "import numpy as np; from PIL import Image; Ima
     --base benchmarks/.models/full/base --lora benchmarks/.models/full/osediff.pkl && python3 -c "from PIL import Image; print(Image.open(\"/tmp/out-fp16.png\").size)"'
 step speed 120 python3 benchmarks/speed.py --device cuda --skip-e2e
 # the tiled path against the whole image (the 1.3x bar): the tile --tile auto takes where it must tile, 128 and 64
-step tiled 30 python3 benchmarks/tiled.py --device cuda --sizes 2048x2048 --tiles auto,128,64 --repeats 2
+step tiled 30 python3 benchmarks/tiled.py --device cuda --sizes 2048x2048 --tiles auto,128,64 --batches 4,1 --repeats 2
 step tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py  # the CUDA routes' exactness and layout
 step kernels 60 python3 benchmarks/kernels.py --device cuda
 step memory 75 python3 benchmarks/memory.py --model full --device cuda --sizes 1024,2048,4096,8192

@@ -6,10 +6,12 @@ the tiles run through per pixel of the image (a property of the plan alone) next
 time ratio: where the two agree, only smaller overlaps or larger tiles can lower the cost; where
 the time ratio is higher, the tiled code itself is slow.
 
-    python benchmarks/tiled.py [--device cpu|cuda] [--model full|tiny] [--sizes 1024x768] [--tiles 80,auto] [--batch 4]
+    python benchmarks/tiled.py [--device cpu|cuda] [--model full|tiny] [--sizes 1024x768] [--tiles 80,auto] [--batches 4,1]
 
 Sizes are output sizes (the graph runs at the output size); `auto` is the tile `--tile auto` picks
-for the image when it must tile (on the CPU the size a quarter of the RAM allows).
+for the image when it must tile (a call's batch of tiles fits a quarter of the free memory).
+`--batches` compares tiles per model call: a batch fills a GPU at small tiles, but for the same
+memory it means smaller tiles, which overlap more (on the CPU one per call measured faster).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def stage_times(pipe, x: torch.Tensor, tile: int | None, repeats: int) -> dict[s
     return {name: statistics.median(v) for name, v in runs.items()}
 
 
-def plan_pixels(pipe, h: int, w: int, tile: int) -> dict[str, float]:
+def plan_pixels(h: int, w: int, tile: int) -> dict[str, float]:
     """Pixels each stage's tiles run through, per latent pixel of the image (1.0 = no redundancy)."""
     plans = {"vae": vae_plan(h, w, tile), "unet": unet_plan(h, w, tile)}
     out = {}
@@ -79,16 +81,15 @@ def main() -> None:
     ap.add_argument("--model", default="full", choices=["full", "tiny"])
     ap.add_argument("--sizes", default="1024x768", help="output sizes, WxH, comma-separated")
     ap.add_argument("--tiles", default="80,auto", help="latent tile sizes, comma-separated; auto: what --tile auto tiles with")
-    ap.add_argument("--batch", type=int, help="tiles per model call (default: the pipeline's)")
+    ap.add_argument("--batches", help="tiles per model call to compare, comma-separated (default: the device's)")
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
     device = torch.device(args.device)
     base, lora = random_model(args.model)
     pipe = load_pipeline(base, lora, device=device, dtype=resolve_dtype("auto", device))
-    if args.batch:
-        pipe.tile_batch = args.batch
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else [pipe.tile_batch]
     print(f"{device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} {args.model} model, "
-          f"{str(pipe.dtype).removeprefix('torch.')}, {pipe.tile_batch} tiles per call")
+          f"{str(pipe.dtype).removeprefix('torch.')}")
     torch.manual_seed(0)
     for size in args.sizes.split(","):
         w, h = (int(v) for v in size.split("x"))
@@ -96,15 +97,16 @@ def main() -> None:
         whole = stage_times(pipe, x, None, args.repeats)
         total_whole = sum(whole.values())
         print(f"\n{w}x{h} whole: " + ", ".join(f"{k} {v:.2f} s" for k, v in whole.items()) + f"; total {total_whole:.2f} s")
-        for word in args.tiles.split(","):
-            tile = pipe.largest_tile() if word == "auto" else int(word)
-            tiled = stage_times(pipe, x, tile, args.repeats)
-            px = plan_pixels(pipe, h // VAE_FACTOR, w // VAE_FACTOR, tile)
-            print(f"  tile {tile} (tiles {px['tiles'][0]} VAE / {px['tiles'][1]} UNet, VAE tile {px['shape'][0]}x{px['shape'][1]}): "
-                  f"total {sum(tiled.values()):.2f} s = {sum(tiled.values()) / total_whole:.2f}x whole")
-            for stage in whole:
-                print(f"    {stage:6s} {tiled[stage]:7.2f} s = {tiled[stage] / whole[stage]:.2f}x whole; plan runs {px[stage]:.2f}x the pixels")
-
+        for batch in batches:
+            pipe.tile_batch = batch
+            for word in args.tiles.split(","):
+                tile = pipe.largest_tile() if word == "auto" else int(word)  # auto's tile depends on the batch
+                tiled = stage_times(pipe, x, tile, args.repeats)
+                px = plan_pixels(h // VAE_FACTOR, w // VAE_FACTOR, tile)
+                print(f"  tile {tile}, {batch} per call (tiles {px['tiles'][0]} VAE / {px['tiles'][1]} UNet, VAE tile "
+                      f"{px['shape'][0]}x{px['shape'][1]}): total {sum(tiled.values()):.2f} s = {sum(tiled.values()) / total_whole:.2f}x whole")
+                for stage in whole:
+                    print(f"    {stage:6s} {tiled[stage]:7.2f} s = {tiled[stage] / whole[stage]:.2f}x whole; plan runs {px[stage]:.2f}x the pixels")
 
 if __name__ == "__main__":
     main()

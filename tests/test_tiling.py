@@ -145,6 +145,23 @@ def test_tiled_equals_untiled_for_pointwise_models(pointwise_pipe, size, tile):
     assert whole.std() > 0.02  # the stand-ins do produce an image
 
 
+def test_a_tile_that_covers_the_image_runs_it_whole(pointwise_pipe, monkeypatch):
+    """--tile 128 on a 512x512 output is the whole image: it must not pay the tiled path's passes."""
+    torch.manual_seed(5)
+    x = torch.rand(1, 3, 72, 136, dtype=torch.float64)  # a 9x17 latent
+    whole = pointwise_pipe(x, "none", None)
+
+    def tiled(*args):
+        raise AssertionError("took the tiled path")
+
+    for stage in ("encode_tiled", "denoise_tiled", "decode_tiled"):
+        monkeypatch.setattr(pointwise_pipe, stage, tiled)
+    assert torch.equal(pointwise_pipe(x, "none", 17), whole)
+    assert torch.equal(pointwise_pipe(x, "none", 64), whole)
+    with pytest.raises(AssertionError, match="tiled path"):
+        pointwise_pipe(x, "none", 16)  # one side needs two tiles
+
+
 def test_tiles_parked_in_files_give_the_same_result(pointwise_pipe, tmp_path, monkeypatch):
     import tempfile
 

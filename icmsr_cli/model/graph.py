@@ -255,6 +255,10 @@ class OneStepSR:
         x = pad_to_multiple(x.to(torch.promote_types(self.dtype, torch.float32)))
         if tile == "auto":
             tile = self.auto_tile(*x.shape[-2:])
+        elif tile is not None and tile >= max(x.shape[-2:]) // VAE_FACTOR:
+            # one tile covering the image is the image: the whole path gives the same numbers
+            # without the shared-statistics passes (1.3x the time with the full model on the CPU)
+            tile = None
         while True:
             try:
                 reuse = self.reuse_freed_memory and tile is None and self.device.type == "cpu"
