@@ -79,7 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default="full", choices=["full", "tiny"])
-    ap.add_argument("--sizes", default="1024x768", help="output sizes, WxH, comma-separated")
+    ap.add_argument("--sizes", default="1024x768", help="output sizes, WxH, comma-separated, multiples of 8")
     ap.add_argument("--tiles", default="80,auto", help="latent tile sizes, comma-separated; auto: what --tile auto tiles with")
     ap.add_argument("--batches", help="tiles per model call to compare, comma-separated (default: the device's)")
     ap.add_argument("--repeats", type=int, default=1)
