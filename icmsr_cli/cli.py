@@ -168,7 +168,7 @@ def upscale(
     color_fix: str = typer.Option("adain", "--color-fix", help=f"Colour fix against the input: {', '.join(COLOR_FIXES)}."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."),
-    tile: str = typer.Option("auto", "--tile", help="Latent tile size: auto (from free memory), off (whole image), or N."),
+    tile: str = typer.Option("auto", "--tile", help="Tiles for large images: auto (whole when it fits in free memory), off (always whole), or N: at most N latent px (8N image px) a side."),
     recursive: bool = typer.Option(False, "-r", "--recursive", help="Descend into subfolders of directory inputs."),
     fmt: Optional[str] = typer.Option(None, "--format", help="Output format png, jpg, webp, tiff or bmp (default: the input's)."),
     png_compression: int = typer.Option(1, "--png-compression", min=0, max=9,
