@@ -124,9 +124,10 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
 
 
 def _with_exif(png: bytes, orientation: int) -> bytes:
-    """The PNG with an eXIf chunk holding the orientation, inserted after IHDR."""
+    """The PNG with an eXIf chunk holding the orientation and a camera make, inserted after IHDR."""
     exif = Image.Exif()
     exif[0x0112] = orientation
+    exif[0x010F] = "TestCam"
     raw = exif.tobytes()
     raw = raw[6:] if raw.startswith(b"Exif\0\0") else raw
     ihdr_end = 8 + 4 + 4 + 13 + 4
@@ -146,6 +147,10 @@ def test_exif_orientation_same_geometry_in_8_and_16_bit(orientation):
     assert sixteen.bit_depth == 16 and eight.bit_depth == 8
     assert eight.pixels.shape == sixteen.pixels.shape
     np.testing.assert_allclose(eight.pixels, sixteen.pixels, atol=1e-6)
+    for picture in (eight, sixteen):  # the EXIF goes on, its orientation done
+        kept = Image.Exif()
+        kept.load(picture.info.get("exif", b""))
+        assert kept.get(0x010F) == "TestCam" and kept.get(0x0112, 1) == 1
     upright = np.asarray(Image.open(io.BytesIO(_with_exif(buf.getvalue(), orientation))).transpose(
         {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}[orientation]) if orientation > 1 else Image.fromarray(rgb))
     np.testing.assert_array_equal(np.rint(eight.pixels * 255).astype(np.uint8), upright)

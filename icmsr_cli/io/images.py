@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from . import atomic
+from .png import encode_png
 from ..choices import DEFAULT_MAX_PIXELS
 from ..errors import DiskFullError, ImageError
 
@@ -136,6 +137,10 @@ def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
     if orientation in _ORIENT:
         arr = _ORIENT[orientation](arr)
     info = {k: image.info[k] for k in ("icc_profile",) if image.info.get(k)}
+    if image.format == "PNG" and image.info.get("exif"):  # a TIFF's EXIF view is its own layout tags
+        exif = image.getexif()
+        exif.pop(0x0112, None)  # applied above, as ImageOps.exif_transpose drops it for 8 bits
+        info["exif"] = exif.tobytes()
     return Picture((np.ascontiguousarray(arr).astype(np.float32) / 65535.0), 16, info)
 
 
@@ -218,26 +223,29 @@ def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Pic
 def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compression: int = 6) -> bytes:
     """Encode to PNG/JPEG/WEBP/TIFF/BMP bytes, keeping ICC and EXIF where the format can hold them.
 
-    16-bit colour goes out as 16-bit PNG/TIFF through OpenCV (which cannot embed metadata), BMP with
-    alpha as a BMP with an alpha mask; other conversions are those of fit_to_format.
+    PNG at any depth goes through png.encode_png (all cores, zlib level `png_compression`), 16-bit
+    colour TIFF through OpenCV (which cannot embed metadata), BMP with alpha as a BMP with an alpha
+    mask; other conversions are those of fit_to_format.
     """
     picture, _ = fit_to_format(picture, fmt, name)
+    if fmt == "PNG":
+        info = picture.info
+        return encode_png(_at_depth(picture, picture.bit_depth), level=png_compression,
+                          icc_profile=info.get("icc_profile"), exif=info.get("exif"))
     if fmt == "BMP" and picture.has_alpha:
         return _bmp_with_alpha(_at_depth(picture, 8))
-    if picture.bit_depth == 16 and not picture.is_gray:  # OpenCV writes 16-bit colour; Pillow cannot
+    if picture.bit_depth == 16 and not picture.is_gray:  # OpenCV writes 16-bit colour TIFF; Pillow cannot
         import cv2
 
         arr = _at_depth(picture, picture.bit_depth)
-        suffix = {"PNG": ".png", "TIFF": ".tiff"}[fmt]
-        params = [cv2.IMWRITE_PNG_COMPRESSION, png_compression] if fmt == "PNG" else []
-        ok, buf = cv2.imencode(suffix, np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]]), params)
+        ok, buf = cv2.imencode(".tiff", np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]]))
         if not ok:
             raise ImageError(f"{name}: cannot encode as {picture.bit_depth}-bit {fmt}")
         return buf.tobytes()
     image = picture_to_pil(picture)
     out = io.BytesIO()
     try:
-        image.save(out, format=fmt, **_save_options(fmt, picture.info), **({"compress_level": png_compression} if fmt == "PNG" else {}))
+        image.save(out, format=fmt, **_save_options(fmt, picture.info))
     except (OSError, ValueError) as exc:
         raise ImageError(f"{name}: cannot encode as {fmt} ({exc})") from None
     return out.getvalue()
@@ -272,7 +280,7 @@ def write_image(picture: Picture, path: str | Path) -> None:
 
 
 def _save_options(fmt: str, info: dict) -> dict:
-    keep = {"PNG": ("icc_profile", "exif"), "JPEG": ("icc_profile", "exif"), "WEBP": ("icc_profile", "exif"), "TIFF": ("icc_profile", "exif")}
+    keep = {"JPEG": ("icc_profile", "exif"), "WEBP": ("icc_profile", "exif"), "TIFF": ("icc_profile", "exif")}
     options = {k: v for k, v in info.items() if k in keep.get(fmt, ())}
     if fmt == "JPEG":
         options.update(quality=95, subsampling=0)
