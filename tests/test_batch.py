@@ -297,3 +297,30 @@ def test_float_and_32_bit_samples_outside_the_range_read_are_counted_and_said(tm
     with Image.open(tmp_path / "out" / "hdr.tif") as im:
         out = np.asarray(im, dtype=np.float64) / 65535
     np.testing.assert_allclose(out, np.clip(ramp, 0, 1), atol=1 / 65535)
+
+
+def test_a_files_seconds_end_when_its_file_is_written_not_when_the_next_model_call_ends(tmp_path):
+    """Per-file seconds (--json, speed.py's per-file figure) run from the model's start to the
+    file. Results are collected between model calls; the first file's was stamped then, so it
+    counted the second file's model call as well."""
+    import time
+
+    from icmsr_cli.io import batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(photo_like(16, 16, seed=i)).save(src / f"{i}.png")
+    jobs, _ = batch.plan([str(src)], str(tmp_path / "out"))
+    calls = []
+
+    def upscale(picture):
+        calls.append(picture)
+        if len(calls) == 2:
+            time.sleep(2.0)  # the second file's model call
+        return picture
+
+    results = list(batch.run(jobs, upscale, batch.BatchSettings(writers=2)))
+    assert [r.status for r in results] == ["done", "done"]
+    assert results[0].seconds < 1.0, results[0].seconds  # a 16x16 PNG is written in milliseconds
+    assert results[1].seconds >= 2.0

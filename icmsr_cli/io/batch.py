@@ -13,7 +13,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -242,7 +242,7 @@ def run(
                 except IcmsrError as exc:
                     in_flight.append((job, t0, _failure(job, t0, exc)))
                 else:
-                    in_flight.append((job, t0, writer.submit(_write, job, upscaled, fmt, picture.size, settings.png_compression)))
+                    in_flight.append((job, t0, writer.submit(_write, job, t0, upscaled, fmt, picture.size, settings.png_compression)))
                 yield from drain(writers)
             yield from drain(0)
         finally:
@@ -267,7 +267,7 @@ def _failure(job: Job, t0: float, exc: IcmsrError) -> JobResult:
 
 def _written(job: Job, t0: float, future: Future) -> JobResult:
     try:
-        return replace(future.result(), seconds=time.perf_counter() - t0)  # from the model's start to the file
+        return future.result()
     except IcmsrError as exc:
         return _failure(job, t0, exc)
     except OSError as exc:  # making the output folder: a file in the way, no permission, no space
@@ -276,9 +276,10 @@ def _written(job: Job, t0: float, future: Future) -> JobResult:
         return _failure(job, t0, ImageError(f"{job.target}: cannot write ({exc.strerror or exc})"))
 
 
-def _write(job: Job, picture: Picture, fmt: str, in_size, png_compression: int) -> JobResult:
-    """Encode and write one output (a writer thread); for standard output, keep the bytes."""
-    t0 = time.perf_counter()
+def _write(job: Job, t0: float, picture: Picture, fmt: str, in_size, png_compression: int) -> JobResult:
+    """Encode and write one output (a writer thread); for standard output, keep the bytes. Its
+    seconds run from the model's start (t0) to the file written, clocked here: the batch collects
+    results only between model calls, and the next file's call is not this file's time."""
     data = encode_image(picture, fmt, str(job.target or job.name), png_compression=png_compression)
     if job.target is not None:
         job.target.parent.mkdir(parents=True, exist_ok=True)
