@@ -139,7 +139,9 @@ def quantise_on_device(y: torch.Tensor) -> torch.Tensor:
     half to even), so the same integers as the CPU path."""
     import torch
 
-    return y.float().clamp(0, 1).mul_(255).round_().to(torch.uint8)  # one float copy at most
+    # one float copy at most; rows made contiguous where y lives (y is a view of (C, H, W) memory),
+    # so the encoder gets H x W x C bytes as they come off the device
+    return y.float().clamp(0, 1).mul_(255).round_().to(torch.uint8).contiguous()
 
 
 def upscale_image(pipe: OneStepSR, image: Image.Image, options: UpscaleOptions = UpscaleOptions()) -> Image.Image:

@@ -261,9 +261,11 @@ class OneStepSR:
             tile = None
         while True:
             try:
+                # whole, the input crosses to the device once: the colour fix finds it there
+                src = x.to(self.device) if tile is None else x
                 reuse = self.reuse_freed_memory and tile is None and self.device.type == "cpu"
                 with freed_memory_reused() if reuse else nullcontext():
-                    y = self._graph(x, tile)
+                    y = self._graph(src, tile)
                 break
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
                 if not is_out_of_memory(exc):
@@ -272,11 +274,11 @@ class OneStepSR:
                 if smaller < MIN_TILE:
                     raise ResourceError(f"out of memory on {self.device} even with {tile}-pixel tiles; free memory or use the CPU") from exc
                 self.notify(f"out of memory on {self.device} with {f'{tile}-pixel tiles' if tile else 'the whole image'}; retrying with {smaller}-pixel tiles")
-                tile = smaller
+                tile, src = smaller, x  # the device copy goes with the rest
                 _release(self.device)
         if not bool(torch.isfinite(y).all()):
             raise NumericalError(f"the model produced NaN/Inf in {str(self.dtype).removeprefix('torch.')} on {self.device}; {_nan_advice(self.dtype)}")
-        y = apply_color_fix(color_fix, y, x.to(y.device), inplace=True)  # y is ours: no whole-image copies
+        y = apply_color_fix(color_fix, y, src.to(y.device), inplace=True)  # y is ours: no whole-image copies
         return y.clamp_(0, 1)[..., :h, :w]
 
     def _graph(self, x: torch.Tensor, tile: int | None) -> torch.Tensor:
