@@ -74,7 +74,7 @@ class Prepared:
     options: UpscaleOptions
     out: tuple[int, int]  # output size (W, H)
     run_at: tuple[int, int]  # the size the model runs at (W, H)
-    x: np.ndarray  # H x W x 3 float32: the model's input at run_at
+    x: np.ndarray  # H x W x 3: the model's input at run_at, uint8 from 8-bit sources (k / 255), else float32
     alpha: np.ndarray  # H x W x (0 or 1) float32: alpha at the output size
 
 
@@ -86,7 +86,7 @@ def prepare_picture(picture: Picture, options: UpscaleOptions = UpscaleOptions()
     n_color = 1 if picture.is_gray else 3
     color, alpha = picture.pixels[..., :n_color], picture.pixels[..., n_color:]
     exact_8bit = picture.bit_depth == 8
-    x = resize_planes(color, run_at, exact_8bit=exact_8bit)
+    x = resize_planes(color, run_at, exact_8bit=exact_8bit, as_bytes=exact_8bit)
     if n_color == 1:
         x = np.repeat(x, 3, axis=2)
     alpha = np.clip(resize_planes(alpha, out, exact_8bit=exact_8bit), 0, 1) if alpha.shape[2] else alpha

@@ -100,3 +100,15 @@ def test_the_pipeline_on_cuda_keeps_its_layout_and_equals_the_eager_routes(tiny_
     for dtype in (torch.bfloat16, torch.float16):
         out = loading.load_pipeline(tiny_base, tiny_lora, device=CUDA, dtype=dtype)(x, "adain", None)
         assert torch.isfinite(out).all(), dtype
+
+
+def test_8bit_input_becomes_the_hosts_floats_on_the_gpu():
+    """uint8 samples cross as bytes and become k / 255 on the device: the same float32 values the
+    host's numpy division gives (a plain division by 255 on CUDA multiplies by the reciprocal)."""
+    import numpy as np
+
+    from icmsr_cli.model.graph import unit_float
+
+    k = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    host = np.arange(256, dtype=np.uint8).astype(np.float32).reshape(1, 1, 16, 16) / np.float32(255)
+    assert torch.equal(unit_float(k.to(CUDA), torch.float32).cpu(), torch.from_numpy(host))

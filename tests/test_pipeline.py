@@ -361,6 +361,20 @@ def test_device_quantisation_gives_the_cpu_paths_bytes(pipe):
     assert (out.pixels[..., 3] == 200).all()
 
 
+@pytest.mark.parametrize("tile", [None, 16], ids=["whole", "tiled"])
+def test_8bit_samples_give_the_float_inputs_image(pipe, tile):
+    """prepare_picture hands 8-bit sources over as uint8 (a quarter of the bytes to the device);
+    the pipeline reads k as numpy's float32 k / 255, so the image is the float input's, bit for bit."""
+    from icmsr_cli.model.graph import unit_float
+
+    k = np.arange(256, dtype=np.uint8)
+    assert np.array_equal(unit_float(torch.from_numpy(k), torch.float32).numpy(), k.astype(np.float32) / np.float32(255))
+    rgb = photo_like(200, 136)
+    as_bytes = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+    as_floats = torch.from_numpy(rgb.astype(np.float32) / np.float32(255)).permute(2, 0, 1)[None]
+    assert torch.equal(pipe(as_bytes, "adain", tile), pipe(as_floats, "adain", tile))
+
+
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "contiguous"])
 def test_every_conv_sees_the_layout_chosen_for_the_device(tiny_base, tiny_lora, layout, monkeypatch):
     """The activations keep the layout load_pipeline chose, through the UNet's transformer blocks

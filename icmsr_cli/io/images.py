@@ -147,25 +147,26 @@ def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
 # ------------------------------------------------------------------------------------ resizing
 
 
-def resize_planes(pixels: np.ndarray, size: tuple[int, int], *, exact_8bit: bool) -> np.ndarray:
+def resize_planes(pixels: np.ndarray, size: tuple[int, int], *, exact_8bit: bool, as_bytes: bool = False) -> np.ndarray:
     """Bicubic resize of every channel to size (W, H) with Pillow, as the reference inference does.
     (Pillow picks the mode from the dtype: uint8 -> L, float32 -> F.)
 
     With `exact_8bit` the channels are 8-bit values and are resized as 8-bit images, which gives
     Pillow's RGB result bit for bit; otherwise they are resized in float (mode F), unclipped.
+    `as_bytes` (with `exact_8bit`) returns those 8-bit values as uint8 rather than float32 k / 255:
+    the model's input then crosses to the device as a quarter of the bytes and becomes float there
+    (graph.unit_float), and the host skips a conversion that took longer than the resize.
     """
     if exact_8bit and pixels.shape[2] == 3:  # one RGB pass: the same bytes as three L passes, in 60% of the time
         rgb = Image.fromarray(np.rint(pixels * 255).astype(np.uint8))
-        return np.asarray(rgb.resize(size, Image.Resampling.BICUBIC), dtype=np.float32) / np.float32(255)
-    out = []
-    for c in range(pixels.shape[2]):
-        if exact_8bit:
-            plane = Image.fromarray(np.rint(pixels[..., c] * 255).astype(np.uint8))
-            out.append(np.asarray(plane.resize(size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0)
-        else:
-            plane = Image.fromarray(np.ascontiguousarray(pixels[..., c], dtype=np.float32))
-            out.append(np.asarray(plane.resize(size, Image.Resampling.BICUBIC), dtype=np.float32))
-    return np.stack(out, axis=2)
+        out = np.array(rgb.resize(size, Image.Resampling.BICUBIC))  # writable: torch warns on Pillow's read-only view
+    elif exact_8bit:
+        planes = [Image.fromarray(np.rint(pixels[..., c] * 255).astype(np.uint8)) for c in range(pixels.shape[2])]
+        out = np.stack([np.asarray(plane.resize(size, Image.Resampling.BICUBIC)) for plane in planes], axis=2)
+    else:
+        planes = [Image.fromarray(np.ascontiguousarray(pixels[..., c], dtype=np.float32)) for c in range(pixels.shape[2])]
+        return np.stack([np.asarray(plane.resize(size, Image.Resampling.BICUBIC), dtype=np.float32) for plane in planes], axis=2)
+    return out if as_bytes else out.astype(np.float32) / np.float32(255)
 
 
 # ------------------------------------------------------------------------------------ encoding

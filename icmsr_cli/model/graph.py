@@ -45,6 +45,17 @@ def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def unit_float(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Samples in [0, 1] as `dtype`; uint8 k becomes k / 255 rounded in float32, as numpy's float32
+    division gives it on the host (io/images.resize_planes). Through a table, where x lives: CUDA
+    divides by a scalar as a multiplication by its reciprocal, one unit in the last place off for
+    half of the 256 values."""
+    if x.dtype != torch.uint8:
+        return x.to(dtype)
+    table = (torch.arange(256, dtype=torch.float32) / 255).to(x.device, dtype)
+    return table[x.to(torch.int32)]
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int = VAE_FACTOR) -> torch.Tensor:
     """Reflect-pad the bottom and right edges up to a multiple (never stretch the image)."""
     h, w = x.shape[-2:]
@@ -244,7 +255,8 @@ class OneStepSR:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, color_fix: str = "adain", tile: int | str | None = None) -> torch.Tensor:
-        """Run the graph on x (1, 3, H, W) in [0, 1] at the output size; returns float32 in [0, 1].
+        """Run the graph on x (1, 3, H, W) at the output size: floats in [0, 1], or uint8 samples k
+        (read as k / 255, see unit_float); returns float32 in [0, 1].
 
         `tile`: latent tile size for all three stages, None for the whole image, or "auto".
         Out of memory, the tile size is halved (down to MIN_TILE) and the image run again.
@@ -252,17 +264,19 @@ class OneStepSR:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
-        x = pad_to_multiple(x.to(torch.promote_types(self.dtype, torch.float32)))
+        side = max(h + -h % VAE_FACTOR, w + -w % VAE_FACTOR)  # the padded image's long side
         if tile == "auto":
-            tile = self.auto_tile(*x.shape[-2:])
-        elif tile is not None and tile >= max(x.shape[-2:]) // VAE_FACTOR:
+            tile = self.auto_tile(h + -h % VAE_FACTOR, w + -w % VAE_FACTOR)
+        elif tile is not None and tile >= side // VAE_FACTOR:
             # one tile covering the image is the image: the whole path gives the same numbers
             # without the shared-statistics passes (1.3x the time with the full model on the CPU)
             tile = None
+        acc = torch.promote_types(self.dtype, torch.float32)
         while True:
             try:
-                # whole, the input crosses to the device once: the colour fix finds it there
-                src = x.to(self.device) if tile is None else x
+                # whole, the input crosses to the device once (8-bit samples as bytes) and the
+                # colour fix finds it there; tiles take their crops from the host copy
+                src = pad_to_multiple(unit_float(x.to(self.device) if tile is None else x, acc))
                 reuse = self.reuse_freed_memory and tile is None and self.device.type == "cpu"
                 with freed_memory_reused() if reuse else nullcontext():
                     y = self._graph(src, tile)
@@ -270,11 +284,11 @@ class OneStepSR:
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
                 if not is_out_of_memory(exc):
                     raise
-                smaller = (tile or max(x.shape[-2:]) // VAE_FACTOR) // 2 // 8 * 8
+                smaller = (tile or side // VAE_FACTOR) // 2 // 8 * 8
                 if smaller < MIN_TILE:
                     raise ResourceError(f"out of memory on {self.device} even with {tile}-pixel tiles; free memory or use the CPU") from exc
                 self.notify(f"out of memory on {self.device} with {f'{tile}-pixel tiles' if tile else 'the whole image'}; retrying with {smaller}-pixel tiles")
-                tile, src = smaller, x  # the device copy goes with the rest
+                tile, src = smaller, None  # the device copy goes with the rest
                 _release(self.device)
         if not bool(torch.isfinite(y).all()):
             raise NumericalError(f"the model produced NaN/Inf in {str(self.dtype).removeprefix('torch.')} on {self.device}; {_nan_advice(self.dtype)}")
