@@ -73,9 +73,9 @@ _INTERPRETED = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     from icmsr_cli.model import norms
-    from icmsr_cli.model.vae import AutoencoderKL
     from icmsr_cli.model.norms import FusedGroupNorm, fuse_group_norms, normalize
 
+    part = sys.argv[3]  # norms | unet | decode: each in its own interpreter process, side by side
     norms._CHUNK, norms._SPLIT_BLOCK = 1000, 4  # rows of several chunks, merged over several steps
     torch.manual_seed(0)
     out = {}
@@ -84,69 +84,75 @@ _INTERPRETED = textwrap.dedent(
     norms._apply = lambda x, *a: launches.append(norms._layout(x)) or _apply(x, *a)
     channels_last = lambda x: x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x.transpose(1, 2).contiguous().transpose(1, 2)
 
+
     def reference(x, norm, act):
         y = F.group_norm(x.double(), norm.num_groups, norm.weight.double(), norm.bias.double(), norm.eps)
         return F.silu(y) if act else y
 
-    cases = [("fp32", (2, 64, 13, 17), torch.float32, 0.0),
-             ("fp32-offset", (2, 64, 13, 17), torch.float32, 100.0),
-             ("fp32-3d", (2, 64, 300), torch.float32, 0.0),
-             ("bf16", (1, 32, 40, 40), torch.bfloat16, 0.0),
-             ("fp16", (1, 32, 40, 40), torch.float16, 0.0)]
-    for name, shape, dtype, offset in cases + [(n + "-nhwc", *rest) for n, *rest in cases]:
-        for act in (False, True):
-            norm = FusedGroupNorm(8, shape[1], act=act)
-            with torch.no_grad():
-                norm.weight.normal_(1, 0.5), norm.bias.normal_(0, 0.5)
-            norm.requires_grad_(False)
-            x = (torch.randn(shape) * 3 + offset).to(dtype)
-            x = channels_last(x) if name.endswith("-nhwc") else x
-            norm.to(dtype)
-            with torch.no_grad():
-                y = norm(x)
-                assert launches.pop() == ("nhwc" if name.endswith("-nhwc") else "nchw") and not launches, name
-                assert y.stride() == x.stride(), name
-                eager = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-                eager = F.silu(eager) if act else eager
-            ref = reference(x, norm, act)
-            assert norms._failed is None, norms._failed
-            # largest error against float64 of the fused route and of eager PyTorch in the same
-            # dtype, and how far the fused route strays beyond one unit in the last place
-            err = (y.double() - ref).abs()
-            beyond_ulp = float((err - torch.finfo(dtype).eps * ref.abs()).max())
-            out[f"{name}-act{int(act)}"] = [float(err.max()), float((eager.double() - ref).abs().max()), beyond_ulp, str(y.dtype)]
 
-    # the shared-statistics path of the tiled VAE: given statistics, a batch of tiles
-    norm = FusedGroupNorm(8, 64, act=True)
-    with torch.no_grad():
-        norm.weight.normal_(1, 0.5), norm.bias.normal_(0, 0.5)
-    plain = torch.nn.GroupNorm(8, 64)
-    plain.load_state_dict(norm.state_dict())
-    x = torch.randn(3, 64, 11, 19)
-    mean, var = torch.randn(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5
-    for layout, x in (("nchw", x), ("nhwc", channels_last(x))):
+    def single_norms():
+        cases = [("fp32", (2, 64, 13, 17), torch.float32, 0.0),
+                 ("fp32-offset", (2, 64, 13, 17), torch.float32, 100.0),
+                 ("fp32-3d", (2, 64, 300), torch.float32, 0.0),
+                 ("bf16", (1, 32, 40, 40), torch.bfloat16, 0.0),
+                 ("fp16", (1, 32, 40, 40), torch.float16, 0.0)]
+        for name, shape, dtype, offset in cases + [(n + "-nhwc", *rest) for n, *rest in cases]:
+            for act in (False, True):
+                norm = FusedGroupNorm(8, shape[1], act=act)
+                with torch.no_grad():
+                    norm.weight.normal_(1, 0.5), norm.bias.normal_(0, 0.5)
+                norm.requires_grad_(False)
+                x = (torch.randn(shape) * 3 + offset).to(dtype)
+                x = channels_last(x) if name.endswith("-nhwc") else x
+                norm.to(dtype)
+                with torch.no_grad():
+                    y = norm(x)
+                    assert launches.pop() == ("nhwc" if name.endswith("-nhwc") else "nchw") and not launches, name
+                    assert y.stride() == x.stride(), name
+                    eager = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+                    eager = F.silu(eager) if act else eager
+                ref = reference(x, norm, act)
+                assert norms._failed is None, norms._failed
+                # largest error against float64 of the fused route and of eager PyTorch in the same
+                # dtype, and how far the fused route strays beyond one unit in the last place
+                err = (y.double() - ref).abs()
+                beyond_ulp = float((err - torch.finfo(dtype).eps * ref.abs()).max())
+                out[f"{name}-act{int(act)}"] = [float(err.max()), float((eager.double() - ref).abs().max()), beyond_ulp, str(y.dtype)]
+
+        # the shared-statistics path of the tiled VAE: given statistics, a batch of tiles
+        norm = FusedGroupNorm(8, 64, act=True)
         with torch.no_grad():
-            out[f"tiled-{layout}"] = float((normalize(x, mean, var, norm, True) - normalize(x, mean, var, plain, True)).abs().max())
-        assert launches == [layout], launches
-        launches.clear()
+            norm.weight.normal_(1, 0.5), norm.bias.normal_(0, 0.5)
+        plain = torch.nn.GroupNorm(8, 64)
+        plain.load_state_dict(norm.state_dict())
+        x = torch.randn(3, 64, 11, 19)
+        mean, var = torch.randn(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5
+        for layout, x in (("nchw", x), ("nhwc", channels_last(x))):
+            with torch.no_grad():
+                out[f"tiled-{layout}"] = float((normalize(x, mean, var, norm, True) - normalize(x, mean, var, plain, True)).abs().max())
+            assert launches == [layout], launches
+            launches.clear()
 
-    # the tiny VAE's decoder (all its norm kinds: resnets', the attention's on (B, C, H*W), the
-    # last), both ways; one chunk per row, as the interpreter pays per program
-    norms._CHUNK, norms._SPLIT_BLOCK = 16384, 1024
-    vae = AutoencoderKL.from_pretrained(sys.argv[1]).eval()
-    fused = copy.deepcopy(vae)
-    fuse_group_norms(fused)
-    z = torch.randn(1, 4, 4, 3)
-    with torch.no_grad():
+
+    def unet():
         # the tiny UNet (norms on 32-128 channels, the transformers' without SiLU), contiguous
         from icmsr_cli.model.unet import UNet2DConditionModel
-        unet = UNet2DConditionModel.from_pretrained(sys.argv[2]).eval()
-        fused_unet = copy.deepcopy(unet)
-        fuse_group_norms(fused_unet)
-        zu, c, t = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32), torch.tensor([999])
-        out["unet-nchw"] = float((fused_unet(zu, t, c) - unet(zu, t, c)).abs().max())
+        plain = UNet2DConditionModel.from_pretrained(sys.argv[2]).eval()
+        fused = copy.deepcopy(plain)
+        fuse_group_norms(fused)
+        z, c, t = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32), torch.tensor([999])
+        out["unet-nchw"] = float((fused(z, t, c) - plain(z, t, c)).abs().max())
         assert set(launches) == {"nchw"} and len(launches) >= 20, launches
-        launches.clear()
+
+
+    def decode():
+        # the tiny VAE's decoder (all its norm kinds: resnets', the attention's on (B, C, H*W), the
+        # last), both ways
+        from icmsr_cli.model.vae import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(sys.argv[1]).eval()
+        fused = copy.deepcopy(vae)
+        fuse_group_norms(fused)
+        z = torch.randn(1, 4, 4, 3)
         want = vae.decode(z)
         out["decode-nchw"] = float((fused.decode(z) - want).abs().max())
         assert set(launches) == {"nchw"}, launches
@@ -154,6 +160,12 @@ _INTERPRETED = textwrap.dedent(
         fused.to(memory_format=torch.channels_last)  # as load_pipeline lays it out where channels-last is chosen
         out["decode-nhwc"] = float((fused.decode(channels_last(z)) - want).abs().max())
         assert set(launches) == {"nhwc"}, launches
+
+
+    if part != "norms":
+        norms._CHUNK, norms._SPLIT_BLOCK = 16384, 1024  # one chunk per row: the interpreter pays per program
+    with torch.no_grad():
+        {"norms": single_norms, "unet": unet, "decode": decode}[part]()
     assert norms._failed is None, norms._failed
     print(json.dumps(out))
     """
@@ -163,10 +175,14 @@ _INTERPRETED = textwrap.dedent(
 def test_triton_kernels_equal_eager_groupnorm(tiny_base):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE.parent)}
-    run = subprocess.run([sys.executable, "-c", _INTERPRETED, str(tiny_base / "vae"), str(tiny_base / "unet")], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    # the interpreter pays per program (~10 ms), minutes in all: three processes share the cores
+    procs = [subprocess.Popen([sys.executable, "-c", _INTERPRETED, str(tiny_base / "vae"), str(tiny_base / "unet"), part],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for part in ("norms", "unet", "decode")]
+    out = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        out.update(json.loads(stdout.strip().splitlines()[-1]))
     assert len([k for k in out if "-act" in k]) == 20, sorted(out)
     for key in [k for k in out if "-act" in k]:
         fused, eager, beyond_ulp, dtype = out[key]
