@@ -113,3 +113,23 @@ def test_bad_input_is_refused():
         png.encode_png(np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(ValueError):
         png.encode_png(np.zeros((4, 4, 3), np.uint8), level=10)
+
+
+def test_ranks_sharing_a_machine_share_the_png_writers_cores_too(monkeypatch):
+    """Each of a machine's ranks takes its share of the cores for torch and for PNG strips, not
+    every core each (eight ranks on 16 cores would run 128 encoding threads)."""
+    import torch
+
+    from icmsr_cli.engines.ranks import Ranks
+
+    monkeypatch.setattr(png, "default_threads", None)
+    monkeypatch.setattr(png, "cpu_count", lambda: 16)
+    threads = torch.get_num_threads()
+    try:
+        Ranks(rank=1, world=4, local_rank=1, local_world=4).share_cpu()
+        assert png.default_threads == 4 and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(png, "_MIN_STRIP_BYTES", 1)
+    idat = [kind for kind, _ in _chunks(png.encode_png(photo_like(64, 64))) if kind == b"IDAT"]
+    assert len(idat) == 4  # one strip per core of the share

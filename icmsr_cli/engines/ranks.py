@@ -61,11 +61,15 @@ class Ranks:
         return requested
 
     def share_cpu(self) -> None:
-        """A fair share of this machine's cores (torchrun sets OMP_NUM_THREADS=1 for every rank)."""
+        """A fair share of this machine's cores for torch and the PNG writer (torchrun sets
+        OMP_NUM_THREADS=1 for every rank)."""
         import torch
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // self.local_world))
+        from ..io import png
+
+        share = max(1, png.cpu_count() // self.local_world)
+        torch.set_num_threads(share)
+        png.default_threads = share
 
     def next_index(self) -> int:
         """A job index no other rank gets (the store's atomic add)."""

@@ -35,6 +35,10 @@ _MIN_STRIP_BYTES = 1 << 19
 _ZLIB_HEADER = {0: b"\x78\x01", 1: b"\x78\x01", 2: b"\x78\x5e", 3: b"\x78\x5e", 4: b"\x78\x5e", 5: b"\x78\x5e", 6: b"\x78\x9c"}
 _ADLER_BASE = 65521
 
+#: strips per image when the caller names none; None: one per CPU. Ranks sharing a machine lower
+#: it to their share of the cores (engines/ranks.py)
+default_threads: int | None = None
+
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -51,7 +55,7 @@ def encode_png(pixels: np.ndarray, *, level: int = 6, icc_profile: bytes | None 
                threads: int | None = None) -> bytes:
     """PNG bytes of an H x W x C array (C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; uint8 or uint16
     for 8- or 16-bit samples), deflated at zlib `level` (0-9) in up to `threads` strips (default:
-    one per CPU). `icc_profile` goes in an iCCP chunk, `exif` (with or without the "Exif\\0\\0"
+    `default_threads`, else one per CPU). `icc_profile` goes in an iCCP chunk, `exif` (with or without the "Exif\\0\\0"
     prefix JPEG files carry) in an eXIf chunk, both before the image data, as Pillow writes them."""
     if pixels.ndim != 3 or pixels.shape[2] not in _COLOUR_TYPE or pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected H x W x 1-4 uint8 or uint16 samples, got {pixels.dtype} {pixels.shape}")
@@ -66,7 +70,7 @@ def encode_png(pixels: np.ndarray, *, level: int = 6, icc_profile: bytes | None 
         parts.append(_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(icc_profile)))
     if exif:
         parts.append(_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\0\0") else exif))
-    parts += _image_data(rows, level, threads or cpu_count())
+    parts += _image_data(rows, level, threads or default_threads or cpu_count())
     parts.append(_chunk(b"IEND", b""))
     return b"".join(parts)
 
