@@ -14,6 +14,7 @@ import argparse
 import io
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -41,8 +42,15 @@ def photo(size: int, seed: int = 0) -> np.ndarray:
 
 
 def writers(threads: int):
-    def ours(img, level, threads=threads):
-        return png.encode_png(img, level=level, threads=threads)
+    one_thread = ThreadPoolExecutor(max_workers=1)
+
+    def ours(img, level, pool=None):
+        png._executor()  # the process's pool, made once
+        saved, png._pool = png._pool, pool or png._pool
+        try:
+            return png.encode_png(img, level=level)
+        finally:
+            png._pool = saved
 
     def pillow(img, level):
         out = io.BytesIO()
@@ -54,7 +62,7 @@ def writers(threads: int):
         assert ok
         return buf.tobytes()
 
-    return {"icmsr, 1 thread": lambda img, lv: ours(img, lv, 1), f"icmsr, {threads} threads": ours,
+    return {"icmsr, 1 thread": lambda img, lv: ours(img, lv, one_thread), f"icmsr, {threads} threads": ours,
             "Pillow": pillow, "OpenCV": opencv}
 
 

@@ -41,17 +41,17 @@ def _cv2_samples(data: bytes, channels: int) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
 def test_every_mode_and_depth_decodes_to_the_same_samples(dtype, channels, monkeypatch):
-    """Odd sizes, full-range samples, strips of uneven row counts: libpng (through OpenCV) and
-    Pillow read back exactly the samples written, at their depth."""
-    monkeypatch.setattr(png, "_MIN_STRIP_BYTES", 1)  # many strips even for a small image
+    """Odd sizes, full-range samples, strips of uneven row counts (one, several, one per row):
+    libpng (through OpenCV) and Pillow read back exactly the samples written, at their depth."""
     top = np.iinfo(dtype).max
     rng = np.random.default_rng(channels)
     pixels = rng.integers(0, top, (61, 37, channels), endpoint=True).astype(dtype)
     pixels[0, 0], pixels[-1, -1] = 0, top
-    for threads in (1, 4, 61):
-        data = png.encode_png(pixels, level=1, threads=threads)
+    for strip_bytes, strips in ((1 << 30, 1), (pixels.nbytes // 4 + 1, 4), (1, 61)):
+        monkeypatch.setattr(png, "_STRIP_BYTES", strip_bytes)
+        data = png.encode_png(pixels, level=1)
         idat = [payload for kind, payload in _chunks(data) if kind == b"IDAT"]
-        assert len(idat) == threads
+        assert len(idat) == strips
         zlib.decompress(b"".join(idat))  # one zlib stream: the joined pieces and their combined Adler-32 check out
         assert np.array_equal(_cv2_samples(data, channels), pixels)
         with Image.open(io.BytesIO(data)) as im:
@@ -60,11 +60,13 @@ def test_every_mode_and_depth_decodes_to_the_same_samples(dtype, channels, monke
                 assert np.array_equal(arr, pixels if dtype == np.uint8 else pixels.astype(np.int32))
 
 
-def test_strip_count_changes_bytes_not_pixels():
+def test_strip_count_changes_bytes_not_pixels(monkeypatch):
     pixels = photo_like(300, 200)
-    one = png.encode_png(pixels, threads=1)
-    many = png.encode_png(pixels, threads=8)
-    assert np.array_equal(_cv2_samples(one, 3), _cv2_samples(many, 3))
+    monkeypatch.setattr(png, "_STRIP_BYTES", 1 << 30)
+    one = png.encode_png(pixels)
+    monkeypatch.setattr(png, "_STRIP_BYTES", 20000)
+    many = png.encode_png(pixels)
+    assert one != many and np.array_equal(_cv2_samples(one, 3), _cv2_samples(many, 3))
 
 
 def test_adler32_combine_equals_zlib_over_the_whole():
@@ -117,7 +119,8 @@ def test_bad_input_is_refused():
 
 def test_ranks_sharing_a_machine_share_the_png_writers_cores_too(monkeypatch):
     """Each of a machine's ranks takes its share of the cores for torch and for PNG strips, not
-    every core each (eight ranks on 16 cores would run 128 encoding threads)."""
+    every core each (eight ranks on 16 cores would run 128 encoding threads); the files do not
+    depend on it: strips follow from the image alone."""
     import torch
 
     from icmsr_cli.engines.ranks import Ranks
@@ -130,6 +133,7 @@ def test_ranks_sharing_a_machine_share_the_png_writers_cores_too(monkeypatch):
         assert png.default_threads == 4 and torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(threads)
-    monkeypatch.setattr(png, "_MIN_STRIP_BYTES", 1)
-    idat = [kind for kind, _ in _chunks(png.encode_png(photo_like(64, 64))) if kind == b"IDAT"]
-    assert len(idat) == 4  # one strip per core of the share
+    monkeypatch.setattr(png, "_STRIP_BYTES", 1000)
+    shared = png.encode_png(photo_like(64, 64))
+    monkeypatch.setattr(png, "default_threads", None)
+    assert png.encode_png(photo_like(64, 64)) == shared

@@ -29,14 +29,16 @@ SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
 #: the filter byte that starts every row: Up
 _UP = 2
-#: raw bytes a strip holds at least: below this a thread's hand-off costs more than it saves
-_MIN_STRIP_BYTES = 1 << 19
+#: raw bytes per strip (the last may hold fewer): the strips follow from the image alone, so a
+#: file's bytes do not depend on the machine's cores; ~1 MB pieces lose nothing measurable to the
+#: dictionary each starts afresh, and a 2048^2 RGB image makes 12 of them for the cores to share
+_STRIP_BYTES = 1 << 20
 #: zlib headers (CMF, FLG) by level; FLEVEL only informs, any valid header decodes
 _ZLIB_HEADER = {0: b"\x78\x01", 1: b"\x78\x01", 2: b"\x78\x5e", 3: b"\x78\x5e", 4: b"\x78\x5e", 5: b"\x78\x5e", 6: b"\x78\x9c"}
 _ADLER_BASE = 65521
 
-#: strips per image when the caller names none; None: one per CPU. Ranks sharing a machine lower
-#: it to their share of the cores (engines/ranks.py)
+#: threads encoding strips, set before the first encode; None: one per CPU. Ranks sharing a
+#: machine lower it to their share of the cores (engines/ranks.py)
 default_threads: int | None = None
 
 _pool: ThreadPoolExecutor | None = None
@@ -51,11 +53,9 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def encode_png(pixels: np.ndarray, *, level: int = 6, icc_profile: bytes | None = None, exif: bytes | None = None,
-               threads: int | None = None) -> bytes:
+def encode_png(pixels: np.ndarray, *, level: int = 6, icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
     """PNG bytes of an H x W x C array (C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; uint8 or uint16
-    for 8- or 16-bit samples), deflated at zlib `level` (0-9) in up to `threads` strips (default:
-    `default_threads`, else one per CPU). `icc_profile` goes in an iCCP chunk, `exif` (with or without the "Exif\\0\\0"
+    for 8- or 16-bit samples), deflated at zlib `level` (0-9), strips of ~1 MB in parallel. `icc_profile` goes in an iCCP chunk, `exif` (with or without the "Exif\\0\\0"
     prefix JPEG files carry) in an eXIf chunk, both before the image data, as Pillow writes them."""
     if pixels.ndim != 3 or pixels.shape[2] not in _COLOUR_TYPE or pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected H x W x 1-4 uint8 or uint16 samples, got {pixels.dtype} {pixels.shape}")
@@ -70,16 +70,16 @@ def encode_png(pixels: np.ndarray, *, level: int = 6, icc_profile: bytes | None 
         parts.append(_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(icc_profile)))
     if exif:
         parts.append(_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\0\0") else exif))
-    parts += _image_data(rows, level, threads or default_threads or cpu_count())
+    parts += _image_data(rows, level)
     parts.append(_chunk(b"IEND", b""))
     return b"".join(parts)
 
 
-def _image_data(rows: np.ndarray, level: int, threads: int) -> list[bytes]:
+def _image_data(rows: np.ndarray, level: int) -> list[bytes]:
     """The IDAT chunks: strip k's rows filtered and deflated by one task; the first carries the
     zlib header, the last the Adler-32 of all the filtered bytes."""
     h = rows.shape[0]
-    strips = max(1, min(threads, h, rows.size // _MIN_STRIP_BYTES))
+    strips = max(1, min(h, -(-rows.size // _STRIP_BYTES)))
     bounds = [h * k // strips for k in range(strips + 1)]
 
     def strip(k: int) -> tuple[bytes, int, int, int]:
@@ -140,5 +140,5 @@ def _executor() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=cpu_count(), thread_name_prefix="icmsr-png")
+            _pool = ThreadPoolExecutor(max_workers=default_threads or cpu_count(), thread_name_prefix="icmsr-png")
         return _pool
