@@ -267,9 +267,10 @@ class OneStepSR:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
-        side = max(h + -h % VAE_FACTOR, w + -w % VAE_FACTOR)  # the padded image's long side
+        padded = (h + -h % VAE_FACTOR, w + -w % VAE_FACTOR)  # what pad_to_multiple makes of it
+        side = max(padded)
         if tile == "auto":
-            tile = self.auto_tile(h + -h % VAE_FACTOR, w + -w % VAE_FACTOR)
+            tile = self.auto_tile(*padded)
         elif tile is not None and tile >= side // VAE_FACTOR:
             # one tile covering the image is the image: the whole path gives the same numbers
             # without the shared-statistics passes (1.3x the time with the full model on the CPU)
