@@ -156,6 +156,33 @@ def test_exif_orientation_same_geometry_in_8_and_16_bit(orientation):
     np.testing.assert_array_equal(np.rint(eight.pixels * 255).astype(np.uint8), upright)
 
 
+def _png16(samples: np.ndarray, colour_type: int) -> bytes:
+    """A 16-bit PNG written by hand (filter 0 on each row): an encoder independent of ours and OpenCV's."""
+    h, w = samples.shape[:2]
+    rows = samples.astype(">u2").reshape(h, -1).view(np.uint8)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+
+
+def test_16bit_gray_alpha_png_keeps_its_16_bits_and_stays_gray(tmp_path, model):
+    from icmsr_cli.io.images import read_image
+
+    rng = np.random.default_rng(7)
+    ga = rng.integers(0, 65536, (9, 11, 2), dtype=np.uint16)  # not multiples of 257: 8 bits would lose them
+    picture = read_image(_png16(ga, 4))
+    assert picture.bit_depth == 16 and picture.pixels.shape == (9, 11, 2)
+    np.testing.assert_array_equal(np.rint(picture.pixels * 65535).astype(np.uint16), ga)
+    (tmp_path / "ga16.png").write_bytes(_png16(ga, 4))
+    result = invoke("upscale", tmp_path / "ga16.png", "-o", tmp_path / "out.png", "-s", "2", *model)
+    assert result.exit_code == 0, result.output
+    out = (tmp_path / "out.png").read_bytes()
+    assert out[24:26] == bytes([16, 4])  # IHDR: still 16-bit gray + alpha
+    expected = Image.fromarray(ga[..., 1].astype(np.float32) / 65535).resize((22, 18), Image.Resampling.BICUBIC)
+    got = cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_UNCHANGED)[..., 3]
+    np.testing.assert_allclose(got / 65535, np.clip(np.asarray(expected), 0, 1), atol=1 / 65535)
+
+
 def test_writes_are_synced_before_the_rename(tmp_path, monkeypatch):
     from icmsr_cli.io import atomic
 

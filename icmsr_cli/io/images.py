@@ -80,8 +80,9 @@ _ORIENT = {  # EXIF orientation -> numpy ops that undo it (as ImageOps.exif_tran
 def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     """Decode an image file (or its bytes) fully, EXIF orientation applied.
 
-    16-bit colour PNG/TIFF, which Pillow would cut to 8 bits, is decoded with OpenCV; Pillow
-    still supplies the metadata. Every failure is an ImageError naming the file and the reason.
+    16-bit colour or gray + alpha PNG and 16-bit colour TIFF, which Pillow would cut to 8 bits
+    (a 16-bit gray + alpha PNG even to RGBA), are decoded with OpenCV; Pillow still supplies
+    the metadata. Every failure is an ImageError naming the file and the reason.
     """
     name = name or str(source)
     try:
@@ -118,8 +119,8 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
 
 
 def _is_16bit_color(image: Image.Image, data: bytes) -> bool:
-    if image.format == "PNG":  # IHDR: bit depth at byte 24, colour type (2 RGB, 6 RGBA) at 25
-        return data[24] == 16 and data[25] in (2, 6)
+    if image.format == "PNG":  # IHDR: bit depth at byte 24, colour type (2 RGB, 4 GA, 6 RGBA) at 25
+        return data[24] == 16 and data[25] in (2, 4, 6)
     if image.format == "TIFF":
         bits = image.tag_v2.get(258)
         return isinstance(bits, tuple) and len(bits) >= 3 and bits[0] == 16
@@ -132,7 +133,10 @@ def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
         raise ImageError(f"{name}: cannot decode this 16-bit image")
-    arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
+    if image.format == "PNG" and data[25] == 4:  # OpenCV expands gray + alpha to BGRA, gray thrice
+        arr = arr[..., [0, 3]]
+    else:
+        arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
     orientation = image.getexif().get(0x0112, 1)
     if orientation in _ORIENT:
         arr = _ORIENT[orientation](arr)
