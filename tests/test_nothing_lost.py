@@ -156,13 +156,36 @@ def test_exif_orientation_same_geometry_in_8_and_16_bit(orientation):
     np.testing.assert_array_equal(np.rint(eight.pixels * 255).astype(np.uint8), upright)
 
 
-def _png16(samples: np.ndarray, colour_type: int) -> bytes:
-    """A 16-bit PNG written by hand (filter 0 on each row): an encoder independent of ours and OpenCV's."""
+def _png_by_hand(samples: np.ndarray, colour_type: int, trns: bytes | None = None) -> bytes:
+    """An 8- or 16-bit PNG written by hand (filter 0 on each row, an optional tRNS chunk): an
+    encoder independent of ours, Pillow's and OpenCV's."""
     h, w = samples.shape[:2]
-    rows = samples.astype(">u2").reshape(h, -1).view(np.uint8)
+    depth = samples.dtype.itemsize * 8
+    rows = samples.astype(">u2" if depth == 16 else np.uint8).reshape(h, -1).view(np.uint8)
     raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, colour_type, 0, 0, 0)
+    extra = _png_chunk(b"tRNS", trns) if trns is not None else b""
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + extra + _png_chunk(b"IDAT", zlib.compress(raw))
+            + _png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_transparency_key_becomes_alpha(dtype, channels):
+    """A gray or RGB PNG may mark one colour transparent (tRNS) instead of carrying alpha; it was
+    read as opaque, and every keyed pixel came out solid."""
+    from icmsr_cli.io.images import read_image
+
+    top = np.iinfo(dtype).max
+    rng = np.random.default_rng(channels)
+    samples = rng.integers(1, top, (6, 8, channels), dtype=dtype)
+    key = np.zeros(channels, dtype)
+    keyed = rng.random((6, 8)) < 0.3
+    samples[keyed] = key
+    picture = read_image(_png_by_hand(samples, 0 if channels == 1 else 2, struct.pack(f">{channels}H", *key)))
+    assert picture.pixels.shape == (6, 8, channels + 1) and picture.bit_depth == (16 if dtype == np.uint16 else 8)
+    np.testing.assert_array_equal(picture.pixels[..., -1], (~keyed).astype(np.float32))
+    np.testing.assert_allclose(picture.pixels[..., :channels], samples / top, atol=1e-7)
 
 
 def test_16bit_gray_alpha_png_keeps_its_16_bits_and_stays_gray(tmp_path, model):
@@ -170,10 +193,10 @@ def test_16bit_gray_alpha_png_keeps_its_16_bits_and_stays_gray(tmp_path, model):
 
     rng = np.random.default_rng(7)
     ga = rng.integers(0, 65536, (9, 11, 2), dtype=np.uint16)  # not multiples of 257: 8 bits would lose them
-    picture = read_image(_png16(ga, 4))
+    picture = read_image(_png_by_hand(ga, 4))
     assert picture.bit_depth == 16 and picture.pixels.shape == (9, 11, 2)
     np.testing.assert_array_equal(np.rint(picture.pixels * 65535).astype(np.uint16), ga)
-    (tmp_path / "ga16.png").write_bytes(_png16(ga, 4))
+    (tmp_path / "ga16.png").write_bytes(_png_by_hand(ga, 4))
     result = invoke("upscale", tmp_path / "ga16.png", "-o", tmp_path / "out.png", "-s", "2", *model)
     assert result.exit_code == 0, result.output
     out = (tmp_path / "out.png").read_bytes()

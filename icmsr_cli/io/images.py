@@ -55,12 +55,18 @@ def picture_from_pil(image: Image.Image) -> Picture:
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # 16-bit grayscale (Pillow opens 16-bit gray PNG/TIFF as I;16 or I), 32-bit integer or float
         # samples: read as 0-65535, or 0-1 for floats; what lies outside is cut, and counted
-        arr = np.asarray(image, dtype=np.float64) / (1.0 if mode == "F" else 65535.0)
+        raw = np.asarray(image)
+        arr = raw.astype(np.float64) / (1.0 if mode == "F" else 65535.0)
         outside = float(np.count_nonzero((arr < 0) | (arr > 1))) / max(arr.size, 1)
-        return Picture(np.clip(arr, 0, 1).astype(np.float32)[..., None], 16, info, clipped=outside)
+        planes = [np.clip(arr, 0, 1).astype(np.float32)]
+        if image.info.get("transparency") is not None:  # a PNG's tRNS: one gray value stands for transparent
+            planes.append((raw != image.info["transparency"]).astype(np.float32))
+        return Picture(np.stack(planes, axis=2), 16, info, clipped=outside)
     if mode == "CMYK":
         info.pop("icc_profile", None)  # a CMYK profile does not describe the RGB output
-    if mode not in ("L", "LA", "RGB", "RGBA"):
+    if mode in ("L", "RGB") and image.info.get("transparency") is not None:
+        image = image.convert("LA" if mode == "L" else "RGBA")  # a PNG's tRNS colour key as alpha
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
         has_alpha = "A" in mode or "a" in mode or "transparency" in image.info
         gray = mode in ("1", "La")
         image = image.convert(("LA" if has_alpha else "L") if gray else ("RGBA" if has_alpha else "RGB"))
