@@ -45,7 +45,7 @@ def writers(threads: int):
     one_thread = ThreadPoolExecutor(max_workers=1)
 
     def ours(img, level, pool=None):
-        png._executor()  # the process's pool, made once
+        png.encoder_pool()  # the process's pool, made once
         saved, png._pool = png._pool, pool or png._pool
         try:
             return png.encode_png(img, level=level)

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 
 from . import atomic
 from .png import encode_png
+from .tiff import encode_tiff16
 from ..choices import DEFAULT_MAX_PIXELS
 from ..errors import DiskFullError, ImageError
 
@@ -225,18 +226,25 @@ def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Pic
         picture = replace(picture, bit_depth=8)
         notes.append(f"{fmt} holds 8 bits per channel: 16-bit images are written with 8")
     if fmt == "BMP" and picture.pixels.shape[2] == 2:  # Pillow's BMP writer has no gray + alpha mode
-        gray, alpha = picture.pixels[..., :1], picture.pixels[..., 1:]
-        picture = picture.with_pixels(np.concatenate([gray, gray, gray, alpha], axis=2))
+        picture = _gray_alpha_as_rgba(picture)
         notes.append("BMP cannot store gray with alpha: such images are written as RGBA")
+    if fmt == "TIFF" and picture.bit_depth == 16 and picture.pixels.shape[2] == 2:  # neither Pillow nor OpenCV reads it back
+        picture = _gray_alpha_as_rgba(picture)
+        notes.append("16-bit gray with alpha is written to TIFF as 16-bit RGBA, which readers take")
     return picture, notes
+
+
+def _gray_alpha_as_rgba(picture: Picture) -> Picture:
+    gray, alpha = picture.pixels[..., :1], picture.pixels[..., 1:]
+    return picture.with_pixels(np.concatenate([gray, gray, gray, alpha], axis=2))
 
 
 def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compression: int = 6) -> bytes:
     """Encode to PNG/JPEG/WEBP/TIFF/BMP bytes, keeping ICC and EXIF where the format can hold them.
 
     PNG at any depth goes through png.encode_png (all cores, zlib level `png_compression`), 16-bit
-    colour TIFF through OpenCV (which cannot embed metadata), BMP with alpha as a BMP with an alpha
-    mask; other conversions are those of fit_to_format.
+    TIFF through tiff.encode_tiff16 (all cores), BMP with alpha as a BMP with an alpha mask; other
+    conversions are those of fit_to_format.
     """
     picture, _ = fit_to_format(picture, fmt, name)
     if fmt == "PNG":
@@ -245,14 +253,12 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
                           icc_profile=info.get("icc_profile"), exif=info.get("exif"))
     if fmt == "BMP" and picture.has_alpha:
         return _bmp_with_alpha(_at_depth(picture, 8))
-    if picture.bit_depth == 16 and not picture.is_gray:  # OpenCV writes 16-bit colour TIFF; Pillow cannot
-        import cv2
-
-        arr = _at_depth(picture, picture.bit_depth)
-        ok, buf = cv2.imencode(".tiff", np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]]))
-        if not ok:
-            raise ImageError(f"{name}: cannot encode as {picture.bit_depth}-bit {fmt}")
-        return buf.tobytes()
+    if fmt == "TIFF" and picture.bit_depth == 16:  # Pillow cannot write 16-bit colour TIFF, OpenCV no metadata
+        info = picture.info
+        try:
+            return encode_tiff16(_at_depth(picture, 16), icc_profile=info.get("icc_profile"), exif=info.get("exif"))
+        except (ValueError, TypeError, struct.error) as exc:  # an EXIF entry Pillow's directory writer cannot lay out
+            raise ImageError(f"{name}: cannot encode as 16-bit TIFF ({exc})") from None
     image = picture_to_pil(picture)
     out = io.BytesIO()
     try:

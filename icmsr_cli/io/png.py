@@ -93,7 +93,7 @@ def _image_data(rows: np.ndarray, level: int) -> list[bytes]:
             data = _ZLIB_HEADER.get(level, b"\x78\xda") + data
         return data, zlib.crc32(data, zlib.crc32(b"IDAT")), zlib.adler32(raw), len(raw)
 
-    pieces = list(_executor().map(strip, range(strips))) if strips > 1 else [strip(0)]
+    pieces = list(encoder_pool().map(strip, range(strips))) if strips > 1 else [strip(0)]
     adler = 1  # the Adler-32 of no bytes
     for _, _, piece_adler, length in pieces:
         adler = adler32_combine(adler, piece_adler, length)
@@ -134,8 +134,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
-def _executor() -> ThreadPoolExecutor:
-    """One pool for every encode in the process (the batch's writer threads share it); zlib and
+def encoder_pool() -> ThreadPoolExecutor:
+    """One pool for every encode in the process, PNG and TIFF (the batch's writer threads share it); zlib and
     numpy release the GIL while they work, so the strips run in parallel."""
     global _pool
     with _pool_lock:

@@ -1,0 +1,66 @@
+"""16-bit TIFF outputs: exact samples as libtiff (through OpenCV) decodes them, ICC profile and
+EXIF kept, gray + alpha widened to what readers take."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from icmsr_cli.io import tiff
+from icmsr_cli.io.images import Picture, encode_image, fit_to_format, read_image
+
+
+def _exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x010F] = "TestCam"
+    exif[0x0100] = 7  # a TIFF source's own width, carried in its EXIF view: must not replace the output's
+    exif[0x0112] = 6  # an orientation: applied at read, so never written (a reader would turn the image again)
+    exif[0x8769] = {0x9003: "2020:01:02 03:04:05"}  # the Exif sub-directory (Pillow 10.0 drops one made by get_ifd)
+    return exif.tobytes()
+
+
+def _decoded(data: bytes, channels: int) -> np.ndarray:
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert arr is not None, "libtiff could not decode the file"
+    return arr[..., None] if arr.ndim == 2 else arr[..., [2, 1, 0, 3][:channels]]
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("height", [5, 400])  # one strip; several (each ~1 MB)
+def test_16bit_tiff_keeps_samples_icc_and_exif(channels, height):
+    """16-bit colour TIFF went out through OpenCV, which dropped the ICC profile and EXIF."""
+    rng = np.random.default_rng(channels * height)
+    samples = rng.integers(0, 65536, (height, 1400, channels), dtype=np.uint16)
+    icc = bytes(range(256)) * 3
+    picture = Picture(samples.astype(np.float32) / 65535, 16, {"icc_profile": icc, "exif": _exif()})
+    data = encode_image(picture, "TIFF")
+    np.testing.assert_array_equal(_decoded(data, channels), samples)
+    back = read_image(data)
+    assert back.bit_depth == 16 and back.pixels.shape == samples.shape
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.info.get("icc_profile") == icc
+        exif = im.getexif()
+        assert exif.get(0x010F) == "TestCam" and exif.get(0x0100) == 1400 and 0x0112 not in exif
+        assert exif.get_ifd(0x8769).get(0x9003) == "2020:01:02 03:04:05"
+        assert len(im.tag_v2[273]) == (1 if height == 5 else -(-samples.nbytes // (1 << 20)))  # strip offsets
+
+
+def test_16bit_gray_alpha_to_tiff_is_16bit_rgba_with_a_note():
+    """It went out as 8-bit gray + alpha, silently: half its bits lost."""
+    rng = np.random.default_rng(3)
+    ga = rng.integers(0, 65536, (6, 9, 2), dtype=np.uint16)
+    picture = Picture(ga.astype(np.float32) / 65535, 16)
+    _, notes = fit_to_format(picture, "TIFF")
+    assert notes == ["16-bit gray with alpha is written to TIFF as 16-bit RGBA, which readers take"]
+    got = _decoded(encode_image(picture, "TIFF"), 4)
+    np.testing.assert_array_equal(got, ga[..., [0, 0, 0, 1]])
+
+
+def test_bad_input_is_refused():
+    for bad in (np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 2), np.uint16), np.zeros((4, 4), np.uint16)):
+        with pytest.raises(ValueError):
+            tiff.encode_tiff16(bad)
