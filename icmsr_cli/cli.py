@@ -12,6 +12,7 @@ import logging
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 import os
 import signal
 import sys
@@ -251,11 +252,13 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
     from .engines import claims
     from .io.images import format_for
     from .engines.ranks import Ranks
-    from .upscaler import load_upscaler
+    from .upscaler import load_upscaler, prepare_picture
 
     ranks = Ranks.from_env()
     lead = ranks is None or ranks.rank == 0  # says what is said once: missing inputs, the summary
     tag = f"[rank {ranks.rank}] " if ranks else ""
+    settings = batch.BatchSettings(overwrite=overwrite, max_pixels=max_pixels, png_compression=png_compression,
+                                   stdout_format=format_for("stdout" + FORMATS[fmt]) if fmt else None)
     try:
         if ranks:
             ranks.join()
@@ -274,7 +277,22 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
         start = time.perf_counter()
         upscaler = None
         bar = _progress() if not quiet and console.is_terminal and ranks is None else None  # ranks share a terminal
-        if any(not batch.is_skipped(j, overwrite) for j in jobs):
+        work = any(not batch.is_skipped(j, overwrite) for j in jobs)
+        # on a GPU the resize to the model's size (tens of ms for a 2048^2 output) is done in the reader
+        # thread while the model runs; on the CPU the model takes seconds and a second whole-image
+        # float copy would only add to the resident memory
+        on_gpu = False
+        if work:  # (torch is imported only when there is work: a rerun that skips everything starts fast)
+            from .model.devices import resolve_device
+
+            on_gpu = resolve_device(device).type != "cpu"
+        # reading starts now: the first file is decoded (and resized) while the model loads
+        reader = batch.Reader(jobs if ranks is None else claims.claimed(jobs, ranks.next_index), settings,
+                              prepare=partial(prepare_picture, options=options) if on_gpu else None)
+    except IcmsrError as exc:
+        _fail(exc)
+    try:
+        if work:
             # under a launcher, each machine's first rank loads (and merges and caches) first, then the rest
             # map the cached weights instead of merging and writing the same cache at once
             if ranks and ranks.local_rank != 0:
@@ -290,8 +308,11 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
             if not quiet:
                 pipe = upscaler.pipe
                 console.print(f"{tag}model ready on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')}) in {time.perf_counter() - start:.1f} s")
-    except IcmsrError as exc:
-        _fail(exc)
+    except BaseException as exc:
+        reader.close()
+        if isinstance(exc, IcmsrError):
+            _fail(exc)
+        raise
 
     def report(result: batch.JobResult) -> None:
         setattr(tally, result.status, getattr(tally, result.status) + 1)
@@ -312,21 +333,11 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
 
     for arg in missing if lead else []:
         report(batch.JobResult(batch.Job(None, None, arg), "failed", error=f"{arg}: no such file, folder or matching image"))
-    stdout_format = format_for("stdout" + FORMATS[fmt]) if fmt else None
-    settings = batch.BatchSettings(overwrite=overwrite, max_pixels=max_pixels, stdout_format=stdout_format,
-                                   png_compression=png_compression)
-    todo = jobs if ranks is None else claims.claimed(jobs, ranks.next_index)
     try:
         with bar or nullcontext():
             task = bar.add_task("images", total=len(jobs)) if bar else None
-            # on a GPU the resize to the model's size (tens of ms for a 2048^2 output) is done in the reader
-            # thread while the model runs; on the CPU the model takes seconds and a second whole-image
-            # float copy would only add to the resident memory
-            if upscaler is not None and upscaler.pipe.device.type != "cpu":
-                upscale, prepare = upscaler.upscale_prepared, upscaler.prepare
-            else:
-                upscale, prepare = (upscaler.upscale_picture if upscaler else None), None
-            for result in batch.run(todo, upscale, settings, prepare=prepare, notify=_notify):
+            upscale = None if upscaler is None else upscaler.upscale_prepared if on_gpu else upscaler.upscale_picture
+            for result in batch.run(reader, upscale, notify=_notify):
                 report(result)
                 if bar:
                     bar.advance(task)

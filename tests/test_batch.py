@@ -206,7 +206,7 @@ def test_writer_threads_keep_job_order_and_the_same_files(tmp_path, tiny_base, t
     for writers, level in ((1, 9), (3, 1)):
         jobs, _ = batch.plan([str(src)], str(tmp_path / f"out{writers}"))
         settings = batch.BatchSettings(writers=writers, png_compression=level)
-        results = list(batch.run(jobs, upscale, settings))
+        results = list(batch.run(batch.Reader(jobs, settings), upscale))
         assert [r.job for r in results] == jobs and all(r.status == "done" for r in results)
         outputs[writers] = {j.target.name: j.target for j in jobs}
     for name, path in outputs[1].items():
@@ -242,7 +242,7 @@ def test_prepared_in_the_reader_thread_gives_the_same_files_and_names_a_failure(
     runs = {}
     for name, upscale, ahead in (("plain", up.upscale_picture, None), ("ahead", up.upscale_prepared, prepare)):
         jobs, _ = batch.plan([str(src)], str(tmp_path / name))
-        runs[name] = {r.job.source.name: r for r in batch.run(jobs, upscale, batch.BatchSettings(), prepare=ahead)}
+        runs[name] = {r.job.source.name: r for r in batch.run(batch.Reader(jobs, batch.BatchSettings(), prepare=ahead), upscale)}
     assert len(threads) == 4 and all(t.startswith("icmsr-read") for t in threads), threads
     for name, result in runs["ahead"].items():
         plain = runs["plain"][name]
@@ -269,7 +269,7 @@ def test_animated_and_multi_page_inputs_say_that_only_the_first_frame_is_upscale
     Image.fromarray(first).save(src / "still.png")
     jobs, missing = batch.plan([str(src)], str(tmp_path / "out"))
     notes = []
-    results = list(batch.run(jobs, lambda picture: picture, batch.BatchSettings(), notify=notes.append))
+    results = list(batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture, notify=notes.append))
     assert [r.status for r in results] == ["done"] * 4 and not missing
     assert sorted(notes) == [f"{src / name}: has 2 frames or pages; only the first is upscaled"
                              for name in ("anim.png", "anim.webp", "pages.tiff")]
@@ -290,7 +290,7 @@ def test_float_and_32_bit_samples_outside_the_range_read_are_counted_and_said(tm
     Image.fromarray((ramp * 65535).astype(np.int32)).save(src / "wide.tif")
     jobs, missing = batch.plan([str(src)], str(tmp_path / "out"))
     notes = []
-    results = list(batch.run(jobs, lambda picture: picture, batch.BatchSettings(), notify=notes.append))
+    results = list(batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture, notify=notes.append))
     assert [r.status for r in results] == ["done"] * 3 and not missing
     assert sorted(notes) == [f"{src / name}: 50% of its values lie outside 0-1 (float samples) or 0-65535 (integer "
                              "samples) and were clipped to that range" for name in ("hdr.tif", "wide.tif")], notes
@@ -320,7 +320,39 @@ def test_a_files_seconds_end_when_its_file_is_written_not_when_the_next_model_ca
             time.sleep(2.0)  # the second file's model call
         return picture
 
-    results = list(batch.run(jobs, upscale, batch.BatchSettings(writers=2)))
+    results = list(batch.run(batch.Reader(jobs, batch.BatchSettings(writers=2)), upscale))
     assert [r.status for r in results] == ["done", "done"]
     assert results[0].seconds < 1.0, results[0].seconds  # a 16x16 PNG is written in milliseconds
     assert results[1].seconds >= 2.0
+
+
+def test_the_first_file_is_read_while_the_model_loads(tmp_path, tiny_base, tiny_lora, monkeypatch):
+    """Both of issue 10's single-process bars count startup; the first file's decode (and, on a GPU,
+    its resize) followed the model's loading. Now the reader starts first: the load below waits
+    for the read to have happened, which it never did before the load returned."""
+    import threading
+
+    from icmsr_cli import upscaler
+    from icmsr_cli.io import batch
+
+    read, seen_during_load = threading.Event(), []
+    real_read, real_load = batch.read_image, upscaler.load_upscaler
+
+    def reading(*args, **kwargs):
+        read.set()
+        return real_read(*args, **kwargs)
+
+    def loading(*args, **kwargs):
+        seen_during_load.append(read.wait(timeout=20))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "read_image", reading)
+    monkeypatch.setattr(upscaler, "load_upscaler", loading)
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(16, 12)).save(src)
+    result = CliRunner().invoke(app, ["upscale", str(src), "-o", str(tmp_path / "out.png"), "--base", str(tiny_base),
+                                      "--lora", str(tiny_lora), "--tile", "off"])
+    assert result.exit_code == 0, result.output
+    assert seen_during_load == [True]
+    with Image.open(tmp_path / "out.png") as im:
+        assert im.size == (64, 48)

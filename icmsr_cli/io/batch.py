@@ -1,7 +1,7 @@
 """Many images through one loaded model: finding inputs, planning outputs, running the batch.
 
 Reading the next image and encoding finished ones overlap with the model's work on the current
-one. Every job ends in a JobResult (done, skipped or failed with a one-line reason); one bad file
+one, and reading the first overlaps the model's loading. Every job ends in a JobResult (done, skipped or failed with a one-line reason); one bad file
 never stops the batch, a full disk does.
 """
 
@@ -167,45 +167,76 @@ class BatchSettings:
     writers: int = 2  # threads encoding and writing finished images while the model runs (a PNG's strips use every core: io/png.py)
 
 
-def run(
-    jobs: Iterable[Job],
-    upscale: Callable[[Any], Picture],
-    settings: BatchSettings,
-    *,
-    prepare: Callable[[Picture], Any] | None = None,
-    read_stdin: Callable[[], bytes] = lambda: sys.stdin.buffer.read(),
-    notify: Callable[[str], None] = lambda message: None,
-) -> Iterator[JobResult]:
-    """Run the jobs, yielding one result each in job order. The model works on one image while a
-    reader thread decodes the next and a few writer threads encode and write finished ones.
+class Reader:
+    """Inputs decoded one job ahead, on a thread of their own, for run().
 
-    With `prepare`, the reader thread also passes each picture through it, and `upscale` gets what
+    Reading starts when the Reader is made: the CLI makes it before it loads the model, so the
+    first file's decode (and its resize, with `prepare`) overlaps the load instead of following it.
+    With `prepare`, the thread also passes each picture through it, and run's `upscale` gets what
     it returns instead of the picture: work that needs no model (upscaler.prepare_picture's resize)
     then overlaps the model's work on the previous file.
 
     `jobs` is consumed lazily, one job ahead of the model: with claims.claimed, a worker claims a
-    file only when it is about to read it.
+    file only when it is about to read it. Close it (or use it as a context manager) to stop.
+    """
+
+    def __init__(self, jobs: Iterable[Job], settings: BatchSettings, *, prepare: Callable[[Picture], Any] | None = None,
+                 read_stdin: Callable[[], bytes] = lambda: sys.stdin.buffer.read()):
+        self.settings = settings
+        self._stream = iter(jobs)
+        self._prepare = prepare
+        self._read_stdin = read_stdin
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icmsr-read")
+        self._ahead = self._pull()
+
+    def next(self) -> tuple[Job, Future | None] | None:
+        """The next job and its read (None for the read: skipped), the one after it started; None at the end."""
+        current = self._ahead
+        self._ahead = self._pull() if current is not None else None
+        return current
+
+    def close(self) -> None:
+        """Stop: a read not yet started is dropped, one in progress is waited for."""
+        if self._ahead is not None and self._ahead[1] is not None:
+            self._ahead[1].cancel()
+        self._ahead = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _pull(self) -> tuple[Job, Future | None] | None:
+        job = next(self._stream, None)
+        if job is None:
+            return None
+        if is_skipped(job, self.settings.overwrite):
+            return job, None
+        return job, self._pool.submit(_read, job, self.settings, self._read_stdin, self._prepare)
+
+
+def run(
+    reader: Reader,
+    upscale: Callable[[Any], Picture],
+    *,
+    notify: Callable[[str], None] = lambda message: None,
+) -> Iterator[JobResult]:
+    """Run the reader's jobs, yielding one result each in job order. The model works on one image
+    while the reader decodes the next and a few writer threads encode and write finished ones.
 
     A failure of one file (unreadable, out of memory, NaN) is its result and the batch goes on; a
     full disk would fail every later file too, so the batch stops after the writes in flight.
     Conversions an output format forces (16 to 8 bits, ...) are told to `notify` once each.
+    The reader is closed at the end.
     """
-    stream = iter(jobs)
+    settings = reader.settings
     told: set[str] = set()
     writers = max(1, settings.writers)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="icmsr-read") as reader, \
-            ThreadPoolExecutor(max_workers=writers, thread_name_prefix="icmsr-write") as writer:
+    with reader, ThreadPoolExecutor(max_workers=writers, thread_name_prefix="icmsr-write") as writer:
         in_flight: deque[tuple[Job, float, Future | JobResult]] = deque()  # results not yet yielded, in job order
         stopped = False
-
-        def pull() -> tuple[Job, Future | None] | None:
-            """The next job, its reading started (None for the future: skipped)."""
-            job = next(stream, None)
-            if job is None:
-                return None
-            if is_skipped(job, settings.overwrite):
-                return job, None
-            return job, reader.submit(_read, job, settings, read_stdin, prepare)
 
         def drain(limit: int) -> Iterator[JobResult]:
             """Yield finished results from the front until at most `limit` remain in flight."""
@@ -219,35 +250,29 @@ def run(
                     stopped = True
                 yield result
 
-        ahead = pull()
-        try:
-            while ahead is not None and not stopped:
-                job, future = ahead
-                ahead = pull()  # the next file is read while the model works on this one
-                if future is None:
-                    in_flight.append((job, 0.0, JobResult(job, "skipped")))
-                    yield from drain(writers)
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    picture, fmt, notes, work = future.result()
-                    for note in notes:
-                        if note not in told:
-                            told.add(note)
-                            notify(note)
-                    try:
-                        upscaled = upscale(work)
-                    except IcmsrError as exc:
-                        raise _named(exc, job) from exc
-                except IcmsrError as exc:
-                    in_flight.append((job, t0, _failure(job, t0, exc)))
-                else:
-                    in_flight.append((job, t0, writer.submit(_write, job, t0, upscaled, fmt, picture.size, settings.png_compression)))
+        while not stopped and (current := reader.next()) is not None:
+            job, future = current  # the reader has started on the next file while the model works on this one
+            if future is None:
+                in_flight.append((job, 0.0, JobResult(job, "skipped")))
                 yield from drain(writers)
-            yield from drain(0)
-        finally:
-            if ahead is not None and ahead[1] is not None:  # stopped early: do not wait for a read nobody will use
-                ahead[1].cancel()
+                continue
+            t0 = time.perf_counter()
+            try:
+                picture, fmt, notes, work = future.result()
+                for note in notes:
+                    if note not in told:
+                        told.add(note)
+                        notify(note)
+                try:
+                    upscaled = upscale(work)
+                except IcmsrError as exc:
+                    raise _named(exc, job) from exc
+            except IcmsrError as exc:
+                in_flight.append((job, t0, _failure(job, t0, exc)))
+            else:
+                in_flight.append((job, t0, writer.submit(_write, job, t0, upscaled, fmt, picture.size, settings.png_compression)))
+            yield from drain(writers)
+        yield from drain(0)
 
 
 def _ready(item: Future | JobResult) -> bool:
