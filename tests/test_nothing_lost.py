@@ -206,6 +206,39 @@ def test_16bit_gray_alpha_png_keeps_its_16_bits_and_stays_gray(tmp_path, model):
     np.testing.assert_allclose(got / 65535, np.clip(np.asarray(expected), 0, 1), atol=1 / 65535)
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_png_text_chunks_reach_the_png_output(tmp_path, model, bits):
+    """Captions, XMP, and the prompt and workflow Stable Diffusion front ends store in text chunks
+    were dropped: an upscaled generation lost how it was made."""
+    from PIL import PngImagePlugin
+
+    text = {
+        "parameters": "a cat on a mat\nSteps: 20, Sampler: Euler a, CFG scale: 7",  # tEXt, as AUTOMATIC1111 writes it
+        "workflow": json.dumps({"nodes": [{"id": i, "type": "KSampler"} for i in range(300)]}),  # long: compressed
+        "XML:com.adobe.xmp": "<x:xmpmeta xmlns:x='adobe:ns:meta/'>Zoë ✓</x:xmpmeta>",  # iTXt, UTF-8
+    }
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", text["parameters"])
+    meta.add_text("workflow", text["workflow"], zip=True)
+    meta.add_itxt("XML:com.adobe.xmp", text["XML:com.adobe.xmp"])
+    src = tmp_path / "gen.png"
+    rgb = photo_like(20, 14)
+    if bits == 16:
+        png = _png_by_hand(rgb.astype(np.uint16) * 257, 2)
+        iend = png.rindex(b"IEND") - 4
+        chunks = [_png_chunk(b"tEXt", b"parameters\0" + text["parameters"].encode("latin-1")),
+                  _png_chunk(b"zTXt", b"workflow\0\0" + zlib.compress(text["workflow"].encode("latin-1"))),
+                  _png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + text["XML:com.adobe.xmp"].encode())]
+        src.write_bytes(png[:iend] + b"".join(chunks) + png[iend:])  # after the image data, where PNG allows them too
+    else:
+        Image.fromarray(rgb).save(src, pnginfo=meta)
+    result = invoke("upscale", src, "-o", tmp_path / "out.png", "-s", "2", *model)
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "out.png") as im:
+        im.load()
+        assert im.size == (40, 28) and dict(im.text) == text
+
+
 def test_writes_are_synced_before_the_rename(tmp_path, monkeypatch):
     from icmsr_cli.io import atomic
 

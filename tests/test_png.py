@@ -137,3 +137,11 @@ def test_ranks_sharing_a_machine_share_the_png_writers_cores_too(monkeypatch):
     shared = png.encode_png(photo_like(64, 64))
     monkeypatch.setattr(png, "default_threads", None)
     assert png.encode_png(photo_like(64, 64)) == shared
+
+
+def test_text_keys_png_cannot_hold_are_left_out():
+    """Keywords are 1-79 Latin-1 characters; a chunk with any other would make a file readers refuse."""
+    data = png.encode_png(photo_like(8, 8), text={"ok": "kept", "": "empty", "k" * 80: "long", "ключ": "cyrillic"})
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        assert dict(im.text) == {"ok": "kept"}

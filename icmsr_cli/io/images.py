@@ -25,7 +25,7 @@ from ..errors import DiskFullError, ImageError
 class Picture:
     pixels: np.ndarray  # H x W x C float32 in [0, 1], or integers at bit_depth once quantised (see quantised)
     bit_depth: int = 8  # 8 or 16: the precision the output is rounded to
-    info: dict = field(default_factory=dict)  # icc_profile / exif bytes to keep in the output
+    info: dict = field(default_factory=dict)  # icc_profile / exif bytes, a PNG's text {key: value}, to keep in the output
     format: str | None = None  # the source file's Pillow format name, when read from a file
     frames: int = 1  # frames or pages in the source (animated PNG/WebP/GIF, multi-page TIFF); the first is read
     clipped: float = 0.0  # share of the source's values outside the range read (float or 32-bit samples), cut to it
@@ -111,10 +111,14 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}; raise --max-pixels to allow it")
             frames = getattr(image, "n_frames", 1)
             if _is_16bit_color(image, data):
-                return replace(_read_16bit_color(image, data, name), format=image.format, frames=frames)
-            image.getexif()  # read (and cached) while the file is open: Pillow 10.0 lost a multi-page TIFF's after load()
-            image.load()
-            return replace(picture_from_pil(ImageOps.exif_transpose(image)), format=image.format, frames=frames)
+                picture = _read_16bit_color(image, data, name)
+            else:
+                image.getexif()  # read (and cached) while the file is open: Pillow 10.0 lost a multi-page TIFF's after load()
+                image.load()
+                picture = picture_from_pil(ImageOps.exif_transpose(image))
+            text = _png_text(image)
+            info = {**picture.info, "text": text} if text else picture.info
+            return replace(picture, info=info, format=image.format, frames=frames)
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
@@ -123,6 +127,14 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
         raise ImageError(f"{name}: cannot read image ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _png_text(image: Image.Image) -> dict[str, str]:
+    """A PNG's text chunks (tEXt, zTXt, iTXt): captions, XMP, and the generation parameters and
+    workflows Stable Diffusion front ends store there; kept for PNG outputs."""
+    if image.format != "PNG":
+        return {}
+    return {str(k): str(v) for k, v in image.text.items()}
 
 
 def _is_16bit_color(image: Image.Image, data: bytes) -> bool:
@@ -250,7 +262,7 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
     if fmt == "PNG":
         info = picture.info
         return encode_png(_at_depth(picture, picture.bit_depth), level=png_compression,
-                          icc_profile=info.get("icc_profile"), exif=info.get("exif"))
+                          icc_profile=info.get("icc_profile"), exif=info.get("exif"), text=info.get("text"))
     if fmt == "BMP" and picture.has_alpha:
         return _bmp_with_alpha(_at_depth(picture, 8))
     if fmt == "TIFF" and picture.bit_depth == 16:  # Pillow cannot write 16-bit colour TIFF, OpenCV no metadata

@@ -53,10 +53,13 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def encode_png(pixels: np.ndarray, *, level: int = 6, icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
+def encode_png(pixels: np.ndarray, *, level: int = 6, icc_profile: bytes | None = None, exif: bytes | None = None,
+               text: dict[str, str] | None = None) -> bytes:
     """PNG bytes of an H x W x C array (C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; uint8 or uint16
-    for 8- or 16-bit samples), deflated at zlib `level` (0-9), strips of ~1 MB in parallel. `icc_profile` goes in an iCCP chunk, `exif` (with or without the "Exif\\0\\0"
-    prefix JPEG files carry) in an eXIf chunk, both before the image data, as Pillow writes them."""
+    for 8- or 16-bit samples), deflated at zlib `level` (0-9), strips of ~1 MB in parallel.
+    `icc_profile` goes in an iCCP chunk, `exif` (with or without the "Exif\\0\\0" prefix JPEG files
+    carry) in an eXIf chunk, `text` in one text chunk per key (see _text_chunk), all before the
+    image data, as Pillow writes them."""
     if pixels.ndim != 3 or pixels.shape[2] not in _COLOUR_TYPE or pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected H x W x 1-4 uint8 or uint16 samples, got {pixels.dtype} {pixels.shape}")
     if not 0 <= level <= 9:
@@ -70,6 +73,7 @@ def encode_png(pixels: np.ndarray, *, level: int = 6, icc_profile: bytes | None 
         parts.append(_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(icc_profile)))
     if exif:
         parts.append(_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\0\0") else exif))
+    parts += [chunk for key, value in (text or {}).items() if (chunk := _text_chunk(key, value))]
     parts += _image_data(rows, level)
     parts.append(_chunk(b"IEND", b""))
     return b"".join(parts)
@@ -128,6 +132,25 @@ def adler32_combine(adler1: int, adler2: int, length2: int) -> int:
     sum1 = (sum1 + (adler2 & 0xFFFF) + _ADLER_BASE - 1) % _ADLER_BASE
     sum2 = (sum2 + (adler1 >> 16) + (adler2 >> 16) + _ADLER_BASE - rem) % _ADLER_BASE
     return sum1 | (sum2 << 16)
+
+
+def _text_chunk(key: str, value: str) -> bytes | None:
+    """tEXt for Latin-1 text, zTXt once it is long (a front end's workflow JSON runs to tens of kB),
+    iTXt (UTF-8) for anything else; None for a key PNG cannot hold (1-79 Latin-1 characters)."""
+    try:
+        keyword = key.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+    if not 1 <= len(keyword) <= 79 or b"\0" in keyword:
+        return None
+    compress = len(value) >= 1024
+    try:
+        raw = value.encode("latin-1")
+        return _chunk(b"zTXt", keyword + b"\0\0" + zlib.compress(raw)) if compress else _chunk(b"tEXt", keyword + b"\0" + raw)
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8")
+        body = zlib.compress(raw) if compress else raw
+        return _chunk(b"iTXt", keyword + b"\0" + bytes([compress, 0]) + b"\0\0" + body)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
