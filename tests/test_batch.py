@@ -279,24 +279,30 @@ def test_animated_and_multi_page_inputs_say_that_only_the_first_frame_is_upscale
 
 def test_float_and_32_bit_samples_outside_the_range_read_are_counted_and_said(tmp_path):
     """A float TIFF is read as 0-1 and a 32-bit integer one as 0-65535; values beyond are cut, and
-    a note per file gives their share instead of clipping in silence. In-range files get no note."""
+    a note per file gives their share instead of clipping in silence. In-range files get no note.
+    A colour float TIFF, which Pillow cannot open, was refused as "not a recognised image format"."""
     from icmsr_cli.io import batch
 
     src = tmp_path / "in"
     src.mkdir()
     ramp = np.linspace(-0.5, 1.5, 16 * 24, dtype=np.float32).reshape(16, 24)  # a quarter below 0, a quarter above 1
+    rgb = np.dstack([ramp, ramp[::-1], 1 - ramp])
     Image.fromarray(ramp).save(src / "hdr.tif")
     Image.fromarray(np.clip(ramp, 0, 1)).save(src / "unit.tif")
     Image.fromarray((ramp * 65535).astype(np.int32)).save(src / "wide.tif")
+    assert cv2.imwrite(str(src / "hdr_rgb.tif"), np.ascontiguousarray(rgb[..., ::-1]))  # libtiff's float RGB
     jobs, missing = batch.plan([str(src)], str(tmp_path / "out"))
     notes = []
     results = list(batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture, notify=notes.append))
-    assert [r.status for r in results] == ["done"] * 3 and not missing
+    assert [r.status for r in results] == ["done"] * 4 and not missing, [r.error for r in results]
     assert sorted(notes) == [f"{src / name}: 50% of its values lie outside 0-1 (float samples) or 0-65535 (integer "
-                             "samples) and were clipped to that range" for name in ("hdr.tif", "wide.tif")], notes
+                             "samples) and were clipped to that range" for name in ("hdr.tif", "hdr_rgb.tif", "wide.tif")], notes
     with Image.open(tmp_path / "out" / "hdr.tif") as im:
         out = np.asarray(im, dtype=np.float64) / 65535
     np.testing.assert_allclose(out, np.clip(ramp, 0, 1), atol=1 / 65535)
+    out = cv2.imread(str(tmp_path / "out" / "hdr_rgb.tif"), cv2.IMREAD_UNCHANGED)
+    assert out.dtype == np.uint16
+    np.testing.assert_allclose(out[..., ::-1] / 65535, np.clip(rgb, 0, 1), atol=1 / 65535)
 
 
 def test_a_files_seconds_end_when_its_file_is_written_not_when_the_next_model_call_ends(tmp_path):

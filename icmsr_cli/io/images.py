@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, TiffImagePlugin
 
 from . import atomic
 from .png import encode_png
@@ -122,11 +123,44 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
+        if picture := _read_float_color_tiff(data, name, max_pixels):
+            return picture
         raise ImageError(f"{name}: cannot read image (not a recognised image format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: cannot read image ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture | None:
+    """A colour TIFF of float samples (an HDR merge, scientific data), which Pillow cannot open,
+    decoded by OpenCV: values outside 0-1 are cut, and counted, as for float gray; the output
+    is 16-bit. The size limit is checked from the tags first. None when it is no such file."""
+    if data[:4] not in (b"II*\0", b"MM\0*"):
+        return None
+    try:
+        with warnings.catch_warnings():  # Pillow warns of a damaged directory; the refusal below says it
+            warnings.simplefilter("ignore")
+            tags = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+            stream = io.BytesIO(data)
+            stream.seek(tags.next)
+            tags.load(stream)
+            w, h, formats = int(tags[256]), int(tags[257]), tags.get(339, (1,))
+    except (KeyError, ValueError, TypeError, OSError, SyntaxError, struct.error):
+        return None
+    if 3 not in (formats if isinstance(formats, tuple) else (formats,)):  # SampleFormat 3: IEEE float
+        return None
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}; raise --max-pixels to allow it")
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype.kind != "f" or arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        return None
+    arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]].astype(np.float32)  # BGR(A) -> RGB(A)
+    outside = float(np.count_nonzero(~((arr >= 0) & (arr <= 1)))) / max(arr.size, 1)  # NaN counts as outside
+    info = {"icc_profile": tags[34675]} if tags.get(34675) else {}
+    return Picture(np.ascontiguousarray(np.clip(np.nan_to_num(arr), 0, 1)), 16, info, format="TIFF", clipped=outside)
 
 
 def _png_text(image: Image.Image) -> dict[str, str]:
