@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -64,6 +65,9 @@ def root(
     """Exit codes: 0 all done, 1 some inputs failed, 2 usage or setup error, 3 unexpected error, 130/143 interrupted."""
     if debug:
         os.environ["ICMSR_DEBUG"] = "1"
+    # Pillow warns (two lines naming its own source) about damage it then fails on, or reads past:
+    # a file's one error line says what matters. Set here, for every command, before any thread starts.
+    warnings.filterwarnings("ignore", module=r"PIL\.")
 
 
 def _say(text: str, label: str, style: str) -> None:

@@ -362,3 +362,20 @@ def test_the_first_file_is_read_while_the_model_loads(tmp_path, tiny_base, tiny_
     assert seen_during_load == [True]
     with Image.open(tmp_path / "out.png") as im:
         assert im.size == (64, 48)
+
+
+def test_a_damaged_file_says_one_line_and_no_python_warning(tmp_path, tiny_base, tiny_lora):
+    """Pillow warns (through Python's warnings, two lines naming its own source file) about some
+    damage before it fails; the user gets the one error line that names the file, nothing else."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "bad.tif").write_bytes(b"II*\0" + b"\xff" * 20)  # a TIFF header pointing nowhere
+    _truncated(src / "cut.png", "PNG")
+    proc = subprocess.run([sys.executable, "-m", "icmsr_cli", "upscale", str(src), "-o", str(tmp_path / "out"), "-q",
+                           "--base", str(tiny_base), "--lora", str(tiny_lora), "--tile", "off"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert sorted(proc.stderr.splitlines()) == [
+        f"error: {src / 'bad.tif'}: cannot read image (not a recognised image format)",
+        f"error: {src / 'cut.png'}: cannot read image (image file is truncated)",
+    ], proc.stderr

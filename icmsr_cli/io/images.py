@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -139,13 +138,11 @@ def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture |
     if data[:4] not in (b"II*\0", b"MM\0*"):
         return None
     try:
-        with warnings.catch_warnings():  # Pillow warns of a damaged directory; the refusal below says it
-            warnings.simplefilter("ignore")
-            tags = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
-            stream = io.BytesIO(data)
-            stream.seek(tags.next)
-            tags.load(stream)
-            w, h, formats = int(tags[256]), int(tags[257]), tags.get(339, (1,))
+        tags = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+        stream = io.BytesIO(data)
+        stream.seek(tags.next)
+        tags.load(stream)
+        w, h, formats = int(tags[256]), int(tags[257]), tags.get(339, (1,))
     except (KeyError, ValueError, TypeError, OSError, SyntaxError, struct.error):
         return None
     if 3 not in (formats if isinstance(formats, tuple) else (formats,)):  # SampleFormat 3: IEEE float
