@@ -201,7 +201,7 @@ def test_writer_threads_keep_job_order_and_the_same_files(tmp_path, tiny_base, t
     for i in range(5):
         Image.fromarray(photo_like(24 + i, 16, seed=i)).save(src / f"{i}.png")
     pipe = load_pipeline(tiny_base, tiny_lora, device=torch.device("cpu"), dtype=torch.float32)
-    upscale = lambda picture: upscale_picture(pipe, picture, UpscaleOptions(scale=2, tile=None))  # noqa: E731
+    upscale = lambda picture: upscale_picture(pipe, picture, UpscaleOptions(scale=2, min_side=16, tile=None))  # noqa: E731
     outputs = {}
     for writers, level in ((1, 9), (3, 1)):
         jobs, _ = batch.plan([str(src)], str(tmp_path / f"out{writers}"))
