@@ -1,4 +1,5 @@
-"""PNG encoding time and size: icmsr's parallel writer (io/png.py) against Pillow and OpenCV.
+"""PNG encoding time and size: icmsr's parallel writer (io/png.py) against Pillow and OpenCV;
+then 16-bit RGB TIFF: icmsr's (io/tiff.py) against OpenCV's, the one writer that had it before.
 
     python benchmarks/encode.py [--size 2048] [--repeats 3]
 
@@ -22,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from icmsr_cli.io import png  # noqa: E402
+from icmsr_cli.io import png, tiff  # noqa: E402
 
 
 def photo(size: int, seed: int = 0) -> np.ndarray:
@@ -88,6 +89,21 @@ def main() -> None:
                 back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
                 assert np.array_equal(back, img), f"{writer} did not round-trip"
                 print(f"| {name} | {level} | {writer} | {best * 1000:.0f} | {len(data) / 1e6:.2f} |", flush=True)
+    print(f"\n16-bit RGB TIFF of the photo (x257), {threads} CPUs; best of {args.repeats}")
+    print("| writer | ms | MB |")
+    print("| --- | --- | --- |")
+    deep = images["photo"].astype(np.uint16) * 257
+    tiff_writers = {"icmsr (deflate level 1, predictor 2)": lambda img: tiff.encode_tiff16(img),
+                    "OpenCV (its default, LZW)": lambda img: cv2.imencode(".tiff", np.ascontiguousarray(img[..., ::-1]))[1].tobytes()}
+    for writer, encode in tiff_writers.items():
+        best = float("inf")
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            data = encode(deep)
+            best = min(best, time.perf_counter() - t)
+        back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
+        assert np.array_equal(back, deep), f"{writer} did not round-trip"
+        print(f"| {writer} | {best * 1000:.0f} | {len(data) / 1e6:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,25 @@ def test_pipe_stdin_to_stdout(tmp_path, tiny_base, tiny_lora):
     assert data.endswith(b"IEND\xaeB`\x82")
 
 
+def test_sigterm_while_standard_input_is_still_coming_exits_at_once(tmp_path, tiny_base, tiny_lora):
+    """`slow-producer | icmsr upscale - -o out.png`, stopped: the exit waited for the producer to
+    finish (the read of the pipe held the reader thread, which the exit joined)."""
+    proc = subprocess.Popen(_cli("upscale", "-", "-o", tmp_path / "out.png", "--base", tiny_base, "--lora", tiny_lora,
+                                 "--tile", "off"), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ready = proc.stderr.readline().decode()  # "model ready ...": the read of the open pipe is under way
+    assert "model ready" in ready, ready
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=20)
+    finally:
+        proc.stdin.close()
+    stderr = proc.stderr.read().decode()
+    assert code == 143, stderr
+    assert "interrupted" in stderr and "Fatal" not in stderr and "Traceback" not in stderr, stderr
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_killed_batch_leaves_no_partial_file_and_rerun_completes(tmp_path, tiny_base, tiny_lora):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -379,3 +398,36 @@ def test_a_damaged_file_says_one_line_and_no_python_warning(tmp_path, tiny_base,
         f"error: {src / 'bad.tif'}: cannot read image (not a recognised image format)",
         f"error: {src / 'cut.png'}: cannot read image (image file is truncated)",
     ], proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["pipe", "stand-in"])
+def test_standard_input_is_read_whole_from_a_pipe_or_a_stand_in(monkeypatch, kind):
+    """The reader takes a pipe's bytes from its descriptor (see batch._stdin_bytes), and a stand-in
+    with none (a test runner's, a notebook's) through its own read; both give every byte, past
+    what one os.read returns."""
+    from icmsr_cli.io import batch
+
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(700, 600)).save(buf, format="PNG", compress_level=0)  # ~1.3 MB
+    data = buf.getvalue()
+    if kind == "pipe":
+        import threading
+
+        read_end, write_end = os.pipe()
+        writer = threading.Thread(target=_write_all, args=(write_end, data))  # a pipe holds far less than the image
+        writer.start()
+        stdin = io.TextIOWrapper(open(read_end, "rb"))
+    else:
+        stdin = io.TextIOWrapper(io.BytesIO(data))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    with batch.Reader([batch.Job(None, None, "<stdin>")], batch.BatchSettings()) as reader:
+        picture = reader.next()[1].result()[0]
+    if kind == "pipe":
+        writer.join()
+    assert picture.size == (700, 600) and picture.format == "PNG"
+    np.testing.assert_array_equal(np.rint(picture.pixels * 255).astype(np.uint8), photo_like(700, 600))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with open(fd, "wb") as w:
+        w.write(data)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import glob
 import os
+import queue
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -181,12 +183,15 @@ class Reader:
     """
 
     def __init__(self, jobs: Iterable[Job], settings: BatchSettings, *, prepare: Callable[[Picture], Any] | None = None,
-                 read_stdin: Callable[[], bytes] = lambda: sys.stdin.buffer.read()):
+                 read_stdin: Callable[[], bytes] | None = None):
         self.settings = settings
         self._stream = iter(jobs)
         self._prepare = prepare
-        self._read_stdin = read_stdin
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icmsr-read")
+        self._read_stdin = read_stdin or _stdin_bytes
+        self._tasks: queue.SimpleQueue[tuple[Future, Job] | None] = queue.SimpleQueue()
+        # a daemon: a read blocked on a pipe (standard input whose writer is slow) must never hold
+        # up the exit after Ctrl-C or SIGTERM; it only reads, so stopping it mid-way loses nothing
+        threading.Thread(target=self._work, name="icmsr-read", daemon=True).start()
         self._ahead = self._pull()
 
     def next(self) -> tuple[Job, Future | None] | None:
@@ -196,11 +201,11 @@ class Reader:
         return current
 
     def close(self) -> None:
-        """Stop: a read not yet started is dropped, one in progress is waited for."""
+        """Stop: a read not yet started is dropped; one in progress is left to end on its own."""
         if self._ahead is not None and self._ahead[1] is not None:
             self._ahead[1].cancel()
         self._ahead = None
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._tasks.put(None)
 
     def __enter__(self) -> Reader:
         return self
@@ -214,7 +219,20 @@ class Reader:
             return None
         if is_skipped(job, self.settings.overwrite):
             return job, None
-        return job, self._pool.submit(_read, job, self.settings, self._read_stdin, self._prepare)
+        future: Future = Future()
+        self._tasks.put((future, job))
+        return job, future
+
+    def _work(self) -> None:
+        """The reader thread: reads in job order, one at a time, until close()."""
+        while (task := self._tasks.get()) is not None:
+            future, job = task
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled by close()
+            try:
+                future.set_result(_read(job, self.settings, self._read_stdin, self._prepare))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which raises it
+                future.set_exception(exc)
 
 
 def run(
@@ -273,6 +291,21 @@ def run(
                 in_flight.append((job, t0, writer.submit(_write, job, t0, upscaled, fmt, picture.size, settings.png_compression)))
             yield from drain(writers)
         yield from drain(0)
+
+
+def _stdin_bytes() -> bytes:
+    """Standard input to its end, read from its file descriptor where it has one: the reader thread
+    is a daemon, and a read cut short by the exit must not hold sys.stdin.buffer's lock, which the
+    interpreter takes on its way out (a fatal error otherwise)."""
+    stream = sys.stdin.buffer
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # a stand-in with no descriptor (a test runner's, a notebook's)
+        return stream.read()
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _ready(item: Future | JobResult) -> bool:
