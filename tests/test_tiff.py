@@ -1,5 +1,5 @@
-"""16-bit TIFF outputs: exact samples as libtiff (through OpenCV) decodes them, ICC profile and
-EXIF kept, gray + alpha widened to what readers take."""
+"""TIFF outputs: exact samples as libtiff (through OpenCV) and Pillow decode them, ICC profile and
+EXIF (a camera's, with its sub-directories) kept, 16-bit gray + alpha widened to what readers take."""
 
 from __future__ import annotations
 
@@ -26,21 +26,30 @@ def _exif() -> bytes:
 def _decoded(data: bytes, channels: int) -> np.ndarray:
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert arr is not None, "libtiff could not decode the file"
+    if arr.dtype == np.uint8 and channels == 4:
+        # OpenCV reads 8-bit RGBA through libtiff's RGBA interface, which premultiplies unassociated
+        # alpha (Pillow's own RGBA TIFFs come back so too): Pillow's decoder is the check here
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im)
     return arr[..., None] if arr.ndim == 2 else arr[..., [2, 1, 0, 3][:channels]]
 
 
+@pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("channels", [1, 3, 4])
 @pytest.mark.parametrize("height", [5, 400])  # one strip; several (each ~1 MB)
-def test_16bit_tiff_keeps_samples_icc_and_exif(channels, height):
-    """16-bit colour TIFF went out through OpenCV, which dropped the ICC profile and EXIF."""
+def test_tiff_keeps_samples_icc_and_exif(bits, channels, height):
+    """16-bit colour TIFF went out through OpenCV, which dropped the ICC profile and EXIF; 8-bit
+    TIFF through Pillow and libtiff, which failed on an EXIF with sub-directories (every camera's)."""
     rng = np.random.default_rng(channels * height)
-    samples = rng.integers(0, 65536, (height, 1400, channels), dtype=np.uint16)
+    top = 65535 if bits == 16 else 255
+    samples = rng.integers(0, top + 1, (height, 1400, channels)).astype(np.uint16 if bits == 16 else np.uint8)
     icc = bytes(range(256)) * 3
-    picture = Picture(samples.astype(np.float32) / 65535, 16, {"icc_profile": icc, "exif": _exif()})
+    picture = Picture(samples.astype(np.float32) / top, bits, {"icc_profile": icc, "exif": _exif()})
     data = encode_image(picture, "TIFF")
     np.testing.assert_array_equal(_decoded(data, channels), samples)
     back = read_image(data)
-    assert back.bit_depth == 16 and back.pixels.shape == samples.shape
+    assert back.bit_depth == bits and back.pixels.shape == samples.shape
+    np.testing.assert_array_equal(np.rint(back.pixels * top), samples)
     with Image.open(io.BytesIO(data)) as im:
         assert im.info.get("icc_profile") == icc
         exif = im.getexif()
@@ -60,7 +69,32 @@ def test_16bit_gray_alpha_to_tiff_is_16bit_rgba_with_a_note():
     np.testing.assert_array_equal(got, ga[..., [0, 0, 0, 1]])
 
 
+def test_8bit_gray_alpha_tiff_reads_back():
+    ga = np.random.default_rng(4).integers(0, 256, (7, 5, 2), dtype=np.uint8)
+    back = read_image(encode_image(Picture(ga.astype(np.float32) / 255, 8), "TIFF"))
+    assert back.bit_depth == 8
+    np.testing.assert_array_equal(np.rint(back.pixels * 255), ga)
+
+
+def test_a_camera_jpeg_to_tiff_keeps_its_exif(tmp_path, tiny_base, tiny_lora):
+    """It stopped the whole run: "unexpected RuntimeError: Error setting from dictionary" (exit 3)."""
+    from typer.testing import CliRunner
+
+    from conftest import photo_like
+    from icmsr_cli.cli import app
+
+    Image.fromarray(photo_like(24, 16)).save(tmp_path / "cam.jpg", exif=_exif())
+    result = CliRunner().invoke(app, ["upscale", str(tmp_path / "cam.jpg"), "-o", str(tmp_path / "cam.tiff"), "-s", "2",
+                                      "--base", str(tiny_base), "--lora", str(tiny_lora), "--tile", "off"])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "cam.tiff") as im:
+        assert im.size == (32, 48) and im.mode == "RGB"  # upright: the EXIF's orientation 6 applied
+        assert im.getexif().get(0x010F) == "TestCam"
+        assert im.getexif().get_ifd(0x8769).get(0x9003) == "2020:01:02 03:04:05"
+
+
 def test_bad_input_is_refused():
-    for bad in (np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 2), np.uint16), np.zeros((4, 4), np.uint16)):
+    for bad in (np.zeros((4, 4, 3), np.float32), np.zeros((4, 4, 2), np.uint16), np.zeros((4, 4), np.uint16),
+                np.zeros((4, 4, 5), np.uint8)):
         with pytest.raises(ValueError):
-            tiff.encode_tiff16(bad)
+            tiff.encode_tiff(bad)

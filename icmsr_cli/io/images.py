@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, TiffImagePlugin
 
 from . import atomic
 from .png import encode_png
-from .tiff import encode_tiff16
+from .tiff import encode_tiff
 from ..choices import DEFAULT_MAX_PIXELS
 from ..errors import DiskFullError, ImageError
 
@@ -285,8 +285,8 @@ def _gray_alpha_as_rgba(picture: Picture) -> Picture:
 def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compression: int = 6) -> bytes:
     """Encode to PNG/JPEG/WEBP/TIFF/BMP bytes, keeping ICC and EXIF where the format can hold them.
 
-    PNG at any depth goes through png.encode_png (all cores, zlib level `png_compression`), 16-bit
-    TIFF through tiff.encode_tiff16 (all cores), BMP with alpha as a BMP with an alpha mask; other
+    PNG at any depth goes through png.encode_png (all cores, zlib level `png_compression`), TIFF
+    through tiff.encode_tiff (all cores), BMP with alpha as a BMP with an alpha mask; other
     conversions are those of fit_to_format.
     """
     picture, _ = fit_to_format(picture, fmt, name)
@@ -296,12 +296,12 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
                           icc_profile=info.get("icc_profile"), exif=info.get("exif"), text=info.get("text"))
     if fmt == "BMP" and picture.has_alpha:
         return _bmp_with_alpha(_at_depth(picture, 8))
-    if fmt == "TIFF" and picture.bit_depth == 16:  # Pillow cannot write 16-bit colour TIFF, OpenCV no metadata
+    if fmt == "TIFF":  # Pillow cannot write 16-bit colour TIFF, nor a camera's EXIF through libtiff; OpenCV no metadata
         info = picture.info
         try:
-            return encode_tiff16(_at_depth(picture, 16), icc_profile=info.get("icc_profile"), exif=info.get("exif"))
+            return encode_tiff(_at_depth(picture, picture.bit_depth), icc_profile=info.get("icc_profile"), exif=info.get("exif"))
         except (ValueError, TypeError, struct.error) as exc:  # an EXIF entry Pillow's directory writer cannot lay out
-            raise ImageError(f"{name}: cannot encode as 16-bit TIFF ({exc})") from None
+            raise ImageError(f"{name}: cannot encode as TIFF ({exc})") from None
     image = picture_to_pil(picture)
     out = io.BytesIO()
     try:
@@ -340,12 +340,10 @@ def write_image(picture: Picture, path: str | Path) -> None:
 
 
 def _save_options(fmt: str, info: dict) -> dict:
-    keep = {"JPEG": ("icc_profile", "exif"), "WEBP": ("icc_profile", "exif"), "TIFF": ("icc_profile", "exif")}
+    keep = {"JPEG": ("icc_profile", "exif"), "WEBP": ("icc_profile", "exif")}
     options = {k: v for k, v in info.items() if k in keep.get(fmt, ())}
     if fmt == "JPEG":
         options.update(quality=95, subsampling=0)
     elif fmt == "WEBP":
         options.update(quality=95)
-    elif fmt == "TIFF":
-        options.update(compression="tiff_deflate")
     return options

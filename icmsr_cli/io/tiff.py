@@ -1,11 +1,12 @@
-"""16-bit TIFF encoding with the source's ICC profile and EXIF, strips deflated on all cores.
+"""TIFF encoding, 8 or 16 bits, with the source's ICC profile and EXIF, strips deflated on all cores.
 
-Why: Pillow cannot write 16-bit colour TIFF, and OpenCV, which can, has
-no way to embed metadata, so a 16-bit scan or raw development lost its colour profile (its
-colours then display wrong) and its EXIF on the way through. Here the samples go in strips of
-rows, each deflated on its own (a TIFF strip is its own zlib stream), after horizontal
-differencing (predictor 2), and Pillow's own tag-directory writer lays out the tags, EXIF
-(its sub-directories included) the way Pillow's TIFF writer merges it for 8-bit outputs.
+Why: Pillow cannot write 16-bit colour TIFF, and OpenCV, which can, has no way to embed
+metadata, so a 16-bit scan or raw development lost its colour profile (its colours then display
+wrong) and its EXIF on the way through. At 8 bits Pillow's libtiff writer failed outright on an
+EXIF with sub-directories, which is every camera's ("Error setting from dictionary"). Here the
+samples go in strips of rows, each deflated on its own (a TIFF strip is its own zlib stream)
+after horizontal differencing (predictor 2), and Pillow's own tag-directory writer, in Python,
+lays out the tags, EXIF (its sub-directories included) as Pillow merges it into its TIFFs.
 """
 
 from __future__ import annotations
@@ -37,22 +38,25 @@ _LAYOUT = {_WIDTH, _LENGTH, _BITS, _COMPRESSION, _PHOTOMETRIC, _STRIP_OFFSETS, _
            339, 0x0201, 0x0202}
 
 
-def encode_tiff16(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
-    """Little-endian TIFF bytes of an H x W x C uint16 array (C = 1 gray, 3 RGB, 4 RGBA with
-    unassociated alpha; no gray + alpha, which neither Pillow nor OpenCV reads back), deflated at zlib `level`, with `icc_profile` and `exif` (bytes,
-    with or without the "Exif\\0\\0" prefix) kept. Level 1: a 2048^2 RGB photo in 0.2 s and 12 MB on
-    2 cores, where levels 3-6 took 0.36-0.48 s for 2% less, and OpenCV's LZW 0.41 s and 16 MB."""
-    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4) or pixels.dtype != np.uint16:
-        raise ValueError(f"expected H x W x 1, 3 or 4 uint16 samples, got {pixels.dtype} {pixels.shape}")
+def encode_tiff(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
+    """Little-endian TIFF bytes of an H x W x C array: uint8 with C = 1 gray, 2 gray + alpha, 3 RGB,
+    4 RGBA, or uint16 with C = 1, 3 or 4 (16-bit gray + alpha neither Pillow nor OpenCV reads
+    back); alpha unassociated. Deflated at zlib `level`, with `icc_profile` and `exif` (bytes,
+    with or without the "Exif\\0\\0" prefix) kept. Level 1: a 2048^2 16-bit RGB photo in 0.17 s and
+    8.8 MB on 2 cores, where levels 3-6 took 2-3x longer for about 2% less, and OpenCV's LZW
+    0.31 s and 9.9 MB (benchmarks/encode.py)."""
+    depth = pixels.dtype.itemsize * 8 if pixels.dtype in (np.uint8, np.uint16) else 0
+    if pixels.ndim != 3 or not depth or pixels.shape[2] not in ((1, 2, 3, 4) if depth == 8 else (1, 3, 4)):
+        raise ValueError(f"expected H x W x 1-4 uint8 or 1, 3 or 4 uint16 samples, got {pixels.dtype} {pixels.shape}")
     h, w, c = pixels.shape
-    row_bytes = w * c * 2
+    row_bytes = w * c * depth // 8
     rows_per_strip = max(1, min(h, _STRIP_BYTES // row_bytes))
-    samples = np.ascontiguousarray(pixels, dtype="<u2").reshape(h, w * c)
+    samples = np.ascontiguousarray(pixels, dtype="<u2" if depth == 16 else np.uint8).reshape(h, w * c)
 
     def strip(a: int) -> bytes:
         rows = samples[a : a + rows_per_strip]
         diff = rows.copy()
-        np.subtract(rows[:, c:], rows[:, :-c], out=diff[:, c:])  # predictor 2: each sample minus its left neighbour, mod 2^16
+        np.subtract(rows[:, c:], rows[:, :-c], out=diff[:, c:])  # predictor 2: each sample minus its left neighbour, modulo 2^depth
         return zlib.compress(diff.tobytes(), level)
 
     starts = range(0, h, rows_per_strip)
@@ -72,12 +76,12 @@ def encode_tiff16(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | No
         ifd[_ICC] = icc_profile
         ifd.tagtype[_ICC] = TiffTags.UNDEFINED
     for tag, value, kind in (
-        (_WIDTH, w, TiffTags.LONG), (_LENGTH, h, TiffTags.LONG), (_BITS, (16,) * c, TiffTags.SHORT),
-        (_COMPRESSION, _ADOBE_DEFLATE, TiffTags.SHORT), (_PHOTOMETRIC, 1 if c == 1 else 2, TiffTags.SHORT),
+        (_WIDTH, w, TiffTags.LONG), (_LENGTH, h, TiffTags.LONG), (_BITS, (depth,) * c, TiffTags.SHORT),
+        (_COMPRESSION, _ADOBE_DEFLATE, TiffTags.SHORT), (_PHOTOMETRIC, 1 if c <= 2 else 2, TiffTags.SHORT),
         (_OFFSETS_STAND_IN, tuple(offsets), TiffTags.LONG), (_SAMPLES, c, TiffTags.SHORT),
         (_ROWS_PER_STRIP, rows_per_strip, TiffTags.LONG), (_STRIP_BYTE_COUNTS, tuple(map(len, strips)), TiffTags.LONG),
         (_PLANAR, 1, TiffTags.SHORT), (_PREDICTOR, _HORIZONTAL, TiffTags.SHORT),
-    ) + (((_EXTRA_SAMPLES, _UNASSOCIATED_ALPHA, TiffTags.SHORT),) if c == 4 else ()):
+    ) + (((_EXTRA_SAMPLES, _UNASSOCIATED_ALPHA, TiffTags.SHORT),) if c in (2, 4) else ()):
         ifd[tag] = value
         ifd.tagtype[tag] = kind
     directory = _renamed(ifd.tobytes(position), _OFFSETS_STAND_IN, _STRIP_OFFSETS)
