@@ -282,17 +282,10 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
         upscaler = None
         bar = _progress() if not quiet and console.is_terminal and ranks is None else None  # ranks share a terminal
         work = any(not batch.is_skipped(j, overwrite) for j in jobs)
-        # on a GPU the resize to the model's size (tens of ms for a 2048^2 output) is done in the reader
-        # thread while the model runs; on the CPU the model takes seconds and a second whole-image
-        # float copy would only add to the resident memory
-        on_gpu = False
-        if work:  # (torch is imported only when there is work: a rerun that skips everything starts fast)
-            from .model.devices import resolve_device
-
-            on_gpu = resolve_device(device).type != "cpu"
+        ahead = work and _prepares_ahead(device)  # (torch is imported only when there is work)
         # reading starts now: the first file is decoded (and resized) while the model loads
         reader = batch.Reader(jobs if ranks is None else claims.claimed(jobs, ranks.next_index), settings,
-                              prepare=partial(prepare_picture, options=options) if on_gpu else None)
+                              prepare=partial(prepare_picture, options=options) if ahead else None)
     except IcmsrError as exc:
         _fail(exc)
     try:
@@ -340,7 +333,7 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
     try:
         with bar or nullcontext():
             task = bar.add_task("images", total=len(jobs)) if bar else None
-            upscale = None if upscaler is None else upscaler.upscale_prepared if on_gpu else upscaler.upscale_picture
+            upscale = None if upscaler is None else upscaler.upscale_prepared if ahead else upscaler.upscale_picture
             for result in batch.run(reader, upscale, notify=_notify):
                 report(result)
                 if bar:
@@ -357,6 +350,15 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
         _say(str(tally), "stopped:", "red")
     elif not quiet and tally.total > 1:
         console.print(str(tally))
+
+
+def _prepares_ahead(device: str) -> bool:
+    """Whether the reader thread also resizes each image to the model's size. On a GPU that resize
+    (tens of ms for a 2048^2 output) then overlaps the model's work; on the CPU the model takes
+    seconds, and a second whole-image float copy would only add to the resident memory."""
+    from .model.devices import resolve_device
+
+    return resolve_device(device).type != "cpu"
 
 
 class Interrupted(KeyboardInterrupt):

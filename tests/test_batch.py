@@ -431,3 +431,38 @@ def test_standard_input_is_read_whole_from_a_pipe_or_a_stand_in(monkeypatch, kin
 def _write_all(fd: int, data: bytes) -> None:
     with open(fd, "wb") as w:
         w.write(data)
+
+
+def test_the_gpu_path_of_the_cli_resizes_in_the_reader_and_writes_the_same_files(tmp_path, tiny_base, tiny_lora, monkeypatch):
+    """On a GPU the CLI resizes each image in the reader thread and hands the model a prepared
+    input (cli._prepares_ahead); CI has no GPU, so that branch runs here on the CPU, against the
+    CPU's own branch: the same files, byte for byte, gray, alpha and 16-bit ones included."""
+    import threading
+
+    from icmsr_cli import cli, upscaler
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(photo_like(256, 256, seed=1)).save(src / "rgb.png")  # 512^2 out: the model's own size, quantised on the device
+    Image.fromarray(np.dstack([photo_like(20, 14, seed=2), np.full((14, 20), 200, np.uint8)])).save(src / "rgba.png")
+    Image.fromarray(photo_like(18, 12, seed=3)[..., 0]).save(src / "gray.png")
+    cv2.imwrite(str(src / "rgb16.png"), (photo_like(16, 16, seed=4).astype(np.uint16) * 257)[..., ::-1])
+    threads = []
+    real_prepare = upscaler.prepare_picture
+
+    def prepare(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_prepare(*args, **kwargs)
+
+    def run(out):
+        result = CliRunner().invoke(app, ["upscale", str(src), "-o", str(out), "-s", "2", "--base", str(tiny_base),
+                                          "--lora", str(tiny_lora), "--tile", "off"])
+        assert result.exit_code == 0, result.output
+
+    run(tmp_path / "cpu")
+    monkeypatch.setattr(cli, "_prepares_ahead", lambda device: True)
+    monkeypatch.setattr(upscaler, "prepare_picture", prepare)
+    run(tmp_path / "gpu")
+    assert threads == ["icmsr-read"] * 4
+    for name in ("rgb.png", "rgba.png", "gray.png", "rgb16.png"):
+        assert (tmp_path / "gpu" / name).read_bytes() == (tmp_path / "cpu" / name).read_bytes(), name
