@@ -494,3 +494,66 @@ def test_a_disk_filling_inside_torch_save_is_a_full_disk(tmp_path):
             tmp.write_bytes(b"partial")
             torch.save({"w": torch.zeros(100_000)}, FullDisk(100_000))
     assert list(tmp_path.iterdir()) == []
+
+
+XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description xmp:Rating="4" dc:subject="harbour, Zo\xc3\xab"/></rdf:RDF></x:xmpmeta>'
+
+
+def _with_xmp(fmt: str) -> bytes:
+    """A small image holding the XMP packet where its format keeps it, each written by hand or by
+    Pillow (not by our writers)."""
+    rgb = Image.fromarray(photo_like(12, 8))
+    buf = io.BytesIO()
+    if fmt == "PNG":
+        from PIL import PngImagePlugin
+
+        meta = PngImagePlugin.PngInfo()
+        meta.add_itxt("XML:com.adobe.xmp", XMP.decode())
+        rgb.save(buf, "PNG", pnginfo=meta)
+    elif fmt == "JPEG":
+        rgb.save(buf, "JPEG")
+        jpeg = buf.getvalue()
+        payload = b"http://ns.adobe.com/xap/1.0/\0" + XMP
+        return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+    elif fmt == "WEBP":
+        rgb.save(buf, "WEBP", xmp=XMP, lossless=True)
+    else:
+        from PIL import TiffImagePlugin
+
+        tags = TiffImagePlugin.ImageFileDirectory_v2()
+        tags[700] = XMP
+        tags.tagtype[700] = 1
+        rgb.save(buf, "TIFF", tiffinfo=tags)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("source", ["PNG", "JPEG", "WEBP", "TIFF"])
+def test_xmp_goes_from_every_format_to_every_format(source):
+    """Ratings, keywords and captions (XMP) were dropped by every output but PNG-to-PNG."""
+    from icmsr_cli.io.images import encode_image, read_image
+
+    picture = read_image(_with_xmp(source))
+    assert picture.info.get("xmp") == XMP
+    for target in ("PNG", "JPEG", "WEBP", "TIFF"):
+        data = encode_image(picture, target)
+        with Image.open(io.BytesIO(data)) as im:  # read back by Pillow's own XMP readers
+            im.load()
+            if target == "JPEG":
+                kept = [c for m, c in im.applist if m == "APP1" and c.startswith(b"http://ns.adobe.com/xap/1.0/\0")]
+                assert kept == [b"http://ns.adobe.com/xap/1.0/\0" + XMP], target
+            elif target == "PNG":
+                assert im.text.get("XML:com.adobe.xmp") == XMP.decode(), target
+            elif target == "WEBP":
+                assert im.info.get("xmp") == XMP, target
+            else:
+                assert bytes(im.tag_v2.get(700)) == XMP, target
+        assert read_image(data).info.get("xmp") == XMP, (source, target)
+
+
+def test_xmp_survives_the_cli(tmp_path, model):
+    (tmp_path / "in.jpg").write_bytes(_with_xmp("JPEG"))
+    result = invoke("upscale", tmp_path / "in.jpg", "-o", tmp_path / "out.jpg", "-s", "2", *model)
+    assert result.exit_code == 0, result.output
+    from icmsr_cli.io.images import read_image
+
+    assert read_image(tmp_path / "out.jpg").info.get("xmp") == XMP

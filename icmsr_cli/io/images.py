@@ -25,7 +25,7 @@ from ..errors import DiskFullError, ImageError
 class Picture:
     pixels: np.ndarray  # H x W x C float32 in [0, 1], or integers at bit_depth once quantised (see quantised)
     bit_depth: int = 8  # 8 or 16: the precision the output is rounded to
-    info: dict = field(default_factory=dict)  # icc_profile / exif bytes, a PNG's text {key: value}, to keep in the output
+    info: dict = field(default_factory=dict)  # icc_profile / exif / xmp bytes, a PNG's text {key: value}, to keep in the output
     format: str | None = None  # the source file's Pillow format name, when read from a file
     frames: int = 1  # frames or pages in the source (animated PNG/WebP/GIF, multi-page TIFF); the first is read
     clipped: float = 0.0  # share of the source's values outside the range read (float or 32-bit samples), cut to it
@@ -117,7 +117,8 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 image.load()
                 picture = picture_from_pil(ImageOps.exif_transpose(image))
             text = _png_text(image)
-            info = {**picture.info, "text": text} if text else picture.info
+            xmp = _xmp(image, text)
+            info = {**picture.info, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {})}
             return replace(picture, info=info, format=image.format, frames=frames)
     except ImageError:
         raise
@@ -158,6 +159,31 @@ def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture |
     outside = float(np.count_nonzero(~((arr >= 0) & (arr <= 1)))) / max(arr.size, 1)  # NaN counts as outside
     info = {"icc_profile": tags[34675]} if tags.get(34675) else {}
     return Picture(np.ascontiguousarray(np.clip(np.nan_to_num(arr), 0, 1)), 16, info, format="TIFF", clipped=outside)
+
+
+#: XMP's place in each format: a PNG text chunk's keyword, a JPEG APP1 segment's prefix, a TIFF tag
+XMP_PNG_KEY = "XML:com.adobe.xmp"
+XMP_JPEG_PREFIX = b"http://ns.adobe.com/xap/1.0/\0"
+XMP_TIFF_TAG = 700
+
+
+def _xmp(image: Image.Image, text: dict[str, str]) -> bytes | None:
+    """The XMP packet (ratings, keywords, captions, edit history) of a JPEG, PNG, WebP or TIFF, as
+    bytes; a PNG's is taken out of `text`, so that it is written once."""
+    if image.format == "JPEG":
+        found = next((content[len(XMP_JPEG_PREFIX):] for marker, content in getattr(image, "applist", [])
+                      if marker == "APP1" and content.startswith(XMP_JPEG_PREFIX)), None)
+    elif image.format == "PNG":
+        found = text.pop(XMP_PNG_KEY, None)
+    elif image.format == "WEBP":
+        found = image.info.get("xmp")
+    elif image.format == "TIFF":
+        found = image.tag_v2.get(XMP_TIFF_TAG)
+    else:
+        found = None
+    if isinstance(found, tuple):  # a TIFF tag of BYTE type may come back as a tuple of ints
+        found = bytes(found)
+    return found.encode("utf-8") if isinstance(found, str) else found or None
 
 
 def _png_text(image: Image.Image) -> dict[str, str]:
@@ -292,14 +318,16 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
     picture, _ = fit_to_format(picture, fmt, name)
     if fmt == "PNG":
         info = picture.info
+        text = {**info.get("text", {}), **({XMP_PNG_KEY: info["xmp"].decode("utf-8", "replace")} if info.get("xmp") else {})}
         return encode_png(_at_depth(picture, picture.bit_depth), level=png_compression,
-                          icc_profile=info.get("icc_profile"), exif=info.get("exif"), text=info.get("text"))
+                          icc_profile=info.get("icc_profile"), exif=info.get("exif"), text=text)
     if fmt == "BMP" and picture.has_alpha:
         return _bmp_with_alpha(_at_depth(picture, 8))
     if fmt == "TIFF":  # Pillow cannot write 16-bit colour TIFF, nor a camera's EXIF through libtiff; OpenCV no metadata
         info = picture.info
         try:
-            return encode_tiff(_at_depth(picture, picture.bit_depth), icc_profile=info.get("icc_profile"), exif=info.get("exif"))
+            return encode_tiff(_at_depth(picture, picture.bit_depth), icc_profile=info.get("icc_profile"), exif=info.get("exif"),
+                               xmp=info.get("xmp"))
         except (ValueError, TypeError, struct.error) as exc:  # an EXIF entry Pillow's directory writer cannot lay out
             raise ImageError(f"{name}: cannot encode as TIFF ({exc})") from None
     image = picture_to_pil(picture)
@@ -308,7 +336,22 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
         image.save(out, format=fmt, **_save_options(fmt, picture.info))
     except (OSError, ValueError) as exc:
         raise ImageError(f"{name}: cannot encode as {fmt} ({exc})") from None
+    if fmt == "JPEG" and picture.info.get("xmp"):  # Pillow writes XMP into JPEG only from 11.0 on
+        return _with_jpeg_xmp(out.getvalue(), picture.info["xmp"])
     return out.getvalue()
+
+
+def _with_jpeg_xmp(jpeg: bytes, xmp: bytes) -> bytes:
+    """The JPEG with an APP1 XMP segment after its leading APP0/APP1 segments (JFIF, EXIF), where
+    Adobe's XMP specification puts it. A packet longer than one segment holds (extended XMP,
+    rare) is left out."""
+    payload = XMP_JPEG_PREFIX + xmp
+    if len(payload) + 2 > 0xFFFF:
+        return jpeg
+    at = 2  # after SOI
+    while jpeg[at] == 0xFF and jpeg[at + 1] in (0xE0, 0xE1):
+        at += 2 + int.from_bytes(jpeg[at + 2 : at + 4], "big")
+    return jpeg[:at] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[at:]
 
 
 def _bmp_with_alpha(rgba: np.ndarray) -> bytes:
@@ -340,7 +383,7 @@ def write_image(picture: Picture, path: str | Path) -> None:
 
 
 def _save_options(fmt: str, info: dict) -> dict:
-    keep = {"JPEG": ("icc_profile", "exif"), "WEBP": ("icc_profile", "exif")}
+    keep = {"JPEG": ("icc_profile", "exif"), "WEBP": ("icc_profile", "exif", "xmp")}
     options = {k: v for k, v in info.items() if k in keep.get(fmt, ())}
     if fmt == "JPEG":
         options.update(quality=95, subsampling=0)
