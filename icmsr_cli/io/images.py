@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, TiffImagePlugin
 
-from . import atomic
+from . import atomic, metadata
 from .png import encode_png
 from .tiff import encode_tiff
 from ..choices import DEFAULT_MAX_PIXELS
@@ -116,8 +116,8 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 image.getexif()  # read (and cached) while the file is open: Pillow 10.0 lost a multi-page TIFF's after load()
                 image.load()
                 picture = picture_from_pil(ImageOps.exif_transpose(image))
-            text = _png_text(image)
-            xmp = _xmp(image, text)
+            text = metadata.png_text(image)
+            xmp = metadata.xmp(image, text)
             info = {**picture.info, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {})}
             return replace(picture, info=info, format=image.format, frames=frames)
     except ImageError:
@@ -159,39 +159,6 @@ def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture |
     outside = float(np.count_nonzero(~((arr >= 0) & (arr <= 1)))) / max(arr.size, 1)  # NaN counts as outside
     info = {"icc_profile": tags[34675]} if tags.get(34675) else {}
     return Picture(np.ascontiguousarray(np.clip(np.nan_to_num(arr), 0, 1)), 16, info, format="TIFF", clipped=outside)
-
-
-#: XMP's place in each format: a PNG text chunk's keyword, a JPEG APP1 segment's prefix, a TIFF tag
-XMP_PNG_KEY = "XML:com.adobe.xmp"
-XMP_JPEG_PREFIX = b"http://ns.adobe.com/xap/1.0/\0"
-XMP_TIFF_TAG = 700
-
-
-def _xmp(image: Image.Image, text: dict[str, str]) -> bytes | None:
-    """The XMP packet (ratings, keywords, captions, edit history) of a JPEG, PNG, WebP or TIFF, as
-    bytes; a PNG's is taken out of `text`, so that it is written once."""
-    if image.format == "JPEG":
-        found = next((content[len(XMP_JPEG_PREFIX):] for marker, content in getattr(image, "applist", [])
-                      if marker == "APP1" and content.startswith(XMP_JPEG_PREFIX)), None)
-    elif image.format == "PNG":
-        found = text.pop(XMP_PNG_KEY, None)
-    elif image.format == "WEBP":
-        found = image.info.get("xmp")
-    elif image.format == "TIFF":
-        found = image.tag_v2.get(XMP_TIFF_TAG)
-    else:
-        found = None
-    if isinstance(found, tuple):  # a TIFF tag of BYTE type may come back as a tuple of ints
-        found = bytes(found)
-    return found.encode("utf-8") if isinstance(found, str) else found or None
-
-
-def _png_text(image: Image.Image) -> dict[str, str]:
-    """A PNG's text chunks (tEXt, zTXt, iTXt): captions, XMP, and the generation parameters and
-    workflows Stable Diffusion front ends store there; kept for PNG outputs."""
-    if image.format != "PNG":
-        return {}
-    return {str(k): str(v) for k, v in image.text.items()}
 
 
 def _is_16bit_color(image: Image.Image, data: bytes) -> bool:
@@ -309,7 +276,7 @@ def _gray_alpha_as_rgba(picture: Picture) -> Picture:
 
 
 def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compression: int = 6) -> bytes:
-    """Encode to PNG/JPEG/WEBP/TIFF/BMP bytes, keeping ICC and EXIF where the format can hold them.
+    """Encode to PNG/JPEG/WEBP/TIFF/BMP bytes, keeping ICC, EXIF and XMP (metadata.py) where the format can hold them.
 
     PNG at any depth goes through png.encode_png (all cores, zlib level `png_compression`), TIFF
     through tiff.encode_tiff (all cores), BMP with alpha as a BMP with an alpha mask; other
@@ -318,9 +285,8 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
     picture, _ = fit_to_format(picture, fmt, name)
     if fmt == "PNG":
         info = picture.info
-        text = {**info.get("text", {}), **({XMP_PNG_KEY: info["xmp"].decode("utf-8", "replace")} if info.get("xmp") else {})}
-        return encode_png(_at_depth(picture, picture.bit_depth), level=png_compression,
-                          icc_profile=info.get("icc_profile"), exif=info.get("exif"), text=text)
+        return encode_png(_at_depth(picture, picture.bit_depth), level=png_compression, icc_profile=info.get("icc_profile"),
+                          exif=info.get("exif"), text=metadata.png_text_with_xmp(info))
     if fmt == "BMP" and picture.has_alpha:
         return _bmp_with_alpha(_at_depth(picture, 8))
     if fmt == "TIFF":  # Pillow cannot write 16-bit colour TIFF, nor a camera's EXIF through libtiff; OpenCV no metadata
@@ -336,22 +302,9 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
         image.save(out, format=fmt, **_save_options(fmt, picture.info))
     except (OSError, ValueError) as exc:
         raise ImageError(f"{name}: cannot encode as {fmt} ({exc})") from None
-    if fmt == "JPEG" and picture.info.get("xmp"):  # Pillow writes XMP into JPEG only from 11.0 on
-        return _with_jpeg_xmp(out.getvalue(), picture.info["xmp"])
+    if fmt == "JPEG" and picture.info.get("xmp"):
+        return metadata.jpeg_with_xmp(out.getvalue(), picture.info["xmp"])
     return out.getvalue()
-
-
-def _with_jpeg_xmp(jpeg: bytes, xmp: bytes) -> bytes:
-    """The JPEG with an APP1 XMP segment after its leading APP0/APP1 segments (JFIF, EXIF), where
-    Adobe's XMP specification puts it. A packet longer than one segment holds (extended XMP,
-    rare) is left out."""
-    payload = XMP_JPEG_PREFIX + xmp
-    if len(payload) + 2 > 0xFFFF:
-        return jpeg
-    at = 2  # after SOI
-    while jpeg[at] == 0xFF and jpeg[at + 1] in (0xE0, 0xE1):
-        at += 2 + int.from_bytes(jpeg[at + 2 : at + 4], "big")
-    return jpeg[:at] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[at:]
 
 
 def _bmp_with_alpha(rgba: np.ndarray) -> bytes:
