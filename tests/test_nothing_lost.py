@@ -496,6 +496,8 @@ def test_a_disk_filling_inside_torch_save_is_a_full_disk(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+#: the XMP standard's identifier of its JPEG APP1 segment: a namespace name, never fetched
+XMP_APP1_ID = b"http://ns.adobe.com/xap/1.0/\0"
 XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description xmp:Rating="4" dc:subject="harbour, Zo\xc3\xab"/></rdf:RDF></x:xmpmeta>'
 
 
@@ -513,7 +515,7 @@ def _with_xmp(fmt: str) -> bytes:
     elif fmt == "JPEG":
         rgb.save(buf, "JPEG")
         jpeg = buf.getvalue()
-        payload = b"http://ns.adobe.com/xap/1.0/\0" + XMP
+        payload = XMP_APP1_ID + XMP
         return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
     elif fmt == "WEBP":
         rgb.save(buf, "WEBP", xmp=XMP, lossless=True)
@@ -539,8 +541,8 @@ def test_xmp_goes_from_every_format_to_every_format(source):
         with Image.open(io.BytesIO(data)) as im:  # read back by Pillow's own XMP readers
             im.load()
             if target == "JPEG":
-                kept = [c for m, c in im.applist if m == "APP1" and c.startswith(b"http://ns.adobe.com/xap/1.0/\0")]
-                assert kept == [b"http://ns.adobe.com/xap/1.0/\0" + XMP], target
+                kept = [c for m, c in im.applist if m == "APP1" and c.startswith(XMP_APP1_ID)]
+                assert kept == [XMP_APP1_ID + XMP], target
             elif target == "PNG":
                 assert im.text.get("XML:com.adobe.xmp") == XMP.decode(), target
             elif target == "WEBP":
