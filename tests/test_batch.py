@@ -296,6 +296,24 @@ def test_animated_and_multi_page_inputs_say_that_only_the_first_frame_is_upscale
         assert np.array_equal(np.asarray(im.convert("RGB")), first)
 
 
+def _float_rgb_tiff(rgb: np.ndarray) -> bytes:
+    """An uncompressed IEEE-float RGB TIFF written by hand: OpenCV before 4.9 writes float images
+    as LogLuv, which holds no negative values, and Pillow writes no float colour at all."""
+    h, w, _ = rgb.shape
+    pixels = np.ascontiguousarray(rgb, dtype="<f4").tobytes()
+    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 3, None), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, None),
+               (277, 3, 1, 3), (278, 4, 1, h), (279, 4, 1, len(pixels)), (284, 3, 1, 1), (339, 3, 3, None)]
+    ifd_size = 2 + 12 * len(entries) + 4
+    three_32, three_float, data_at = 8 + ifd_size, 8 + ifd_size + 6, 8 + ifd_size + 12
+    values = {258: three_32, 273: data_at, 339: three_float}
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        value = values.get(tag, value)
+        ifd += struct.pack("<HHI", tag, kind, count) + (struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value))
+    ifd += struct.pack("<I", 0)
+    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<3H", 32, 32, 32) + struct.pack("<3H", 3, 3, 3) + pixels
+
+
 def test_float_and_32_bit_samples_outside_the_range_read_are_counted_and_said(tmp_path):
     """A float TIFF is read as 0-1 and a 32-bit integer one as 0-65535; values beyond are cut, and
     a note per file gives their share instead of clipping in silence. In-range files get no note.
@@ -309,7 +327,7 @@ def test_float_and_32_bit_samples_outside_the_range_read_are_counted_and_said(tm
     Image.fromarray(ramp).save(src / "hdr.tif")
     Image.fromarray(np.clip(ramp, 0, 1)).save(src / "unit.tif")
     Image.fromarray((ramp * 65535).astype(np.int32)).save(src / "wide.tif")
-    assert cv2.imwrite(str(src / "hdr_rgb.tif"), np.ascontiguousarray(rgb[..., ::-1]))  # libtiff's float RGB
+    (src / "hdr_rgb.tif").write_bytes(_float_rgb_tiff(rgb))
     jobs, missing = batch.plan([str(src)], str(tmp_path / "out"))
     notes = []
     results = list(batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture, notify=notes.append))

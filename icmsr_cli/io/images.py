@@ -133,9 +133,10 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
 
 
 def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture | None:
-    """A colour TIFF of float samples (an HDR merge, scientific data), which Pillow cannot open,
-    decoded by OpenCV: values outside 0-1 are cut, and counted, as for float gray; the output
-    is 16-bit. The size limit is checked from the tags first. None when it is no such file."""
+    """A colour TIFF of float samples (an HDR merge, scientific data: IEEE float, or LogLuv as
+    OpenCV before 4.9 wrote float images), which Pillow cannot open, decoded by OpenCV: values
+    outside 0-1 are cut, and counted, as for float gray; the output is 16-bit. The size limit is
+    checked from the tags first. None when it is no such file (OpenCV gives no float colour)."""
     if data[:4] not in (b"II*\0", b"MM\0*"):
         return None
     try:
@@ -143,10 +144,8 @@ def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture |
         stream = io.BytesIO(data)
         stream.seek(tags.next)
         tags.load(stream)
-        w, h, formats = int(tags[256]), int(tags[257]), tags.get(339, (1,))
+        w, h = int(tags[256]), int(tags[257])
     except (KeyError, ValueError, TypeError, OSError, SyntaxError, struct.error):
-        return None
-    if 3 not in (formats if isinstance(formats, tuple) else (formats,)):  # SampleFormat 3: IEEE float
         return None
     if w * h > max_pixels:
         raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}; raise --max-pixels to allow it")
