@@ -48,7 +48,7 @@ def test_every_mode_and_depth_decodes_to_the_same_samples(dtype, channels, monke
     pixels = rng.integers(0, top, (61, 37, channels), endpoint=True).astype(dtype)
     pixels[0, 0], pixels[-1, -1] = 0, top
     for strip_bytes, strips in ((1 << 30, 1), (pixels.nbytes // 4 + 1, 4), (1, 61)):
-        monkeypatch.setattr(png, "_STRIP_BYTES", strip_bytes)
+        monkeypatch.setattr(png, "STRIP_BYTES", strip_bytes)
         data = png.encode_png(pixels, level=1)
         idat = [payload for kind, payload in _chunks(data) if kind == b"IDAT"]
         assert len(idat) == strips
@@ -62,9 +62,9 @@ def test_every_mode_and_depth_decodes_to_the_same_samples(dtype, channels, monke
 
 def test_strip_count_changes_bytes_not_pixels(monkeypatch):
     pixels = photo_like(300, 200)
-    monkeypatch.setattr(png, "_STRIP_BYTES", 1 << 30)
+    monkeypatch.setattr(png, "STRIP_BYTES", 1 << 30)
     one = png.encode_png(pixels)
-    monkeypatch.setattr(png, "_STRIP_BYTES", 20000)
+    monkeypatch.setattr(png, "STRIP_BYTES", 20000)
     many = png.encode_png(pixels)
     assert one != many and np.array_equal(_cv2_samples(one, 3), _cv2_samples(many, 3))
 
@@ -133,7 +133,7 @@ def test_ranks_sharing_a_machine_share_the_png_writers_cores_too(monkeypatch):
         assert png.default_threads == 4 and torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(threads)
-    monkeypatch.setattr(png, "_STRIP_BYTES", 1000)
+    monkeypatch.setattr(png, "STRIP_BYTES", 1000)
     shared = png.encode_png(photo_like(64, 64))
     monkeypatch.setattr(png, "default_threads", None)
     assert png.encode_png(photo_like(64, 64)) == shared

@@ -29,10 +29,10 @@ SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
 #: the filter byte that starts every row: Up
 _UP = 2
-#: raw bytes per strip (the last may hold fewer): the strips follow from the image alone, so a
+#: raw bytes per strip (the last may hold fewer), PNG's and TIFF's (tiff.py): the strips follow from the image alone, so a
 #: file's bytes do not depend on the machine's cores; ~1 MB pieces lose nothing measurable to the
 #: dictionary each starts afresh, and a 2048^2 RGB image makes 12 of them for the cores to share
-_STRIP_BYTES = 1 << 20
+STRIP_BYTES = 1 << 20
 #: zlib headers (CMF, FLG) by level; FLEVEL only informs, any valid header decodes
 _ZLIB_HEADER = {0: b"\x78\x01", 1: b"\x78\x01", 2: b"\x78\x5e", 3: b"\x78\x5e", 4: b"\x78\x5e", 5: b"\x78\x5e", 6: b"\x78\x9c"}
 _ADLER_BASE = 65521
@@ -83,7 +83,7 @@ def _image_data(rows: np.ndarray, level: int) -> list[bytes]:
     """The IDAT chunks: strip k's rows filtered and deflated by one task; the first carries the
     zlib header, the last the Adler-32 of all the filtered bytes."""
     h = rows.shape[0]
-    strips = max(1, min(h, -(-rows.size // _STRIP_BYTES)))
+    strips = max(1, min(h, -(-rows.size // STRIP_BYTES)))
     bounds = [h * k // strips for k in range(strips + 1)]
 
     def strip(k: int) -> tuple[bytes, int, int, int]:

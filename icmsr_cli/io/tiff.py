@@ -17,10 +17,8 @@ import zlib
 import numpy as np
 from PIL import Image, TiffImagePlugin, TiffTags
 
-from .png import encoder_pool
+from .png import STRIP_BYTES, encoder_pool
 
-#: raw bytes per strip: the strips follow from the image alone, as png._STRIP_BYTES
-_STRIP_BYTES = 1 << 20
 #: TIFF tags written here (baseline TIFF 6.0, XMLPacket and the ICC tag)
 _WIDTH, _LENGTH, _BITS, _COMPRESSION, _PHOTOMETRIC = 256, 257, 258, 259, 262
 _STRIP_OFFSETS, _SAMPLES, _ROWS_PER_STRIP, _STRIP_BYTE_COUNTS = 273, 277, 278, 279
@@ -51,7 +49,7 @@ def encode_tiff(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None
         raise ValueError(f"expected H x W x 1-4 uint8 or 1, 3 or 4 uint16 samples, got {pixels.dtype} {pixels.shape}")
     h, w, c = pixels.shape
     row_bytes = w * c * depth // 8
-    rows_per_strip = max(1, min(h, _STRIP_BYTES // row_bytes))
+    rows_per_strip = max(1, min(h, STRIP_BYTES // row_bytes))
     samples = np.ascontiguousarray(pixels, dtype="<u2" if depth == 16 else np.uint8).reshape(h, w * c)
 
     def strip(a: int) -> bytes:
