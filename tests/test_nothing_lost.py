@@ -206,6 +206,69 @@ def test_16bit_gray_alpha_png_keeps_its_16_bits_and_stays_gray(tmp_path, model):
     np.testing.assert_allclose(got / 65535, np.clip(np.asarray(expected), 0, 1), atol=1 / 65535)
 
 
+def _cmyk_press_profile(corner_lab) -> bytes:
+    """A minimal ICC v2 CMYK profile, built by hand: its A2B0 (lut8, 2 grid points a channel)
+    maps each of the 16 CMYK corners to the Lab that corner_lab(c, m, y, k) gives (0 or 1 each)."""
+    def s15(*values):
+        return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+    ramp, ident = bytes(range(256)), s15(1, 0, 0, 0, 1, 0, 0, 0, 1)
+    clut = b"".join(bytes([round(L * 2.55), round(a) + 128, round(b) + 128])
+                    for L, a, b in (corner_lab(*divmod(i, 8)[0:1], *((i >> s) & 1 for s in (2, 1, 0))) for i in range(16)))
+    desc = b"test press\0"
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(desc)) + desc + bytes(78)),
+            (b"wtpt", b"XYZ " + bytes(4) + s15(0.9642, 1.0, 0.8249)),
+            (b"A2B0", b"mft1" + bytes(4) + bytes([4, 3, 2, 0]) + ident + ramp * 4 + clut + ramp * 3),
+            (b"B2A0", b"mft1" + bytes(4) + bytes([3, 4, 2, 0]) + ident + ramp * 3 + bytes(32) + ramp * 4)]
+    start = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for sig, data in tags:
+        table += sig + struct.pack(">II", start + len(body), len(data))
+        body += data + bytes(-len(data) % 4)
+    header = (struct.pack(">I", start + len(body)) + bytes(4) + struct.pack(">I", 0x02100000) + b"prtrCMYKLab "
+              + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + b"acsp" + bytes(28) + s15(0.9642, 1.0, 0.8249) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def _lab_to_srgb(lab) -> np.ndarray:
+    """CIE Lab (D50, the ICC connection space) to 8-bit sRGB by the published formulas: Lab ->
+    XYZ, Bradford D50 -> D65, the sRGB matrix and transfer curve."""
+    L, a, b = np.asarray(lab, np.float64).T
+    fy = (L + 16) / 116
+    f = np.stack([fy + a / 500, fy, fy - b / 200], axis=-1)
+    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * [0.9642, 1.0, 0.8249]
+    bradford = np.array([[0.9555766, -0.0230393, 0.0631636], [-0.0282895, 1.0099416, 0.0210077], [0.0122982, -0.0204830, 1.3299098]])
+    to_rgb = np.array([[3.2404542, -1.5371385, -0.4985314], [-0.9692660, 1.8760108, 0.0415560], [0.0556434, -0.2040259, 1.0572252]])
+    lin = np.clip(xyz @ bradford.T @ to_rgb.T, 0, 1)
+    return np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055) * 255
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+def test_cmyk_goes_to_rgb_through_its_own_profile(fmt):
+    """A CMYK file (print-ready photos, stock images) carries the ICC profile of its press, and
+    its inks are not the ideal ones: the plain conversion made pure cyan 0,255,255 where this
+    press prints a dull blue-green, and the profile itself was dropped."""
+    from icmsr_cli.io.images import read_image
+
+    inks = {"paper": (100, 0, 0), "c": (58, -30, -45), "m": (50, 70, -5), "y": (90, -5, 85), "k": (20, 0, 0)}
+    def corner(c, m, y, k):  # other corners: the inks' lightness multiplies, their hue averages
+        on = [inks[n] for n, v in zip("cmyk", (c, m, y, k)) if v] or [inks["paper"]]
+        return (100 * np.prod([p[0] / 100 for p in on]), np.mean([p[1] for p in on]), np.mean([p[2] for p in on]))
+
+    profile = _cmyk_press_profile(corner)
+    patches = [(0, 0, 0, 0), (255, 0, 0, 0), (0, 255, 0, 0), (0, 0, 255, 0), (0, 0, 0, 255)]
+    cmyk = np.repeat(np.array(patches, np.uint8)[None], 16, axis=0).repeat(16, axis=0).repeat(16, axis=1)  # 16 x 80, JPEG-block aligned
+    for icc, expected in [(profile, _lab_to_srgb([inks[n] for n in ("paper", "c", "m", "y", "k")])),
+                          (profile[:200], np.array([[255, 255, 255], [0, 255, 255], [255, 0, 255], [255, 255, 0], [0, 0, 0]]))]:
+        buf = io.BytesIO()  # ^ a damaged profile: the plain conversion, no error
+        Image.fromarray(cmyk, "CMYK").save(buf, fmt, icc_profile=icc, **({"quality": 100} if fmt == "JPEG" else {}))
+        picture = read_image(buf.getvalue())
+        got = picture.pixels[8, 8::16] * 255
+        np.testing.assert_allclose(got, expected, atol=3)
+        assert "icc_profile" not in picture.info  # the output is sRGB, which needs no profile
+    assert np.abs(_lab_to_srgb([inks["c"]]) - [0, 255, 255]).max() > 60  # the test tells the two apart
+
+
 @pytest.mark.parametrize("bits", [8, 16])
 def test_png_text_chunks_reach_the_png_output(tmp_path, model, bits):
     """Captions, XMP, and the prompt and workflow Stable Diffusion front ends store in text chunks
