@@ -57,6 +57,30 @@ def test_setup_errors_exit_2_without_traceback(tmp_path, tiny_lora):
     assert result.exit_code == 2 and "huge" in result.stderr
 
 
+def test_a_wrong_output_is_refused_before_the_model(tmp_path):
+    """Outputs no file can fix are refused before the model loads (the base here does not exist, so
+    reaching the model would fail on it): an unwritable suffix is a usage error for the whole run
+    (it exited 1, as one file's failure), several inputs into a new name ending in .png do not make
+    a folder of that name (they did), and an output over its own input fails without loading
+    anything (it loaded the model first)."""
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for path in (a, b):
+        Image.fromarray(photo_like(8, 8)).save(path)
+    nowhere = ("--base", tmp_path / "nowhere")
+    result = run("upscale", a, "-o", tmp_path / "o.gif", *nowhere)
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: {tmp_path / 'o.gif'}: cannot write .gif; use .png, .jpg, .webp, .tiff or .bmp"
+    result = run("upscale", a, b, "-o", tmp_path / "big.png", *nowhere)
+    assert result.exit_code == 2 and "names an image file" in result.stderr and "end it with /" in result.stderr
+    assert not (tmp_path / "big.png").exists()
+    result = run("upscale", a, b, "-o", f"{tmp_path / 'big.png'}/", *nowhere, "-s", "1", "--lora", tmp_path / "nowhere.pkl")
+    assert result.exit_code == 2 and "nowhere" in result.stderr  # asked for with a trailing /: on to the model
+    before = a.read_bytes()
+    result = run("upscale", a, "-o", a, "--overwrite", *nowhere)
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        f"error: {a}: the output would overwrite the input; choose another output"]
+    assert a.read_bytes() == before
+
+
 def test_broken_lora_is_named(tmp_path, tiny_base):
     src, bad = tmp_path / "in.png", tmp_path / "bad.pkl"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)

@@ -125,10 +125,17 @@ def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | 
     folder = not to_stdout and (many or out.is_dir() or output.endswith(("/", "\\")))
     if folder and out.exists() and not out.is_dir():
         raise SetupError(f"{out}: several inputs need an output directory, and this is a file")
+    if folder and not out.exists() and out.suffix.lower() in IMAGE_SUFFIXES and not output.endswith(("/", "\\")):
+        # `a.png b.png -o big.png` is a slip more often than a wish for a folder named big.png
+        raise SetupError(f"{out}: several inputs need an output directory, and this names an image file; "
+                         f"give a directory (end it with / for one named {out.name})")
     if not folder and not to_stdout:
         if not out.parent.is_dir():
             raise SetupError(f"{out}: the output folder {out.parent} does not exist")
-        format_for(out if not suffix else out.with_suffix(suffix))
+        try:
+            format_for(out if not suffix else out.with_suffix(suffix))
+        except ImageError as exc:  # the whole run's output, not one file's: a usage error
+            raise SetupError(str(exc)) from exc
     jobs = []
     for source, rel in found:
         name = str(source) if source else "<stdin>"
@@ -344,6 +351,11 @@ def _write(job: Job, t0: float, picture: Picture, fmt: str, in_size, png_compres
         write_bytes(data, job.target)
         data = None
     return JobResult(job, "done", time.perf_counter() - t0, in_size, picture.size, data=data)
+
+
+def needs_model(job: Job, overwrite: bool) -> bool:
+    """Whether the job will reach the model: not skipped, and not refused for writing over its input."""
+    return not is_skipped(job, overwrite) and not _same_file(job)
 
 
 def is_skipped(job: Job, overwrite: bool) -> bool:
