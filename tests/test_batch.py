@@ -118,6 +118,21 @@ def test_mixed_folder(tmp_path, mixed, tiny_base, tiny_lora):
     assert f"{len(GOOD)} skipped" in rerun.stderr
 
 
+def test_an_input_whose_format_cannot_be_written_asks_for_format(tmp_path):
+    """A GIF given by name into an output folder keeps its name there, which icmsr cannot write: the
+    error says how to choose a format (it named the output and said "use .png", which the user
+    cannot do for a mirrored name), before any model work."""
+    from icmsr_cli.io import batch
+
+    Image.fromarray(photo_like(8, 8)).save(tmp_path / "anim.gif")
+    jobs, _ = batch.plan([str(tmp_path / "anim.gif")], str(tmp_path / "out") + "/")
+    [result] = batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: pytest.fail("the model ran"))
+    assert result.status == "failed"
+    assert result.error == f"{tmp_path / 'anim.gif'}: icmsr cannot write .gif files; choose the output format with --format png, jpg, webp, tiff or bmp"
+    jobs, _ = batch.plan([str(tmp_path / "anim.gif")], str(tmp_path / "out") + "/", fmt="png")
+    assert [j.target for j in jobs] == [tmp_path / "out" / "anim.png"]
+
+
 def test_metadata_orientation_and_format(tmp_path, tiny_base, tiny_lora):
     src = tmp_path / "portrait.jpg"
     exif = Image.Exif()

@@ -379,7 +379,11 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
     source = read_stdin() if job.source is None else job.source
     picture = read_image(source, name=job.name, max_pixels=settings.max_pixels)
     if job.target is not None:
-        fmt = format_for(job.target)
+        try:
+            fmt = format_for(job.target)
+        except ImageError as exc:  # plan() checked a file output: this one mirrors its input's name into a folder
+            raise ImageError(f"{job.name}: icmsr cannot write {job.target.suffix} files; "
+                             "choose the output format with --format png, jpg, webp, tiff or bmp") from exc
     else:
         writable = picture.format in ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
         fmt = settings.stdout_format or (picture.format if writable else "PNG")
