@@ -443,7 +443,7 @@ def evaluate(
     mean = evaluation.means(results, names)
     if json_lines:
         sys.stdout.write(json.dumps({"mean": mean, "count": len(scored)}) + "\n")
-    else:
+    elif scored:  # no table of headers alone when every pair failed: the errors above said why
         _score_table(scored, names, mean)
     if problems or len(scored) < len(results):
         raise typer.Exit(1)

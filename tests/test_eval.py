@@ -148,6 +148,16 @@ def test_folders_pair_by_stem_and_bad_pairs_are_one_line_each(tmp_path):
     assert any("0006.png: cannot read image" in l for l in stderr)
 
 
+def test_when_every_pair_fails_only_the_errors_print(tmp_path):
+    """The table of scores is left out when there is nothing in it (it printed its headers alone)."""
+    sr, ref = pair_of_photos(32, 32, seed=0)
+    write_rgb(tmp_path / "sr.png", sr)
+    write_rgb(tmp_path / "ref.png", ref[:30])
+    result = run("eval", tmp_path / "sr.png", "--ref", tmp_path / "ref.png")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'sr.png'}: 32x32, but the reference {tmp_path / 'ref.png'} is 32x30"]
+
+
 def test_pairing_rules(tmp_path):
     srd, hrd = tmp_path / "sr", tmp_path / "hr"
     srd.mkdir(), hrd.mkdir()
