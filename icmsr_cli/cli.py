@@ -374,15 +374,19 @@ def _interrupt(signum, frame):
 
 
 def _tile_progress(bar):
-    """Tile progress of the current image, one bar per stage, replaced image by image."""
-    tasks: dict[str, int] = {}
+    """Progress of the current image, one bar per stage (its tiles, or one step when whole),
+    replaced image by image: a stage's report after it finished, or one that went back (an
+    out-of-memory retry with smaller tiles), starts its bar afresh."""
+    tasks: dict[str, tuple[int, int, int]] = {}  # stage: (task id, done, total) as last reported
 
     def update(stage: str, done: int, total: int) -> None:
-        if stage not in tasks or (done <= 1 and bar.tasks[tasks[stage]].completed >= total):
-            if stage in tasks:
-                bar.remove_task(tasks[stage])
-            tasks[stage] = bar.add_task(f"  {stage} tiles", total=total)
-        bar.update(tasks[stage], completed=done, total=total)
+        task, last, last_total = tasks.get(stage, (None, 0, 0))
+        if task is None or last >= last_total or done < last:
+            if task is not None:
+                bar.remove_task(task)
+            task = bar.add_task(f"  {stage}" + (" tiles" if total > 1 else ""), total=total)
+        bar.update(task, completed=done, total=total)
+        tasks[stage] = (task, done, total)
 
     return update
 

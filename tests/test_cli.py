@@ -81,6 +81,31 @@ def test_a_wrong_output_is_refused_before_the_model(tmp_path):
     assert a.read_bytes() == before
 
 
+def test_stage_bars_follow_image_after_image():
+    """The stage bars are replaced image by image (rich's own Progress, drawn to a buffer): a tiled
+    folder in a terminal stopped at its third image with "unexpected IndexError" (exit 3), the
+    bars looked up by task id in rich's list of tasks, which removing a task shifts."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from icmsr_cli.cli import _tile_progress
+
+    bar = Progress(console=Console(file=io.StringIO(), force_terminal=True, width=100))
+    update = _tile_progress(bar)
+    images = bar.add_task("images", total=4)
+    for tiles in (6, 1, 6, 4):  # tiled, whole (one step a stage), tiled, then an out-of-memory retry
+        for stage in ("encode", "unet", "decode"):
+            steps = range(tiles + 1) if tiles == 1 else range(1, tiles + 1)
+            for done in steps:
+                update(stage, done, tiles)
+        bar.advance(images)
+    update("decode", 2, 4), update("decode", 1, 16)  # halved tiles: the stage starts again
+    shown = {task.description.strip(): (task.completed, task.total) for task in bar.tasks}
+    assert shown == {"images": (4, 4), "encode tiles": (4, 4), "unet tiles": (4, 4), "decode tiles": (1, 16)}
+
+
 def test_broken_lora_is_named(tmp_path, tiny_base):
     src, bad = tmp_path / "in.png", tmp_path / "bad.pkl"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)

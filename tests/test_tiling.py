@@ -162,6 +162,24 @@ def test_a_tile_that_covers_the_image_runs_it_whole(pointwise_pipe, monkeypatch)
         pointwise_pipe(x, "none", 16)  # one side needs two tiles
 
 
+def test_progress_names_each_stage_whole_or_tiled(pointwise_pipe, monkeypatch):
+    """The CLI's bars hear of every stage: a whole image (a minute or more on the CPU) as one step
+    each (it heard nothing, so a bar sat at 0/1), tiles one batch at a time up to all of them."""
+    calls = []
+    monkeypatch.setattr(pointwise_pipe, "progress", lambda stage, done, total: calls.append((stage, done, total)))
+    torch.manual_seed(6)
+    x = torch.rand(1, 3, 200, 264, dtype=torch.float64)
+    pointwise_pipe(x, "none", None)
+    assert calls == [("encode", 0, 1), ("encode", 1, 1), ("unet", 0, 1), ("unet", 1, 1), ("decode", 0, 1), ("decode", 1, 1)]
+    calls.clear()
+    pointwise_pipe(x, "none", 16)
+    stages = [stage for stage, _, _ in calls]
+    assert stages == sorted(stages, key=["encode", "unet", "decode"].index) and set(stages) == {"encode", "unet", "decode"}
+    for stage in ("encode", "unet", "decode"):
+        done = [(d, t) for s, d, t in calls if s == stage]
+        assert done[-1][0] == done[-1][1] > 1 and [d for d, _ in done] == sorted(d for d, _ in done), (stage, done)
+
+
 def test_tiles_parked_in_files_give_the_same_result(pointwise_pipe, tmp_path, monkeypatch):
     import tempfile
 

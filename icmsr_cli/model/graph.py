@@ -115,7 +115,7 @@ class OneStepSR:
     # devices.freed_memory_reused, and large blocks mapped for tiled runs (devices.large_blocks_mapped)
     reuse_freed_memory: bool = False
     park_budget: float | None = None  # host bytes for waiting VAE tiles before files; None: see _parking
-    progress: Progress | None = None  # told about tiles done, for long images
+    progress: Progress | None = None  # told about each stage's tiles done (a whole image: one step a stage)
     _measured_bytes: float | None = field(default=None, repr=False)  # see _bytes_per_latent_px
     notify: Callable[[str], None] = logger.warning  # one-line notes (out-of-memory retries)
 
@@ -250,8 +250,12 @@ class OneStepSR:
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
                 before = torch.cuda.memory_allocated(self.device)
-                with torch.no_grad():
-                    self._graph(probe, None)
+                progress, self.progress = self.progress, None  # the probe is no stage of the user's image
+                try:
+                    with torch.no_grad():
+                        self._graph(probe, None)
+                finally:
+                    self.progress = progress
                 peak = torch.cuda.max_memory_allocated(self.device) - before
                 self._measured_bytes = peak / (512 // VAE_FACTOR) ** 2
         return self._measured_bytes
@@ -301,9 +305,10 @@ class OneStepSR:
 
     def _graph(self, x: torch.Tensor, tile: int | None) -> torch.Tensor:
         if tile is None:
-            z = self._finite("encode", lambda: self.encode(x))
-            x0 = self._finite("unet", lambda: self.denoise(z))
-            return self._finite("decode", lambda: self.decode(x0))
+            # one step per stage: a whole image on the CPU takes a minute or more, and says where it is
+            z = self._whole("encode", lambda: self.encode(x))
+            x0 = self._whole("unet", lambda: self.denoise(z))
+            return self._whole("decode", lambda: self.decode(x0))
         if self.reuse_freed_memory:
             large_blocks_mapped()  # host memory of a tiled run stays flat in the image size
         z = self._finite("encode", lambda: self.encode_tiled(x, tile))
@@ -311,6 +316,15 @@ class OneStepSR:
         x0 = self._finite("unet", lambda: self.denoise_tiled(z, tile))
         release_freed_memory()
         return self._finite("decode", lambda: self.decode_tiled(x0, tile))
+
+    def _whole(self, stage: str, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        report = self._stage(stage)
+        if report:
+            report(0, 1)
+        out = self._finite(stage, run)
+        if report:
+            report(1, 1)
+        return out
 
     def dtype_of(self, stage: str) -> torch.dtype:
         """The dtype a stage (encode, unet, decode) runs in: the pipeline's, or float32 after an fp16 overflow."""
