@@ -43,6 +43,7 @@ class Request:
 class FakeHub:
     repos: dict[str, Repo] = field(default_factory=dict)
     plain_files: dict[str, bytes] = field(default_factory=dict)  # served at /files/{name}
+    gated: set[str] = field(default_factory=set)  # repo ids whose licence this caller has not accepted
     log: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -104,6 +105,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._error(404, "RepoNotFound" if parts[:1] != ["files"] else "EntryNotFound", "not found")
 
     def _repo(self, repo_id: str) -> Repo | None:
+        if repo_id in self.hub.gated:  # the Hub's answer to a caller who has not accepted the licence
+            self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the authorized list")
+            return None
         repo = self.hub.repos.get(repo_id)
         if repo is None:
             self._error(404, "RepoNotFound", f"Repository {repo_id} not found")

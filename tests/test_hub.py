@@ -189,6 +189,24 @@ def test_missing_mirror_falls_through_to_the_next(tmp_path, hub, env):
     assert any(p.startswith(f"/{MIRROR}/resolve/") for p in hub.downloaded())
 
 
+def test_why_a_mirror_failed_is_told_as_it_is(tmp_path, hub, env):
+    """A gated mirror says so (it read "repository not found (HTTP 403)": the gated error is a kind
+    of not-found and was tested after it), and a Hub that cannot be reached says that (it read
+    "file not found": huggingface_hub's "not in the local cache" is a kind of missing file)."""
+    hub.gated.add(FALLBACK)
+    write_registry(Path(env["ICMSR_REGISTRY"]), hub, sources=(FALLBACK, MIRROR))
+    result = icmsr(env, "weights", "download", "--dtype", "fp32")
+    assert result.returncode == 0, result.stderr
+    assert (f"note: base model source {FALLBACK} failed (gated repository: accept its licence on the Hub and set HF_TOKEN); "
+            "trying the next mirror") in result.stderr
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "empty-hf"))  # nothing listens there
+    result = icmsr(env, "weights", "download", "--dtype", "fp32")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: osediff: no base model source could be used") and "file not found" not in error
+    assert error.count("cannot reach http://127.0.0.1:9 (ConnectionRefusedError: [Errno 111] Connection refused)") == 2, error
+
+
 def test_sha256_mismatch_is_refused_and_deleted(tmp_path, hub, env):
     wrong = "0" * 64
     write_registry(Path(env["ICMSR_REGISTRY"]), hub, sha256=wrong)

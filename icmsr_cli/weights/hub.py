@@ -194,16 +194,39 @@ def _reason(exc: Exception) -> str:
 
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
+    # subclasses before their bases: a gated repo is a RepositoryNotFoundError, and "not in the
+    # local cache" (what huggingface_hub raises when the Hub cannot be reached) an EntryNotFoundError
+    if isinstance(exc, errors.GatedRepoError):
+        return "gated repository: accept its licence on the Hub and set HF_TOKEN"
     if isinstance(exc, errors.RepositoryNotFoundError):
         return "repository not found" + (f" (HTTP {status})" if status else "")
     if isinstance(exc, errors.RevisionNotFoundError):
         return "revision not found"
+    if isinstance(exc, errors.LocalEntryNotFoundError) or _network_error(exc):
+        from huggingface_hub import constants
+
+        return f"cannot reach {constants.ENDPOINT} ({_root_cause(exc)})"
     if isinstance(exc, errors.EntryNotFoundError):
         return "file not found"
-    if isinstance(exc, errors.GatedRepoError):
-        return "gated repository: accept its licence on the Hub and set HF_TOKEN"
     if status:
         return f"HTTP {status}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _network_error(exc: BaseException) -> bool:
+    """A connection that could not be made or broke off (httpx's and requests' errors, timeouts)."""
+    while exc is not None:
+        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout", "ProxyError"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's one line: the socket's reason, not huggingface_hub's wrapping."""
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
