@@ -133,6 +133,37 @@ def test_an_input_whose_format_cannot_be_written_asks_for_format(tmp_path):
     assert [j.target for j in jobs] == [tmp_path / "out" / "anim.png"]
 
 
+def test_an_output_folder_this_user_cannot_write_is_refused_up_front():
+    """Checked with the permissions the writes will run under: as root the test takes another
+    user's (nobody's) for the check, since root may write anywhere (in a folder of the system's
+    temporary one, which pytest's own are closed to other users)."""
+    import shutil
+    import tempfile
+
+    from icmsr_cli.errors import SetupError
+    from icmsr_cli.io import batch
+
+    top = Path(tempfile.mkdtemp(prefix="icmsr-perm-"))
+    locked, free = top / "locked", top / "free"
+    locked.mkdir(), free.mkdir()
+    top.chmod(0o755)
+    locked.chmod(0o555)
+    free.chmod(0o777)
+    jobs = [batch.Job(None, free / "deep" / "a.png", "a"), batch.Job(None, locked / "deep" / "b.png", "b")]
+    root = os.geteuid() == 0
+    if root:
+        os.seteuid(65534)
+    try:
+        batch.check_writable(jobs[:1])
+        with pytest.raises(SetupError) as caught:
+            batch.check_writable(jobs)
+    finally:
+        if root:
+            os.seteuid(0)
+        shutil.rmtree(top, ignore_errors=True)
+    assert str(caught.value) == f"{locked / 'deep' / 'b.png'}: cannot be written: {locked} is not writable by this user"
+
+
 def test_metadata_orientation_and_format(tmp_path, tiny_base, tiny_lora):
     src = tmp_path / "portrait.jpg"
     exif = Image.Exif()

@@ -61,8 +61,9 @@ def test_a_wrong_output_is_refused_before_the_model(tmp_path):
     """Outputs no file can fix are refused before the model loads (the base here does not exist, so
     reaching the model would fail on it): an unwritable suffix is a usage error for the whole run
     (it exited 1, as one file's failure), several inputs into a new name ending in .png do not make
-    a folder of that name (they did), and an output over its own input fails without loading
-    anything (it loaded the model first)."""
+    a folder of that name (they did), an output folder that cannot be made is refused (each file
+    ran the model, then failed), and an output over its own input fails without loading anything
+    (it loaded the model first)."""
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     for path in (a, b):
         Image.fromarray(photo_like(8, 8)).save(path)
@@ -74,6 +75,8 @@ def test_a_wrong_output_is_refused_before_the_model(tmp_path):
     assert not (tmp_path / "big.png").exists()
     result = run("upscale", a, b, "-o", f"{tmp_path / 'big.png'}/", *nowhere, "-s", "1", "--lora", tmp_path / "nowhere.pkl")
     assert result.exit_code == 2 and "nowhere" in result.stderr  # asked for with a trailing /: on to the model
+    result = run("upscale", a, b, "-o", f"{a}/sub/", *nowhere)  # each file ran the model, then failed to write
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: {a}/sub/a.png: cannot be written: {a} is a file, not a folder"
     before = a.read_bytes()
     result = run("upscale", a, "-o", a, "--overwrite", *nowhere)
     assert result.exit_code == 1 and result.stderr.strip().splitlines() == [

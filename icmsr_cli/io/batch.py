@@ -353,6 +353,33 @@ def _write(job: Job, t0: float, picture: Picture, fmt: str, in_size, png_compres
     return JobResult(job, "done", time.perf_counter() - t0, in_size, picture.size, data=data)
 
 
+def check_writable(jobs: Iterable[Job]) -> None:
+    """Refuse, before any model work, outputs whose folder cannot be made or written: each file
+    would run through the model and then fail. Checked on the nearest folder that exists (the
+    rest is made at write time) with the permissions writes will run under."""
+    effective = os.access in os.supports_effective_ids
+    seen: set[Path] = set()
+    for job in jobs:
+        if job.target is None or job.target.parent in seen:
+            continue
+        seen.add(job.target.parent)
+        existing = job.target.parent
+        while not existing.exists():  # ends: "/" and "." exist
+            existing = existing.parent
+        if not existing.is_dir():
+            raise SetupError(f"{job.target}: cannot be written: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK, effective_ids=effective):
+            why = "is on a read-only file system" if _read_only(existing) else "is not writable by this user"
+            raise SetupError(f"{job.target}: cannot be written: {existing} {why}")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):  # no statvfs (Windows)
+        return False
+
+
 def needs_model(job: Job, overwrite: bool) -> bool:
     """Whether the job will reach the model: not skipped, and not refused for writing over its input."""
     return not is_skipped(job, overwrite) and not _same_file(job)
