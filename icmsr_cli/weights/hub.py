@@ -202,7 +202,7 @@ def _reason(exc: Exception) -> str:
         return "repository not found" + (f" (HTTP {status})" if status else "")
     if isinstance(exc, errors.RevisionNotFoundError):
         return "revision not found"
-    if isinstance(exc, errors.LocalEntryNotFoundError) or _network_error(exc):
+    if status is None and (isinstance(exc, errors.LocalEntryNotFoundError) or _network_error(exc)):  # an answer is no network failure
         from huggingface_hub import constants
 
         return f"cannot reach {constants.ENDPOINT} ({_root_cause(exc)})"
