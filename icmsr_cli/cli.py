@@ -281,9 +281,9 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
         start = time.perf_counter()
         upscaler = None
         bar = _progress() if not quiet and console.is_terminal and ranks is None else None  # ranks share a terminal
-        work = any(batch.needs_model(j, overwrite) for j in jobs)
-        if work:
-            batch.check_writable(j for j in jobs if batch.needs_model(j, overwrite))
+        pending = [j for j in jobs if batch.needs_model(j, overwrite)]
+        work = bool(pending)
+        batch.check_writable(pending)
         ahead = work and _prepares_ahead(device)  # (torch is imported only when there is work)
         # reading starts now: the first file is decoded (and resized) while the model loads
         reader = batch.Reader(jobs if ranks is None else claims.claimed(jobs, ranks.next_index), settings,
