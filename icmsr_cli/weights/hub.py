@@ -210,23 +210,29 @@ def _reason(exc: Exception) -> str:
         return "file not found"
     if status:
         return f"HTTP {status}"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return _one_line(exc)
+
+
+def _chain(exc: BaseException | None):
+    """The exception, then what it was raised from or while handling, innermost last."""
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def _network_error(exc: BaseException) -> bool:
     """A connection that could not be made or broke off (httpx's and requests' errors, timeouts)."""
-    while exc is not None:
-        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout", "ProxyError"):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout", "ProxyError")
+               for e in _chain(exc))
 
 
 def _root_cause(exc: BaseException) -> str:
     """The innermost exception's one line: the socket's reason, not huggingface_hub's wrapping."""
-    while (inner := exc.__cause__ or exc.__context__) is not None:
-        exc = inner
+    *_, innermost = _chain(exc)
+    return _one_line(innermost)
+
+
+def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
