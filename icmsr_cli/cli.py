@@ -551,15 +551,26 @@ def weights_verify(name: Optional[str] = typer.Argument(None, help="Model name; 
 @weights_app.command("convert")
 def weights_convert(
     source: Path = typer.Argument(..., help="OSEDiff-format .pkl checkpoint."),
-    target: Path = typer.Argument(..., help="Output .safetensors file (same tensors; ranks and module lists in metadata)."),
+    target: Path = typer.Argument(..., help="Output .safetensors file (same tensors; ranks and module lists in metadata); its folder is made if needed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing TARGET (default: keep it and skip)."),
 ) -> None:
     """Convert an OSEDiff .pkl LoRA checkpoint to safetensors (loads without unpickling)."""
     from .model.lora import load_lora_checkpoint, save_lora_safetensors
 
     if target.suffix != ".safetensors":
         raise typer.BadParameter(f"{target}: the output must end in .safetensors", param_hint="TARGET")
+    if target.is_dir():
+        raise typer.BadParameter(f"{target}: is a folder; name the .safetensors file to write", param_hint="TARGET")
+    if target.exists() and not overwrite:  # as upscale treats its outputs: a rerun keeps what is there
+        console.print(f"{target} exists, skipped (--overwrite replaces it)")
+        return
     try:
-        save_lora_safetensors(load_lora_checkpoint(source), target)
+        checkpoint = load_lora_checkpoint(source)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_lora_safetensors(checkpoint, target)
+        except OSError as exc:  # a full disk is a DiskFullError already, with what it needed
+            raise SetupError(f"{target}: cannot write ({exc.strerror or exc})") from None
     except IcmsrError as exc:
         _fail(exc)
     console.print(f"{source} -> {target}")

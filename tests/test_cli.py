@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -46,11 +49,16 @@ def test_missing_input_is_one_line_and_exit_1(tmp_path, tiny_base, tiny_lora):
     assert not (tmp_path / "o.png").exists()
 
 
-def test_setup_errors_exit_2_without_traceback(tmp_path, tiny_lora):
+def test_setup_errors_exit_2_without_traceback(tmp_path, tiny_base, tiny_lora):
     src = tmp_path / "in.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
     result = run("upscale", src, "-o", tmp_path / "o.png", "--base", tmp_path / "nowhere", "--lora", tiny_lora)
     assert result.exit_code == 2 and "no such folder" in result.stderr and "Traceback" not in result.output
+    # a file where a folder belongs and the other way round are named as such, not as missing
+    result = run("upscale", src, "-o", tmp_path / "o.png", "--base", tiny_lora, "--lora", tiny_lora)
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: --base {tiny_lora}: a file, not a model folder"
+    result = run("upscale", src, "-o", tmp_path / "o.png", "--base", tiny_base, "--lora", tmp_path)
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: --lora {tmp_path}: a folder, not a checkpoint file"
     result = run("upscale", src, "-o", tmp_path / "o.png", "--color-fix", "sepia")
     assert result.exit_code == 2 and "sepia" in result.stderr
     result = run("upscale", src, "-o", tmp_path / "o.png", "--tile", "huge")
@@ -116,6 +124,38 @@ def test_broken_lora_is_named(tmp_path, tiny_base):
     result = run("upscale", src, "-o", tmp_path / "o.png", "--base", tiny_base, "--lora", bad)
     assert result.exit_code == 2
     assert f"{bad}: not a readable torch checkpoint" in result.stderr
+
+
+def test_weights_convert_writes_like_every_output(tmp_path, tiny_lora):
+    """The converted file is written atomically with the usual permissions, into a folder made for
+    it; an existing one is kept unless --overwrite; a place it cannot go is one line and exit 2."""
+    from icmsr_cli.model.lora import load_lora_checkpoint
+
+    target = tmp_path / "new" / "deeper" / "lora.safetensors"
+    result = run("weights", "convert", tiny_lora, target)
+    assert result.exit_code == 0, result.output
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # safetensors' own writer made it 0600
+    assert [p.name for p in target.parent.iterdir()] == ["lora.safetensors"]  # no temporary left beside it
+    first = load_lora_checkpoint(target)
+    assert first.state_dict_unet.keys() == load_lora_checkpoint(tiny_lora).state_dict_unet.keys()
+
+    target.write_bytes(b"someone's file")
+    result = run("weights", "convert", tiny_lora, target)
+    assert result.exit_code == 0 and "exists, skipped (--overwrite replaces it)" in result.stderr
+    assert target.read_bytes() == b"someone's file"
+    result = run("weights", "convert", tiny_lora, target, "--overwrite")
+    assert result.exit_code == 0 and load_lora_checkpoint(target).rank_unet == first.rank_unet
+
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    result = run("weights", "convert", tiny_lora, blocker / "lora.safetensors")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {blocker / 'lora.safetensors'}: cannot write (") and "Traceback" not in result.output
+    result = run("weights", "convert", tiny_lora.parent, tmp_path / "x.safetensors")
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: {tiny_lora.parent}: a folder, not a LoRA checkpoint file"
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["upscale", "--help"], ["weights", "list"],

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..io import atomic
 
 # peft's LoraConfig default at the time OSEDiff was trained; scaling = alpha / rank.
 LORA_ALPHA = 8
@@ -43,7 +44,7 @@ def load_lora_checkpoint(path: str | Path) -> LoraCheckpoint:
     """Read an OSEDiff `.pkl` (tensors and plain types only) or its safetensors conversion."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: LoRA checkpoint not found")
+        raise CheckpointError(f"{path}: " + ("a folder, not a LoRA checkpoint file" if path.is_dir() else "LoRA checkpoint not found"))
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     try:
@@ -96,14 +97,17 @@ def _load_safetensors(path: Path) -> LoraCheckpoint:
 
 
 def save_lora_safetensors(ckpt: LoraCheckpoint, path: str | Path) -> None:
-    """Write the same tensors as safetensors; ranks and module lists go in the metadata."""
-    from safetensors.torch import save_file
+    """Write the same tensors as safetensors; ranks and module lists go in the metadata.
+
+    Written the one way icmsr writes files (io.atomic): safetensors' own save_file renames its
+    temporary into place unsynced, leaves it behind when killed, and makes the file 0600."""
+    from safetensors.torch import save
 
     tensors = {f"unet.{k}": v.contiguous() for k, v in ckpt.state_dict_unet.items()}
     tensors.update({f"vae.{k}": v.contiguous() for k, v in ckpt.state_dict_vae.items()})
     meta = {"format": _SAFETENSORS_FORMAT, "rank_unet": str(ckpt.rank_unet), "rank_vae": str(ckpt.rank_vae)}
     meta.update({k: json.dumps(v) for k, v in ckpt.module_lists.items()})
-    save_file(tensors, str(path), metadata=meta)
+    atomic.write_bytes(save(tensors, metadata=meta), path)  # a LoRA is megabytes: one buffer is fine
 
 
 def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,

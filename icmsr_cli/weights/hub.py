@@ -284,7 +284,8 @@ def resolve_weights(
     base_ref = parse_base_ref(base) if base else spec.base
     if isinstance(base_ref, Path):
         if not base_ref.is_dir():
-            raise ModelNotFoundError(f"--base {base}: no such folder (and not a Hub repo id)")
+            why = "a file, not a model folder" if base_ref.is_file() else "no such folder (and not a Hub repo id)"
+            raise ModelNotFoundError(f"--base {base}: {why}")
         base_dir = base_ref
     else:
         base_dir = fetch_base(base_ref, fp16=fp16, what=spec.name, notify=notify, tqdm_class=tqdm_class)
@@ -294,7 +295,7 @@ def resolve_weights(
         raise SetupError(f"model {spec.name}: {spec.note or 'no LoRA checkpoint registered'}")
     if isinstance(lora_ref, Path):
         if not lora_ref.is_file():
-            raise ModelNotFoundError(f"--lora {lora}: no such file")
+            raise ModelNotFoundError(f"--lora {lora}: " + ("a folder, not a checkpoint file" if lora_ref.is_dir() else "no such file"))
         lora_path = lora_ref
     else:
         lora_path = fetch_lora(lora_ref, what=spec.name, notify=notify, tqdm_class=tqdm_class)
