@@ -411,7 +411,7 @@ def evaluate(
     suffix: Optional[str] = typer.Option(None, "--suffix", help="What SR names add to the reference stem, e.g. _x4 pairs 0001_x4.png with 0001.png "
                                                                 "(default: equal stems, or the stem then _ - . and anything)."),
     device: str = typer.Option("auto", "--device", help="Device of the learned metrics: auto, cpu, cuda, cuda:N or mps."),
-    json_lines: bool = typer.Option(False, "--json", help='One JSON line per pair on stdout, then {"mean": {...}, "count": N}.'),
+    json_lines: bool = typer.Option(False, "--json", help='One JSON line per pair on stdout (with "error" for a pair that failed or a file left unpaired), then {"mean": {...}, "count": N}.'),
 ) -> None:
     """Score SR images against references: PSNR and SSIM on the Y channel, plus pyiqa's learned metrics.
 
@@ -428,7 +428,9 @@ def evaluate(
         if not pairs and not problems:
             raise SetupError(f"{sr}: no images found (folders yield .png .jpg .jpeg .webp .tif .tiff .bmp files)")
         for problem in problems:
-            _say(problem, "error:", "red")
+            _say(str(problem), "error:", "red")
+            if json_lines:
+                sys.stdout.write(json.dumps(problem.as_json()) + "\n")
         scoring = evaluation.score_pairs(pairs, names, crop_border=crop_border, device=device)
         results = []
         bar = _progress() if console.is_terminal and len(pairs) > 1 else None

@@ -137,7 +137,9 @@ def test_folders_pair_by_stem_and_bad_pairs_are_one_line_each(tmp_path):
     assert [l["sr"] for l in scored] == [str(srd / f"{i:04d}_x4.png") for i in range(3)]
     assert [l["ref"] for l in scored] == [str(hrd / f"{i:04d}.png") for i in range(3)]
     errors = [l for l in lines if "error" in l]
-    assert {l["sr"] for l in errors} == {str(srd / "0005.png"), str(srd / "0006.png")}
+    # every failure is a line, unpaired files too (they were on stderr alone)
+    assert {(l["sr"], l["ref"]) for l in errors} == {(str(srd / "0005.png"), str(hrd / "0005.png")), (str(srd / "0006.png"), str(hrd / "0006.png")),
+                                                     (str(srd / "0004_x4.png"), None), (None, str(hrd / "0003.png"))}
     assert lines[-1]["count"] == 3
     assert lines[-1]["mean"]["psnr"] == pytest.approx(np.mean([l["psnr"] for l in scored]))
     stderr = [l for l in result.stderr.splitlines() if l.startswith("error:")]
@@ -163,16 +165,17 @@ def test_pairing_rules(tmp_path):
     srd.mkdir(), hrd.mkdir()
     for name in ("0001", "0010", "img"):
         (hrd / f"{name}.png").write_bytes(b"")
-    for name in ("0001_x4", "00100_x4", "0010-out", "img.sr", "img_x4"):
+    for name in ("0001_x4", "00100_x4", "0010-out", "img.sr", "img_x4", "lone"):
         (srd / f"{name}.png").write_bytes(b"")
     pairs, problems = pair_files(srd, hrd)
     got = {p.sr.stem: p.ref.stem for p in pairs}
     assert got == {"0001_x4": "0001", "0010-out": "0010", "img.sr": "img"}  # 00100_x4 is not 0010's
-    assert any("00100_x4.png: no reference" in p for p in problems)
-    assert any("img_x4.png: pairs with" in p and "--suffix" in p for p in problems)
+    assert any("00100_x4.png: no reference named 00100_x4.* or 00100.*" in str(p) for p in problems)
+    assert any("img_x4.png: pairs with" in str(p) and "--suffix" in str(p) for p in problems)
+    assert str(srd / "lone.png") + ": no reference named lone.*" in map(str, problems)  # not "lone.* or lone.*"
     pairs, problems = pair_files(srd, hrd, suffix="_x4")
     assert {p.sr.stem: p.ref.stem for p in pairs} == {"0001_x4": "0001", "img_x4": "img"}
-    assert any("0010-out.png: the name does not end in the suffix" in p for p in problems)
+    assert any("0010-out.png: the name does not end in the suffix" in str(p) for p in problems)
 
 
 def test_usage_errors_exit_2(tmp_path):

@@ -31,6 +31,21 @@ class Pair:
     ref: Path
 
 
+@dataclass(frozen=True)
+class Unpaired:
+    """A file left without a partner (an SR image, or a reference no SR image pairs with)."""
+
+    sr: Path | None
+    ref: Path | None
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.sr or self.ref}: {self.why}"
+
+    def as_json(self) -> dict:  # the keys of a pair that failed, so --json lists every failure
+        return {"sr": self.sr and str(self.sr), "ref": self.ref and str(self.ref), "error": str(self)}
+
+
 @dataclass
 class Scored:
     pair: Pair
@@ -53,11 +68,11 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def pair_files(sr: str | Path, ref: str | Path, *, suffix: str | None = None) -> tuple[list[Pair], list[str]]:
+def pair_files(sr: str | Path, ref: str | Path, *, suffix: str | None = None) -> tuple[list[Pair], list[Unpaired]]:
     """Pair SR images with references by file stem: exact stems, or the reference's stem followed by a
     separator and anything (0001 with 0001_x4), or with --suffix the SR stem minus that suffix.
 
-    Returns the pairs and one line per file left without a partner (both sides are checked)."""
+    Returns the pairs and the files left without a partner (both sides are checked)."""
     sr, ref = Path(sr), Path(ref)
     for path, role in ((sr, "SR"), (ref, "reference")):
         if not path.exists():
@@ -71,14 +86,14 @@ def pair_files(sr: str | Path, ref: str | Path, *, suffix: str | None = None) ->
     for path in [sr] if sr.is_file() else _images(sr):
         partner, why = _partner(path.stem, refs, suffix)
         if partner is None:
-            problems.append(f"{path}: {why}")
+            problems.append(Unpaired(path, None, why))
         elif partner in taken:
-            problems.append(f"{path}: pairs with {partner}, already paired with {taken[partner]}; name the SR suffix with --suffix")
+            problems.append(Unpaired(path, None, f"pairs with {partner}, already paired with {taken[partner]}; name the SR suffix with --suffix"))
         else:
             taken[partner] = path
             pairs.append(Pair(path, partner))
     if sr.is_dir():
-        problems += [f"{p}: no SR image in {sr} pairs with this reference" for p in refs.values() if p not in taken]
+        problems += [Unpaired(None, p, f"no SR image in {sr} pairs with this reference") for p in refs.values() if p not in taken]
     return pairs, problems
 
 
@@ -94,7 +109,8 @@ def _partner(stem: str, refs: dict[str, Path], suffix: str | None) -> tuple[Path
     matches = [s for s in refs if stem.startswith(s) and stem[len(s)] in _SEPARATORS]
     if matches:
         return refs[max(matches, key=len)], ""
-    return None, f"no reference named {stem}.* or {re.split(f'[{re.escape(_SEPARATORS)}]', stem)[0]}.*"
+    head = re.split(f"[{re.escape(_SEPARATORS)}]", stem)[0]
+    return None, f"no reference named {stem}.*" + (f" or {head}.*" if head != stem else "")
 
 
 class LearnedMetrics:
