@@ -331,7 +331,7 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
             sys.stdout.buffer.flush()
 
     for arg in missing if lead else []:
-        report(batch.JobResult(batch.Job(None, None, arg), "failed", error=f"{arg}: no such file, folder or matching image"))
+        report(batch.JobResult(batch.Job(None, None, arg, missing=True), "failed", error=f"{arg}: no such file, folder or matching image"))
     try:
         with bar or nullcontext():
             task = bar.add_task("images", total=len(jobs)) if bar else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -47,6 +48,10 @@ def test_missing_input_is_one_line_and_exit_1(tmp_path, tiny_base, tiny_lora):
     assert lines[-1] == f"error: {tmp_path / 'absent.png'}: no such file, folder or matching image"
     assert "Traceback" not in result.output
     assert not (tmp_path / "o.png").exists()
+    result = run("upscale", tmp_path / "absent.png", "-o", tmp_path / "o.png", "--json")
+    record = json.loads(result.stdout)
+    assert result.exit_code == 1 and record["status"] == "failed"
+    assert record["output"] is None  # it said "-", which names standard output
 
 
 def test_setup_errors_exit_2_without_traceback(tmp_path, tiny_base, tiny_lora):

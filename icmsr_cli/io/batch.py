@@ -33,6 +33,7 @@ class Job:
     target: Path | None  # None: standard output
     name: str  # how messages name the input
     key: str = ""  # the input's path relative to its argument: what --shard splits by
+    missing: bool = False  # an input argument that matched nothing: it has no output at all
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class JobResult:
     def as_json(self) -> dict:
         return {
             "input": self.job.name,
-            "output": str(self.job.target) if self.job.target else STDIO,
+            "output": None if self.job.missing else str(self.job.target) if self.job.target else STDIO,
             "status": self.status,
             "input_size": list(self.input_size) if self.input_size else None,
             "output_size": list(self.output_size) if self.output_size else None,
