@@ -267,6 +267,9 @@ def test_icm_sr_without_lora_says_what_to_do(tmp_path, hub, env):
     result = icmsr(env, "upscale", src, "-o", tmp_path / "out.png", "--model", "icm-sr", "--dtype", "fp32")
     assert result.returncode == 2
     assert "ICM-SR weights are not published yet: pass --lora" in result.stderr
+    assert hub.downloaded() == [], "the base weights were fetched for a model that cannot run"
+    result = icmsr(env, "weights", "download", "icm-sr", "--dtype", "fp32")
+    assert result.returncode == 2 and "not published yet" in result.stderr and hub.downloaded() == []
 
 
 def test_hub_lora_reference_and_token(tmp_path, hub, env):

@@ -281,6 +281,10 @@ def resolve_weights(
     tqdm_class=None,
 ) -> ResolvedWeights:
     """Local paths for the base model and LoRA of `spec`, with --base/--lora overriding; downloads as needed."""
+    # a model without a LoRA stops here, before gigabytes of base weights are fetched for nothing
+    lora_ref: LoraSource | Path | None = parse_lora_ref(lora) if lora else spec.lora
+    if lora_ref is None:
+        raise SetupError(f"model {spec.name}: {spec.note or 'no LoRA checkpoint registered'}")
     base_ref = parse_base_ref(base) if base else spec.base
     if isinstance(base_ref, Path):
         if not base_ref.is_dir():
@@ -290,9 +294,6 @@ def resolve_weights(
     else:
         base_dir = fetch_base(base_ref, fp16=fp16, what=spec.name, notify=notify, tqdm_class=tqdm_class)
 
-    lora_ref: LoraSource | Path | None = parse_lora_ref(lora) if lora else spec.lora
-    if lora_ref is None:
-        raise SetupError(f"model {spec.name}: {spec.note or 'no LoRA checkpoint registered'}")
     if isinstance(lora_ref, Path):
         if not lora_ref.is_file():
             raise ModelNotFoundError(f"--lora {lora}: " + ("a folder, not a checkpoint file" if lora_ref.is_dir() else "no such file"))
