@@ -164,7 +164,7 @@ def _loading(label: str, quiet: bool = False):
 @app.command()
 def upscale(
     inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Image files, directories, globs, or - for standard input."),
-    output: str = typer.Option(..., "-o", "--output", help="Output file, directory (mirrors the input tree), or - for standard output."),
+    output: str = typer.Option(..., "-o", "--output", help="Output file, directory (mirrors the input tree; always one for several inputs, a folder or a glob), or - for standard output."),
     scale: float = typer.Option(4.0, "-s", "--scale", help="Scale factor; the output is exactly round(W*s) x round(H*s)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name from weights.toml (see `icmsr weights list`)."),
     base: Optional[str] = typer.Option(None, "--base", help="Base SD-2.1 model: a local diffusers folder or a Hub repo id."),

@@ -70,7 +70,7 @@ def test_setup_errors_exit_2_without_traceback(tmp_path, tiny_base, tiny_lora):
     assert result.exit_code == 2 and "huge" in result.stderr
 
 
-def test_a_wrong_output_is_refused_before_the_model(tmp_path):
+def test_a_wrong_output_is_refused_before_the_model(tmp_path, monkeypatch):
     """Outputs no file can fix are refused before the model loads (the base here does not exist, so
     reaching the model would fail on it): an unwritable suffix is a usage error for the whole run
     (it exited 1, as one file's failure), several inputs into a new name ending in .png do not make
@@ -86,6 +86,15 @@ def test_a_wrong_output_is_refused_before_the_model(tmp_path):
     result = run("upscale", a, b, "-o", tmp_path / "big.png", *nowhere)
     assert result.exit_code == 2 and "names an image file" in result.stderr and "end it with /" in result.stderr
     assert not (tmp_path / "big.png").exists()
+    # a glob means a folder whatever it matches: one match made a file named like the folder
+    from icmsr_cli.io import batch
+
+    jobs, _ = batch.plan([str(tmp_path / "a*.png")], str(tmp_path / "out"))
+    assert [j.target for j in jobs] == [tmp_path / "out" / "a.png"]
+    monkeypatch.setenv("HOME", str(tmp_path))  # a quoted ~ is icmsr's to expand, as in a plain name
+    assert [j.source for j in batch.plan(["~/a*.png"], str(tmp_path / "out"))[0]] == [a]
+    result = run("upscale", tmp_path / "a*.png", "-o", tmp_path / "one.png", *nowhere)
+    assert result.exit_code == 2 and "a glob needs an output directory, and this names an image file" in result.stderr
     result = run("upscale", a, b, "-o", f"{tmp_path / 'big.png'}/", *nowhere, "-s", "1", "--lora", tmp_path / "nowhere.pkl")
     assert result.exit_code == 2 and "nowhere" in result.stderr  # asked for with a trailing /: on to the model
     result = run("upscale", a, b, "-o", f"{a}/sub/", *nowhere)  # each file ran the model, then failed to write

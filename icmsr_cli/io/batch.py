@@ -90,7 +90,7 @@ def discover(inputs: list[str], *, recursive: bool, exclude: Path | None = None)
         elif path.exists():
             found.append((path, Path(path.name)))
         elif glob.has_magic(arg):
-            matches = [Path(m) for m in sorted(glob.glob(arg, recursive=recursive)) if Path(m).is_file() and _outside(Path(m), exclude)]
+            matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(arg), recursive=recursive)) if Path(m).is_file() and _outside(Path(m), exclude)]
             found.extend((m, Path(m.name)) for m in matches)
             if not matches:
                 missing.append(arg)
@@ -123,12 +123,18 @@ def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | 
         raise SetupError("-o - writes one image to standard output; give exactly one input")
     if (None, Path("stdin.png")) in found and not to_stdout and (many or out.is_dir()):
         raise SetupError("- (standard input) needs an output file or -o -, not a directory")
-    folder = not to_stdout and (many or out.is_dir() or output.endswith(("/", "\\")))
+    # a glob means a folder however many files it matches today: what -o names must not change
+    # with the data (one match wrote a file named like the folder, or failed for want of a suffix)
+    # (a name that matches nothing stays a missing file: "holiday [1].png" is more often a name than a glob)
+    globbed = any(glob.has_magic(a) and not Path(a).expanduser().exists() and glob.glob(os.path.expanduser(a), recursive=recursive)
+                  for a in inputs if a != STDIO)
+    folder = not to_stdout and (many or globbed or out.is_dir() or output.endswith(("/", "\\")))
+    why = "several inputs need" if len(found) + len(missing) > 1 else "a folder input needs" if many else "a glob needs"
     if folder and out.exists() and not out.is_dir():
-        raise SetupError(f"{out}: several inputs need an output directory, and this is a file")
+        raise SetupError(f"{out}: {why} an output directory, and this is a file")
     if folder and not out.exists() and out.suffix.lower() in IMAGE_SUFFIXES and not output.endswith(("/", "\\")):
         # `a.png b.png -o big.png` is a slip more often than a wish for a folder named big.png
-        raise SetupError(f"{out}: several inputs need an output directory, and this names an image file; "
+        raise SetupError(f"{out}: {why} an output directory, and this names an image file; "
                          f"give a directory (end it with / for one named {out.name})")
     if not folder and not to_stdout:
         if not out.parent.is_dir():
