@@ -269,6 +269,21 @@ def test_cmyk_goes_to_rgb_through_its_own_profile(fmt):
     assert np.abs(_lab_to_srgb([inks["c"]]) - [0, 255, 255]).max() > 60  # the test tells the two apart
 
 
+def test_a_cielab_tiff_is_colour_without_alpha():
+    """Pillow opens a CIELab TIFF as mode LAB; the A of its name was read as alpha, so the output
+    gained an opaque alpha channel and a JPEG output was refused for "an alpha channel"."""
+    from icmsr_cli.io.images import read_image
+
+    labs = [(100, 0, 0), (58, -30, -45), (50, 70, -5), (90, -5, 85), (20, 0, 0)]
+    samples = np.array([[(round(L * 2.55), a & 0xFF, b & 0xFF) for L, a, b in labs]], np.uint8)  # a*, b* signed
+    buf = io.BytesIO()
+    Image.fromarray(samples, "LAB").save(buf, "TIFF")
+    picture = read_image(buf.getvalue())
+    assert picture.pixels.shape == (1, 5, 3)
+    stored = [(L8 / 2.55, a, b) for L8, (_, a, b) in zip(samples[0, :, 0], labs)]  # L* as the file holds it
+    np.testing.assert_allclose(picture.pixels[0] * 255, _lab_to_srgb(stored), atol=2.5)
+
+
 @pytest.mark.parametrize("bits", [8, 16])
 def test_png_text_chunks_reach_the_png_output(tmp_path, model, bits):
     """Captions, XMP, and the prompt and workflow Stable Diffusion front ends store in text chunks

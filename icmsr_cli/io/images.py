@@ -68,7 +68,8 @@ def picture_from_pil(image: Image.Image) -> Picture:
     if mode in ("L", "RGB") and image.info.get("transparency") is not None:
         image = image.convert("LA" if mode == "L" else "RGBA")  # a PNG's tRNS colour key as alpha
     elif mode not in ("L", "LA", "RGB", "RGBA"):
-        has_alpha = "A" in mode or "a" in mode or "transparency" in image.info
+        # Pillow's alpha modes end in A or a (LA, La, PA, RGBa); the A of LAB is the a* axis
+        has_alpha = mode.endswith(("A", "a")) or "transparency" in image.info
         gray = mode in ("1", "La")
         image = image.convert(("LA" if has_alpha else "L") if gray else ("RGBA" if has_alpha else "RGB"))
     arr = np.asarray(image, dtype=np.uint8)
