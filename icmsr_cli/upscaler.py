@@ -156,6 +156,9 @@ class Upscaler:
 
     def upscale(self, image: Image.Image, **overrides) -> Image.Image:
         """Upscale a Pillow image; keyword overrides replace fields of `options` for this call."""
+        if not isinstance(image, Image.Image):  # an array failed deep inside, on a missing .info
+            raise TypeError(f"upscale takes a PIL.Image.Image, not {type(image).__name__}; "
+                            "for arrays use upscale_picture(Picture(pixels))")
         return upscale_image(self.pipe, image, _with(self.options, overrides))
 
     def upscale_picture(self, picture: Picture, **overrides) -> Picture:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 from PIL import Image
 
 import icmsr_cli
@@ -27,6 +28,10 @@ def test_readme_example_runs(tmp_path, tiny_base, tiny_lora):
     up = load_upscaler(base=str(tiny_base), lora=str(tiny_lora))
     assert up.upscale(Image.open(tmp_path / "in.png")).size == (160, 120)
     assert up.upscale(Image.open(tmp_path / "in.png"), scale=2, color_fix="wavelet").size == (80, 60)
+    pixels = photo_like(40, 30).astype(np.float32) / 255
+    with pytest.raises(TypeError, match="not ndarray; for arrays use upscale_picture"):  # was an AttributeError on .info
+        up.upscale(pixels)
+    assert up.upscale_picture(icmsr_cli.Picture(pixels), scale=2).size == (80, 60)
 
     notes = []
     up = load_upscaler(base=str(tiny_base), lora=str(tiny_lora), options=UpscaleOptions(scale=2, tile=64), notify=notes.append)
