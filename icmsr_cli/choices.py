@@ -6,7 +6,7 @@ from __future__ import annotations
 COLOR_FIXES = ("adain", "wavelet", "none")
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
-#: output formats for --format, with the suffix they give file names
-FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tiff", "bmp": ".bmp"}
+#: output formats for --format, with the suffix they give file names (the input suffixes' spellings all count)
+FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpeg", "webp": ".webp", "tiff": ".tiff", "tif": ".tif", "bmp": ".bmp"}
 #: Pillow's own default decompression-bomb limit (~89.5 megapixels)
 DEFAULT_MAX_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)

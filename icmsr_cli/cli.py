@@ -175,7 +175,7 @@ def upscale(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."),
     tile: str = typer.Option("auto", "--tile", help="Tiles for large images: auto (whole when it fits in free memory), off (always whole), or N: at most N latent px (8N image px) a side."),
     recursive: bool = typer.Option(False, "-r", "--recursive", help="Descend into subfolders of directory inputs."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Output format png, jpg, webp, tiff or bmp (default: the input's)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Output format png, jpg (or jpeg), webp, tiff (or tif) or bmp; the outputs get that suffix (default: the input's format)."),
     png_compression: int = typer.Option(1, "--png-compression", min=0, max=9,
                                         help="zlib level of PNG outputs, 0-9: 1 (default) is fast, 9 the smallest files."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (default: skip them, so a rerun resumes)."),
@@ -206,9 +206,9 @@ def upscale(
         raise typer.BadParameter(f"{color_fix!r}: expected one of {', '.join(COLOR_FIXES)}", param_hint="--color-fix")
     if not 0 < scale < math.inf:
         raise typer.BadParameter(f"{scale}: must be a positive finite number", param_hint="--scale")
-    if fmt is not None and fmt.lower() not in FORMATS:
+    if fmt is not None and fmt.lower().removeprefix(".") not in FORMATS:
         raise typer.BadParameter(f"{fmt!r}: expected one of {', '.join(FORMATS)}", param_hint="--format")
-    fmt = fmt.lower() if fmt else None
+    fmt = fmt.lower().removeprefix(".") if fmt else None
     if json_lines and output == batch.STDIO:
         raise typer.BadParameter("--json writes to stdout, which -o - already carries the image on", param_hint="--json")
     if output == batch.STDIO and sys.stdout.isatty():  # image bytes would garble the terminal, as gzip refuses too

@@ -231,6 +231,19 @@ def test_names_that_look_like_markup_print_as_they_are(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: no such file, folder or matching image"
 
 
+@pytest.mark.parametrize("given, suffix", [("jpeg", ".jpeg"), ("tif", ".tif"), (".PNG", ".png"), ("JPG", ".jpg")])
+def test_format_takes_every_spelling_of_its_suffixes(tmp_path, given, suffix):
+    """Inputs may be .jpeg or .tif, and --format jpeg or tif was a usage error."""
+    src = tmp_path / "a.png"
+    Image.fromarray(photo_like(8, 8)).save(src)
+    result = run("upscale", src, "-o", f"{tmp_path / 'out'}/", "--format", given, "--base", tmp_path / "nowhere")
+    assert result.exit_code == 2 and "--base" in result.stderr and "--format" not in result.stderr  # on to the model
+    from icmsr_cli.io import batch
+
+    jobs, _ = batch.plan([str(src)], str(tmp_path / "out") + "/", fmt=given.lower().removeprefix("."))
+    assert [j.target for j in jobs] == [tmp_path / "out" / f"a{suffix}"]
+
+
 @pytest.mark.parametrize("scale", ["0", "-1", "nan", "inf"])
 def test_a_scale_that_is_not_a_positive_finite_number_is_a_usage_error(tmp_path, scale):
     """-s inf passed the CLI's check and failed deep inside as "a bug in icmsr" (exit 3)."""
