@@ -211,6 +211,8 @@ def upscale(
     fmt = fmt.lower().removeprefix(".") if fmt else None
     if json_lines and output == batch.STDIO:
         raise typer.BadParameter("--json writes to stdout, which -o - already carries the image on", param_hint="--json")
+    if batch.STDIO in inputs and sys.stdin.isatty():  # it would wait, after loading the model, for an image typed in
+        raise typer.BadParameter("standard input is a terminal; pipe or redirect an image into it (< in.png)", param_hint="INPUT -")
     if output == batch.STDIO and sys.stdout.isatty():  # image bytes would garble the terminal, as gzip refuses too
         raise typer.BadParameter("standard output is a terminal; redirect it to a file or a pipe (> out.png)", param_hint="-o -")
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(message)s", stream=sys.stderr)

@@ -285,3 +285,23 @@ def test_image_bytes_are_not_written_to_a_terminal(tmp_path):
             os.close(terminal)
     assert proc.returncode == 2, proc.stderr.decode()
     assert b"standard output is a terminal" in proc.stderr and not written, (proc.stderr, written[:100])
+
+
+def test_standard_input_on_a_terminal_is_refused(tmp_path):
+    """`icmsr upscale - -o x.png` typed without a pipe loaded the model, then waited in silence for
+    image bytes from the keyboard."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "icmsr_cli", "upscale", "-", "-o", str(tmp_path / "o.png"), "--base", str(tmp_path),
+                               "--lora", str(tmp_path / "x.pkl")],
+                              stdin=terminal, capture_output=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert proc.returncode == 2, proc.stderr.decode()
+    assert b"standard input is a terminal" in proc.stderr
