@@ -100,26 +100,23 @@ def _parse_tile(value: str) -> int | None | str:
 @contextmanager
 def _loading(label: str, quiet: bool = False):
     """One live display on stderr for a "loading" line and huggingface_hub's download bars; yields the
-    tqdm class to hand to the downloads: None off a terminal (hf's own bars then stay silent), a silent
-    one with --quiet.
+    tqdm class to hand to the downloads: a silent one off a terminal and with --quiet (left to
+    itself, huggingface_hub draws its bars into logs too, a carriage-return line per update).
 
     Not tqdm.rich: it starts a rich live display per bar, huggingface_hub leaves two of its bars open,
     and the leftover refresh threads are a hazard at interpreter exit. Here one Progress holds every bar
     and is stopped when loading ends, whatever the downloads left open.
     """
-    if not console.is_terminal:
-        yield None
-        return
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from tqdm import tqdm
 
-    if quiet:
+    if quiet or not console.is_terminal:
         class Silent(tqdm):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **{**kwargs, "disable": True})
 
         yield Silent
         return
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
                         TimeElapsedColumn(), console=console, transient=True)
@@ -591,6 +588,9 @@ def _human_size(n: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     """The `icmsr` command. Every exception ends as one line on stderr and an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # huggingface_hub logs each retry of a failing download to stderr ("Error while downloading ...",
+    # eleven lines for one unreachable host); a failure ends in our one line. HF_HUB_VERBOSITY still rules.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     if "--debug" in argv:  # a root option, accepted anywhere: users append it to the failing line
         argv = ["--debug", *(a for a in argv if a != "--debug")]
     try:

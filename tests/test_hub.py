@@ -207,6 +207,18 @@ def test_why_a_mirror_failed_is_told_as_it_is(tmp_path, hub, env):
     assert error.count("cannot reach http://127.0.0.1:9 (ConnectionRefusedError: [Errno 111] Connection refused)") == 2, error
 
 
+def test_an_unreachable_lora_url_is_one_line_naming_its_host(tmp_path, env):
+    """huggingface_hub logged every retry of the download to stderr (eleven "Error while downloading"
+    lines), and the error blamed the Hub's endpoint for a URL on another host."""
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(16, 16)).save(src)
+    result = icmsr(env, "upscale", src, "-o", tmp_path / "out.png", "--lora", "http://127.0.0.1:9/osediff.pkl")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: osediff: cannot download http://127.0.0.1:9/osediff.pkl "
+        "(cannot reach http://127.0.0.1:9 (ConnectionRefusedError: [Errno 111] Connection refused))"]
+
+
 def test_sha256_mismatch_is_refused_and_deleted(tmp_path, hub, env):
     wrong = "0" * 64
     write_registry(Path(env["ICMSR_REGISTRY"]), hub, sha256=wrong)

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 from ..io import atomic
 from ..errors import IntegrityError, ModelNotFoundError, SetupError
@@ -152,7 +153,7 @@ def _fetch_url(src: LoraSource, *, what: str, tqdm_class) -> Path:
         with open(part, "ab") as f:
             http_get(src.url, f, resume_size=f.tell(), displayed_filename=src.filename, tqdm_class=tqdm_class)
     except Exception as exc:
-        raise ModelNotFoundError(f"{what}: cannot download {src.url} ({_reason(exc)})") from exc
+        raise ModelNotFoundError(f"{what}: cannot download {src.url} ({_reason(exc, src.url)})") from exc
     atomic.sync_and_rename(part, path)
     return path
 
@@ -188,8 +189,9 @@ def _delete(path: Path) -> None:
     real.unlink(missing_ok=True)
 
 
-def _reason(exc: Exception) -> str:
-    """One line for an exception from huggingface_hub or the network."""
+def _reason(exc: Exception, url: str | None = None) -> str:
+    """One line for an exception from huggingface_hub or the network; `url`: what was fetched,
+    when it is not on the Hub (whose endpoint a network failure names otherwise)."""
     from huggingface_hub import errors
 
     response = getattr(exc, "response", None)
@@ -205,12 +207,17 @@ def _reason(exc: Exception) -> str:
     if status is None and (isinstance(exc, errors.LocalEntryNotFoundError) or _network_error(exc)):  # an answer is no network failure
         from huggingface_hub import constants
 
-        return f"cannot reach {constants.ENDPOINT} ({_root_cause(exc)})"
+        return f"cannot reach {_origin(url) if url else constants.ENDPOINT} ({_root_cause(exc)})"
     if isinstance(exc, errors.EntryNotFoundError):
         return "file not found"
     if status:
         return f"HTTP {status}"
     return _one_line(exc)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _chain(exc: BaseException | None):
