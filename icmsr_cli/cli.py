@@ -591,6 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     # huggingface_hub logs each retry of a failing download to stderr ("Error while downloading ...",
     # eleven lines for one unreachable host); a failure ends in our one line. HF_HUB_VERBOSITY still rules.
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")  # likewise OpenCV's decoder errors: we name the file and why
     if "--debug" in argv:  # a root option, accepted anywhere: users append it to the failing line
         argv = ["--debug", *(a for a in argv if a != "--debug")]
     try:

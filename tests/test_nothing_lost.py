@@ -269,6 +269,47 @@ def test_cmyk_goes_to_rgb_through_its_own_profile(fmt):
     assert np.abs(_lab_to_srgb([inks["c"]]) - [0, 255, 255]).max() > 60  # the test tells the two apart
 
 
+def _tiff_by_hand(samples: np.ndarray, photometric: int, compression: int = 1) -> bytes:
+    """An uncompressed one-strip little-endian TIFF of 16-bit samples (H x W x C), as no writer
+    here makes for CMYK."""
+    h, w, c = samples.shape
+    raw = samples.astype("<u2").tobytes()
+    ifd_at = 8 + len(raw)
+    bits_at = ifd_at + 2 + 12 * 10 + 4
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, c, bits_at), (259, 3, 1, compression), (262, 3, 1, photometric),
+               (273, 4, 1, 8), (277, 3, 1, c), (278, 3, 1, h), (279, 4, 1, len(raw)), (284, 3, 1, 1)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHIHH", tag, kind, n, value, 0) if kind == 3 and n == 1 else struct.pack("<HHII", tag, kind, n, value)
+        for tag, kind, n, value in entries)
+    return b"II*\0" + struct.pack("<I", ifd_at) + raw + ifd + struct.pack("<I", 0) + struct.pack(f"<{c}H", *[16] * c)
+
+
+def test_a_16_bit_cmyk_tiff_is_read_at_8_bits_and_said(tmp_path, model):
+    """16-bit CMYK TIFF failed ("cannot decode this 16-bit image"): it was sent to OpenCV, whose
+    libtiff cannot read it, and OpenCV printed three lines of its own errors. Pillow reads it at
+    8 bits, which is now said; OpenCV's own logging stays quiet when it fails elsewhere."""
+    from icmsr_cli.io.images import read_image
+
+    cmyk = np.zeros((4, 6, 4), np.uint16)
+    cmyk[:, :3] = (65535, 0, 0, 0)  # cyan
+    cmyk[:, 3:] = (0, 0, 0, 32896)  # half black
+    picture = read_image(_tiff_by_hand(cmyk, 5))
+    assert picture.pixels.shape == (4, 6, 3) and picture.bit_depth == 8
+    np.testing.assert_allclose(picture.pixels[0, [0, 5]] * 255, [[0, 255, 255], [127, 127, 127]], atol=1)  # no profile: the plain conversion
+    assert picture.notes == ("16-bit CMYK is read at 8 bits per channel, so the output is 8-bit",)
+
+    (tmp_path / "broken.tif").write_bytes(_tiff_by_hand(np.full((4, 6, 3), 9000, np.uint16), 2, compression=5))  # not LZW data
+    (tmp_path / "cmyk.tif").write_bytes(_tiff_by_hand(cmyk, 5))
+    proc = subprocess.run(_cli("upscale", tmp_path / "broken.tif", tmp_path / "cmyk.tif", "-o", tmp_path / "out", *model),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("model ready")]
+    assert lines[:2] == [f"error: {tmp_path / 'broken.tif'}: cannot decode this 16-bit image",  # and no OpenCV lines
+                         f"note: {tmp_path / 'cmyk.tif'}: 16-bit CMYK is read at 8 bits per channel, so the output is 8-bit"], proc.stderr
+    assert len(lines) == 4 and lines[2].startswith(f"{tmp_path / 'cmyk.tif'} -> {tmp_path / 'out' / 'cmyk.tif'} (24x16, ")
+    assert lines[3] == "1 done, 0 skipped, 1 failed"
+
+
 def test_a_cielab_tiff_is_colour_without_alpha():
     """Pillow opens a CIELab TIFF as mode LAB; the A of its name was read as alpha, so the output
     gained an opaque alpha channel and a JPEG output was refused for "an alpha channel"."""

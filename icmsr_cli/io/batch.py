@@ -422,6 +422,7 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
         writable = picture.format in ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
         fmt = settings.stdout_format or (picture.format if writable else "PNG")
     _, notes = fit_to_format(picture, fmt, job.name)
+    notes = [*notes, *(f"{job.name}: {note}" for note in picture.notes)]
     if picture.frames > 1:  # said, not done silently: the other frames are not in the output
         notes = [*notes, f"{job.name}: has {picture.frames} frames or pages; only the first is upscaled"]
     if picture.clipped:  # float (HDR, scientific) or 32-bit samples beyond what any output here holds

@@ -29,6 +29,7 @@ class Picture:
     format: str | None = None  # the source file's Pillow format name, when read from a file
     frames: int = 1  # frames or pages in the source (animated PNG/WebP/GIF, multi-page TIFF); the first is read
     clipped: float = 0.0  # share of the source's values outside the range read (float or 32-bit samples), cut to it
+    notes: tuple[str, ...] = ()  # what reading had to change that the user should hear of
 
     @property
     def size(self) -> tuple[int, int]:
@@ -135,7 +136,7 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             else:
                 image.getexif()  # read (and cached) while the file is open: Pillow 10.0 lost a multi-page TIFF's after load()
                 image.load()
-                picture = picture_from_pil(ImageOps.exif_transpose(image))
+                picture = replace(picture_from_pil(ImageOps.exif_transpose(image)), notes=_narrowed(image))
             text = metadata.png_text(image)
             xmp = metadata.xmp(image, text)
             info = {**picture.info, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {})}
@@ -183,10 +184,18 @@ def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture |
 def _is_16bit_color(image: Image.Image, data: bytes) -> bool:
     if image.format == "PNG":  # IHDR: bit depth at byte 24, colour type (2 RGB, 4 GA, 6 RGBA) at 25
         return data[24] == 16 and data[25] in (2, 4, 6)
-    if image.format == "TIFF":
+    if image.format == "TIFF":  # not CMYK (photometric 5): OpenCV's libtiff cannot read it at 16 bits
         bits = image.tag_v2.get(258)
-        return isinstance(bits, tuple) and len(bits) >= 3 and bits[0] == 16
+        return isinstance(bits, tuple) and len(bits) >= 3 and bits[0] == 16 and image.mode != "CMYK"
     return False
+
+
+def _narrowed(image: Image.Image) -> tuple[str, ...]:
+    """A note when Pillow, the one reader here that decodes it, reads a 16-bit CMYK TIFF at 8 bits."""
+    bits = image.tag_v2.get(258) if image.format == "TIFF" else None
+    if image.mode == "CMYK" and isinstance(bits, tuple) and bits[0] == 16:
+        return ("16-bit CMYK is read at 8 bits per channel, so the output is 8-bit",)
+    return ()
 
 
 def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
