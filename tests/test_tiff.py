@@ -98,3 +98,53 @@ def test_bad_input_is_refused():
                 np.zeros((4, 4, 5), np.uint8)):
         with pytest.raises(ValueError):
             tiff.encode_tiff(bad)
+
+
+def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflate: bool, photometric: int = 2) -> bytes:
+    """A 16-bit TIFF stored plane by plane (PlanarConfiguration 2; one plane is just gray), built by
+    hand from the TIFF 6.0 layout: every plane's strips, in plane order, then one tag directory."""
+    import struct
+    import zlib
+
+    h, w, c = samples.shape
+    body, offsets, counts = b"", [], []
+    for p in range(c):
+        for y in range(0, h, rows_per_strip):
+            strip = samples[y : y + rows_per_strip, :, p].astype(order + "u2").tobytes()
+            strip = zlib.compress(strip) if deflate else strip
+            offsets.append(8 + len(body))
+            counts.append(len(strip))
+            body += strip + bytes(len(strip) % 2)
+    entries = [(256, 4, [w]), (257, 4, [h]), (258, 3, [16] * c), (259, 3, [8 if deflate else 1]), (262, 3, [photometric]),
+               (273, 4, offsets), (277, 3, [c]), (278, 4, [rows_per_strip]), (279, 4, counts), (284, 3, [2 if c > 1 else 1])]
+    if c == 4:
+        entries.append((338, 3, [2]))  # unassociated alpha
+    at = 8 + len(body)
+    extra_at, head, tail = at + 2 + 12 * len(entries) + 4, struct.pack(order + "H", len(entries)), b""
+    for tag, kind, values in entries:
+        packed = struct.pack(order + ("H" if kind == 3 else "I") * len(values), *values)
+        if len(packed) <= 4:
+            head += struct.pack(order + "HHI", tag, kind, len(values)) + packed.ljust(4, b"\0")
+        else:
+            head += struct.pack(order + "HHII", tag, kind, len(values), extra_at + len(tail))
+            tail += packed
+    return (b"II*\0" if order == "<" else b"MM\0*") + struct.pack(order + "I", at) + body + head + bytes(4) + tail
+
+
+@pytest.mark.parametrize("order, rows, deflate, channels", [("<", 40, False, 3), (">", 7, True, 3), ("<", 16, True, 4)])
+def test_16bit_tiff_stored_plane_by_plane_reads_exactly(order, rows, deflate, channels):
+    """Photoshop's "Per Channel" TIFF: OpenCV read the second and third planes from the wrong places,
+    so a 16-bit file came out in wrong colours without an error (Pillow would cut it to 8 bits)."""
+    rng = np.random.default_rng(rows)
+    samples = rng.integers(0, 65536, (40, 24, channels), dtype=np.uint16)
+    picture = read_image(_planar_tiff(samples, order=order, rows_per_strip=rows, deflate=deflate))
+    assert picture.bit_depth == 16 and picture.pixels.shape == samples.shape
+    np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), samples)
+
+
+def test_16bit_white_is_zero_gray_tiff_is_inverted():
+    """PhotometricInterpretation 0 (WhiteIsZero): Pillow inverts it at 8 bits only; 16-bit scans
+    came out as negatives."""
+    samples = np.random.default_rng(0).integers(0, 65536, (6, 10, 1), dtype=np.uint16)
+    picture = read_image(_planar_tiff(samples, order="<", rows_per_strip=6, deflate=False, photometric=0))
+    np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), 65535 - samples)

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, TiffImagePlugin
 
 from . import atomic, metadata
 from .png import encode_png
-from .tiff import encode_tiff
+from .tiff import encode_tiff, planes_of
 from ..choices import DEFAULT_MAX_PIXELS
 from ..errors import DiskFullError, ImageError
 
@@ -137,6 +137,9 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 image.getexif()  # read (and cached) while the file is open: Pillow 10.0 lost a multi-page TIFF's after load()
                 image.load()
                 picture = replace(picture_from_pil(ImageOps.exif_transpose(image)), notes=_narrowed(image))
+                if image.format == "TIFF" and image.mode.startswith("I;16") and image.tag_v2.get(262) == 0:
+                    # WhiteIsZero: Pillow inverts it at 8 bits but hands 16-bit samples over as stored
+                    picture = picture.with_pixels(1 - picture.pixels)
             text = metadata.png_text(image)
             xmp = metadata.xmp(image, text)
             info = {**picture.info, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {})}
@@ -201,13 +204,15 @@ def _narrowed(image: Image.Image) -> tuple[str, ...]:
 def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
     import cv2
 
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
-        raise ImageError(f"{name}: cannot decode this 16-bit image")
-    if image.format == "PNG" and data[25] == 4:  # OpenCV expands gray + alpha to BGRA, gray thrice
-        arr = arr[..., [0, 3]]
-    else:
-        arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
+    arr = planes_of(image, data) if image.format == "TIFF" else None  # RGB(A) order already
+    if arr is None:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
+            raise ImageError(f"{name}: cannot decode this 16-bit image")
+        if image.format == "PNG" and data[25] == 4:  # OpenCV expands gray + alpha to BGRA, gray thrice
+            arr = arr[..., [0, 3]]
+        else:
+            arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
     orientation = image.getexif().get(0x0112, 1)
     if orientation in _ORIENT:
         arr = _ORIENT[orientation](arr)

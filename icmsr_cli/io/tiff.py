@@ -1,4 +1,5 @@
-"""TIFF encoding, 8 or 16 bits, with the source's ICC profile and EXIF, strips deflated on all cores.
+"""TIFF encoding, 8 or 16 bits, with the source's ICC profile and EXIF, strips deflated on all cores;
+and the one TIFF layout neither Pillow nor OpenCV reads right, 16-bit planes (planes_of, at the end).
 
 Why: Pillow cannot write 16-bit colour TIFF, and OpenCV, which can, has no way to embed
 metadata, so a 16-bit scan or raw development lost its colour profile (its colours then display
@@ -11,6 +12,7 @@ lays out the tags, EXIF (its sub-directories included) as Pillow merges it into 
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -108,3 +110,64 @@ def _merge_exif(ifd: TiffImagePlugin.ImageFileDirectory_v2, exif: bytes) -> None
     for tag in parsed:
         if tag not in _LAYOUT:
             ifd[tag] = parsed.get_ifd(tag) if tag in TiffTags.TAGS_V2_GROUPS else parsed[tag]
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def planes_of(image: Image.Image, data: bytes) -> np.ndarray | None:
+    """The samples (H x W x C uint16) of a 16-bit TIFF stored plane by plane (PlanarConfiguration 2,
+    Photoshop's "Per Channel" order); None for any other file.
+
+    Why: OpenCV reads such a file's second and third planes from the wrong places and Pillow cuts
+    it to 8 bits, both without a word (the colours came out wrong). Each plane is handed to Pillow
+    as a one-channel 16-bit TIFF of its own: a new tag directory, appended, over the file's own
+    compressed strips or tiles, so whatever libtiff decodes (LZW, deflate, PackBits, predictors)
+    is decoded here too."""
+    tags = image.tag_v2
+    bits, samples = tags.get(_BITS), int(tags.get(_SAMPLES, 1))
+    unsigned = all(f == 1 for f in np.atleast_1d(tags.get(339, 1)))
+    if tags.get(_PLANAR) != 2 or not (isinstance(bits, tuple) and set(bits) == {16}) or samples < 2 or not unsigned:
+        return None
+    tiled = 324 in tags
+    offsets, counts = (tags[324], tags[325]) if tiled else (tags[_STRIP_OFFSETS], tags[_STRIP_BYTE_COUNTS])
+    offsets, counts = np.atleast_1d(offsets), np.atleast_1d(counts)
+    if len(offsets) % samples or len(counts) != len(offsets):
+        return None
+    width, height = image.size
+    order = "<" if data[:2] == b"II" else ">"
+    per_plane = len(offsets) // samples
+    layout = [(322, 4, [int(tags[322])]), (323, 4, [int(tags[323])])] if tiled else [(_ROWS_PER_STRIP, 4, [int(tags.get(_ROWS_PER_STRIP, height))])]
+    at = len(data) + len(data) % 2  # the new directory's offset (word-aligned), after everything the file holds
+    planes = []
+    for p in range(samples):
+        part = slice(p * per_plane, (p + 1) * per_plane)
+        entries = [(_WIDTH, 4, [width]), (_LENGTH, 4, [height]), (_BITS, 3, [16]), (_COMPRESSION, 3, [int(tags.get(_COMPRESSION, 1))]),
+                   (_PHOTOMETRIC, 3, [1]), (_SAMPLES, 3, [1]), (_PLANAR, 3, [1]), (_PREDICTOR, 3, [int(tags.get(_PREDICTOR, 1))]),
+                   *layout, (324 if tiled else _STRIP_OFFSETS, 4, [int(v) for v in offsets[part]]),
+                   (325 if tiled else _STRIP_BYTE_COUNTS, 4, [int(v) for v in counts[part]])]
+        rebuilt = data[:4] + struct.pack(order + "I", at) + data[8:] + bytes(at - len(data)) + _directory(sorted(entries), at, order)
+        try:
+            with Image.open(io.BytesIO(rebuilt)) as plane:
+                planes.append(np.asarray(plane).astype(np.uint16))
+        except (OSError, ValueError, SyntaxError):
+            return None
+        if planes[-1].shape != (height, width):
+            return None
+    return np.stack(planes, axis=2)
+
+
+def _directory(entries: list[tuple[int, int, list[int]]], at: int, order: str) -> bytes:
+    """A TIFF tag directory written at offset `at`: (tag, type 3 SHORT or 4 LONG, values), sorted
+    by tag; values that do not fit in an entry's 4 bytes follow the directory."""
+    head = struct.pack(order + "H", len(entries))
+    tail = b""
+    extra_at = at + 2 + 12 * len(entries) + 4
+    for tag, kind, values in entries:
+        packed = struct.pack(order + ("H" if kind == 3 else "I") * len(values), *values)
+        if len(packed) <= 4:
+            head += struct.pack(order + "HHI", tag, kind, len(values)) + packed.ljust(4, b"\0")
+        else:
+            head += struct.pack(order + "HHII", tag, kind, len(values), extra_at + len(tail))
+            tail += packed
+    return head + struct.pack(order + "I", 0) + tail
