@@ -310,6 +310,32 @@ def test_a_16_bit_cmyk_tiff_is_read_at_8_bits_and_said(tmp_path, model):
     assert lines[3] == "1 done, 0 skipped, 1 failed"
 
 
+def test_heic_photos_say_what_reads_them_and_avif_is_not_taken_for_heic():
+    """An iPhone's HEIC photo failed as "not a recognised image format". AVIF files, which are HEIF
+    too and list HEIF's mif1 brand, must not be sent the HEIC advice."""
+    import importlib.util
+
+    from PIL import features
+
+    from icmsr_cli.errors import ImageError
+    from icmsr_cli.io.images import read_image
+
+    heic = b"\0\0\0\x1cftypheic\0\0\0\0mif1heicmiaf" + bytes(64)  # an iPhone file's opening box, then nothing
+    if importlib.util.find_spec("pillow_heif") is None:
+        with pytest.raises(ImageError, match=r"^photo.heic: HEIC/HEIF photos need the pillow-heif package \(pip install pillow-heif\)"):
+            read_image(heic, name="photo.heic")
+    buf = io.BytesIO()
+    rgb = np.zeros((16, 24, 3), np.uint8)
+    rgb[:, 12:] = (30, 160, 220)
+    if features.check("avif"):
+        Image.fromarray(rgb).save(buf, "AVIF", quality=100)
+        assert buf.getvalue()[4:12] == b"ftypavif" and b"mif1" in buf.getvalue()[:32]
+        np.testing.assert_allclose(read_image(buf.getvalue()).pixels[8, 20] * 255, (30, 160, 220), atol=8)
+    else:  # Pillow before 11.3
+        with pytest.raises(ImageError, match="cannot read AVIF; Pillow 11.3 or later can"):
+            read_image(b"\0\0\0\x20ftypavif\0\0\0\0avifmif1miafMA1B" + bytes(64), name="photo.avif")
+
+
 def test_a_cielab_tiff_is_colour_without_alpha():
     """Pillow opens a CIELab TIFF as mode LAB; the A of its name was read as alpha, so the output
     gained an opaque alpha channel and a JPEG output was refused for "an alpha channel"."""

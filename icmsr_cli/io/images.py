@@ -123,6 +123,7 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
         raise ImageError(f"{name}: cannot read ({exc.strerror})") from None
     if not data:
         raise ImageError(f"{name}: cannot read image (empty file)")
+    _open_heif_with_plugin(data, name)
     try:
         # the limit is checked here, from the header, so a bomb is refused before any decoding
         previous_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
@@ -149,11 +150,41 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
     except Image.UnidentifiedImageError:
         if picture := _read_float_color_tiff(data, name, max_pixels):
             return picture
+        if _brands(data) & _AVIF_BRANDS:
+            raise ImageError(f"{name}: this Pillow {Image.__version__} cannot read AVIF; Pillow 11.3 or later can") from None
         raise ImageError(f"{name}: cannot read image (not a recognised image format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: cannot read image ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+
+
+def _brands(data: bytes) -> set[bytes]:
+    """The brands an ISO base media file (HEIF, AVIF) declares in its leading ftyp box: the major
+    one and the compatible ones (the 4 bytes between are a version); empty for other files."""
+    if data[4:8] != b"ftyp":
+        return set()
+    box = data[8 : min(int.from_bytes(data[:4], "big"), 512)]
+    return {box[:4], *(box[i : i + 4] for i in range(8, len(box) - 3, 4))}
+
+
+def _open_heif_with_plugin(data: bytes, name: str) -> None:
+    """HEIC/HEIF (an iPhone's photos) is read through pillow-heif where the user has installed it
+    (its wheels carry libheif, LGPL, and x265, GPL, so it is never a dependency); where not, the
+    error says what to do instead of "not a recognised image format". AVIF, also HEIF, is Pillow's own."""
+    brands = _brands(data)
+    if not brands & _HEIF_BRANDS or brands & _AVIF_BRANDS:
+        return
+    try:
+        import pillow_heif
+    except ImportError:
+        raise ImageError(f"{name}: HEIC/HEIF photos need the pillow-heif package (pip install pillow-heif), "
+                         "or convert them to JPEG or PNG first") from None
+    pillow_heif.register_heif_opener()
 
 
 def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture | None:
