@@ -176,7 +176,7 @@ def upscale(
     png_compression: int = typer.Option(1, "--png-compression", min=0, max=9,
                                         help="zlib level of PNG outputs, 0-9: 1 (default) is fast, 9 the smallest files."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (default: skip them, so a rerun resumes)."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse inputs with more pixels than this (decompression-bomb guard)."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse inputs with more pixels than this (decompression-bomb guard)."),
     json_lines: bool = typer.Option(False, "--json", help="One JSON line per file on stdout (input, output, sizes, seconds, status, error; rank under torchrun)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only errors."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: upscale only shard I (0-based) of N, split by relative path: "

@@ -68,6 +68,8 @@ def test_setup_errors_exit_2_without_traceback(tmp_path, tiny_base, tiny_lora):
     assert result.exit_code == 2 and "sepia" in result.stderr
     result = run("upscale", src, "-o", tmp_path / "o.png", "--tile", "huge")
     assert result.exit_code == 2 and "huge" in result.stderr
+    result = run("upscale", src, "-o", tmp_path / "o.png", "--max-pixels", "0")  # it refused every image, one by one
+    assert result.exit_code == 2 and "--max-pixels" in result.stderr
 
 
 def test_a_wrong_output_is_refused_before_the_model(tmp_path, monkeypatch):
