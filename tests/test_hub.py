@@ -260,7 +260,7 @@ def test_offline_with_empty_cache_says_how_to_fetch(tmp_path, hub, env):
     result = icmsr(env, "upscale", src, "-o", tmp_path / "out.png")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: osediff: base model not downloaded and HF_HUB_OFFLINE is set; run `icmsr weights download osediff` online first"
+        "error: osediff: base model not downloaded and HF_HUB_OFFLINE is set; unset it and run `icmsr weights download osediff`"
     )
     assert "Traceback" not in result.stderr and hub.log == []
 

@@ -84,7 +84,7 @@ def fetch_base(sources: tuple[HubSource, ...], *, fp16: bool, what: str, notify:
         if folder := _cached_base(src, fp16):
             return folder
     if is_offline():
-        raise ModelNotFoundError(f"{what}: base model not downloaded and HF_HUB_OFFLINE is set; run `icmsr weights download {what}` online first")
+        raise _offline(what, "base model")
     reasons = []
     for src in sources:
         try:
@@ -124,7 +124,7 @@ def _fetch_hub_file(src: LoraSource, *, what: str, tqdm_class) -> Path:
     if cached := _cached_lora(src):
         return cached
     if is_offline():
-        raise ModelNotFoundError(f"{what}: LoRA checkpoint not downloaded and HF_HUB_OFFLINE is set; run `icmsr weights download {what}` online first")
+        raise _offline(what, "LoRA checkpoint")
     try:
         return Path(hf_hub_download(src.repo, src.path, revision=src.revision, tqdm_class=tqdm_class))
     except Exception as exc:
@@ -146,7 +146,7 @@ def _fetch_url(src: LoraSource, *, what: str, tqdm_class) -> Path:
         return cached
     path = url_cache_path(src)
     if is_offline():
-        raise ModelNotFoundError(f"{what}: LoRA checkpoint not downloaded and HF_HUB_OFFLINE is set; run `icmsr weights download {what}` online first")
+        raise _offline(what, "LoRA checkpoint")
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".incomplete")  # kept on failure: the next run resumes it
     try:
@@ -187,6 +187,11 @@ def _delete(path: Path) -> None:
     real = path.resolve()
     path.unlink(missing_ok=True)
     real.unlink(missing_ok=True)
+
+
+def _offline(what: str, thing: str) -> ModelNotFoundError:
+    # the advice holds for `weights download` too, which HF_HUB_OFFLINE stops as well
+    return ModelNotFoundError(f"{what}: {thing} not downloaded and HF_HUB_OFFLINE is set; unset it and run `icmsr weights download {what}`")
 
 
 def _reason(exc: Exception, url: str | None = None) -> str:
