@@ -310,6 +310,28 @@ def test_a_16_bit_cmyk_tiff_is_read_at_8_bits_and_said(tmp_path, model):
     assert lines[3] == "1 done, 0 skipped, 1 failed"
 
 
+def test_an_output_too_large_for_its_format_is_refused_before_the_model(tmp_path, model):
+    """A 4200x130 WebP at x4 (16800x520) ran the whole upscale (2.5 minutes with the tiny model on
+    two cores, hours with the real one) and then failed in libwebp, whose limit is 16383 px a side."""
+    from icmsr_cli.errors import ImageError
+    from icmsr_cli.io.images import check_output_size
+
+    Image.fromarray(photo_like(4200, 130)).save(tmp_path / "wide.webp", lossless=True)
+    Image.fromarray(photo_like(16400, 8)).save(tmp_path / "long.jpg")
+    started = time.perf_counter()
+    result = invoke("upscale", tmp_path / "wide.webp", tmp_path / "long.jpg", "-o", tmp_path / "out", *model)
+    assert result.exit_code == 1
+    assert errors(result) == [
+        f"error: {tmp_path / 'wide.webp'}: a 16800x520 output is too large for WEBP (at most 16383 px a side); use --format png or tiff, or a smaller --scale",
+        f"error: {tmp_path / 'long.jpg'}: a 65600x32 output is too large for JPEG (at most 65500 px a side); use --format png or tiff, or a smaller --scale"]
+    assert time.perf_counter() - started < 60 and not list((tmp_path / "out").rglob("*.*"))
+    check_output_size("BMP", (30000, 30000), 3)  # 2.7 GB fits BMP's 32-bit sizes; with alpha, 3.6 GB too
+    check_output_size("BMP", (30000, 30000), 2)
+    with pytest.raises(ImageError, match="too large for BMP"):
+        check_output_size("BMP", (34000, 34000), 4)  # 4.6 GB
+    check_output_size("PNG", (100000, 100000), 3)
+
+
 def test_heic_photos_say_what_reads_them_and_avif_is_not_taken_for_heic():
     """An iPhone's HEIC photo failed as "not a recognised image format". AVIF files, which are HEIF
     too and list HEIF's mif1 brand, must not be sent the HEIC advice."""

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .atomic import is_no_space, no_space_error
 from ..errors import DiskFullError, IcmsrError, ImageError, SetupError
 from ..choices import DEFAULT_MAX_PIXELS, FORMATS
-from .images import IMAGE_SUFFIXES, Picture, encode_image, fit_to_format, format_for, read_image, write_bytes
+from .images import IMAGE_SUFFIXES, Picture, check_output_size, encode_image, fit_to_format, format_for, read_image, write_bytes
 
 STDIO = "-"
 
@@ -181,6 +181,9 @@ class BatchSettings:
     stdout_format: str | None = None  # Pillow format for -o - (--format; default: the input's, else PNG)
     png_compression: int = 1  # zlib level of PNG outputs: 1 encodes a photo ~4x faster than 6 for ~4% more bytes (benchmarks/encode.py)
     writers: int = 2  # threads encoding and writing finished images while the model runs (a PNG's strips use every core: io/png.py)
+    #: the output size of an input size (upscaler.output_size at the run's scale), to refuse outputs
+    #: their format cannot hold before the model runs; None: not checked
+    output_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None
 
 
 class Reader:
@@ -421,7 +424,13 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
     else:
         writable = picture.format in ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
         fmt = settings.stdout_format or (picture.format if writable else "PNG")
-    _, notes = fit_to_format(picture, fmt, job.name)
+    fitted, notes = fit_to_format(picture, fmt, job.name)
+    if settings.output_size is not None:
+        try:
+            size = settings.output_size(picture.size)
+        except IcmsrError as exc:  # an empty output: said here, before the model, as the model would
+            raise _named(exc, job) from exc
+        check_output_size(fmt, size, fitted.pixels.shape[2], job.name)
     notes = [*notes, *(f"{job.name}: {note}" for note in picture.notes)]
     if picture.frames > 1:  # said, not done silently: the other frames are not in the output
         notes = [*notes, f"{job.name}: has {picture.frames} frames or pages; only the first is upscaled"]

@@ -334,6 +334,23 @@ def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Pic
     return picture, notes
 
 
+#: the largest side each format's encoder takes (libwebp's WEBP_MAX_DIMENSION, libjpeg's JPEG_MAX_DIMENSION)
+_MAX_SIDE = {"WEBP": 16383, "JPEG": 65500}
+
+
+def check_output_size(fmt: str, size: tuple[int, int], channels: int, name: str = "output") -> None:
+    """Refuse, before any model work, an output its format cannot hold: the encoder failed on it
+    after the whole upscale had run (minutes on a GPU, hours on a CPU)."""
+    w, h = size
+    limit = _MAX_SIDE.get(fmt)
+    if limit and max(w, h) > limit:
+        raise ImageError(f"{name}: a {w}x{h} output is too large for {fmt} (at most {limit} px a side); "
+                         "use --format png or tiff, or a smaller --scale")
+    bits = {1: 8, 2: 32, 3: 24, 4: 32}[channels]  # what BMP writes: gray, gray + alpha as RGBA, RGB, RGBA
+    if fmt == "BMP" and (w * bits + 31) // 32 * 4 * h + 138 > 2**32 - 1:  # its sizes are 32-bit fields
+        raise ImageError(f"{name}: a {w}x{h} output is too large for BMP (4 GB at most); use --format png or tiff")
+
+
 def _gray_alpha_as_rgba(picture: Picture) -> Picture:
     gray, alpha = picture.pixels[..., :1], picture.pixels[..., 1:]
     return picture.with_pixels(np.concatenate([gray, gray, gray, alpha], axis=2))
