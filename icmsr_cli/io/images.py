@@ -123,7 +123,7 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
         raise ImageError(f"{name}: cannot read ({exc.strerror})") from None
     if not data:
         raise ImageError(f"{name}: cannot read image (empty file)")
-    _open_heif_with_plugin(data, name)
+    _register_heif_reader(data, name)
     try:
         # the limit is checked here, from the header, so a bomb is refused before any decoding
         previous_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
@@ -172,7 +172,7 @@ def _brands(data: bytes) -> set[bytes]:
     return {box[:4], *(box[i : i + 4] for i in range(8, len(box) - 3, 4))}
 
 
-def _open_heif_with_plugin(data: bytes, name: str) -> None:
+def _register_heif_reader(data: bytes, name: str) -> None:
     """HEIC/HEIF (an iPhone's photos) is read through pillow-heif where the user has installed it
     (its wheels carry libheif, LGPL, and x265, GPL, so it is never a dependency); where not, the
     error says what to do instead of "not a recognised image format". AVIF, also HEIF, is Pillow's own."""
