@@ -719,6 +719,31 @@ def test_xmp_goes_from_every_format_to_every_format(source):
         assert read_image(data).info.get("xmp") == XMP, (source, target)
 
 
+@pytest.mark.parametrize("source, channels, bits", [("PNG", 3, 8), ("PNG", 3, 16), ("JPEG", 3, 8), ("TIFF", 4, 8), ("TIFF", 3, 16), ("BMP", 3, 8)])
+def test_dpi_goes_from_every_format_to_every_format(source, channels, bits):
+    """A 300 dpi scan came out at no stated density (viewers and printers then assume 72 or 96):
+    every writer dropped it. The density is kept as it was, as the EXIF block the outputs carry
+    already kept it, and read back by Pillow and OpenCV's libtiff alike."""
+    from icmsr_cli.io.images import Picture, encode_image, read_image
+
+    samples = photo_like(20, 12)[..., :channels] if channels == 3 else np.dstack([photo_like(20, 12), np.full((12, 20), 200, np.uint8)])
+    if bits == 16:  # through icmsr's own writers, the only ones here for 16-bit colour
+        data = encode_image(Picture(samples.astype(np.float32) / 255, 16, {"dpi": (300.0, 150.0)}), source)
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(samples).save(buf, source, dpi=(300, 150))
+        data = buf.getvalue()
+    picture = read_image(data)
+    assert picture.info["dpi"] == pytest.approx((300, 150), abs=0.03), source  # pHYs counts whole pixels per metre
+    for target in ("PNG", "JPEG", "TIFF", "BMP"):
+        if target == "JPEG" and channels == 4:
+            continue
+        with Image.open(io.BytesIO(encode_image(picture, target))) as im:
+            assert im.info.get("dpi") == pytest.approx((300, 150), abs=0.03), (source, bits, target)
+    tiff = encode_image(picture, "TIFF")
+    assert cv2.imdecode(np.frombuffer(tiff, np.uint8), cv2.IMREAD_UNCHANGED) is not None  # the tags keep the file readable
+
+
 def test_xmp_survives_the_cli(tmp_path, model):
     (tmp_path / "in.jpg").write_bytes(_with_xmp("JPEG"))
     result = invoke("upscale", tmp_path / "in.jpg", "-o", tmp_path / "out.jpg", "-s", "2", *model)

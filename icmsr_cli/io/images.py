@@ -52,7 +52,7 @@ class Picture:
 
 def picture_from_pil(image: Image.Image) -> Picture:
     """Convert any Pillow image to planes: palette/CMYK/YCbCr go to RGB(A), 16-bit stays 16-bit."""
-    info = {k: image.info[k] for k in ("icc_profile", "exif") if image.info.get(k)}
+    info = {**{k: image.info[k] for k in ("icc_profile", "exif") if image.info.get(k)}, **_resolution(image)}
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # 16-bit grayscale (Pillow opens 16-bit gray PNG/TIFF as I;16 or I), 32-bit integer or float
@@ -77,6 +77,18 @@ def picture_from_pil(image: Image.Image) -> Picture:
     if arr.ndim == 2:
         arr = arr[..., None]
     return Picture(arr.astype(np.float32) / 255.0, 8, info)
+
+
+def _resolution(image: Image.Image) -> dict:
+    """{"dpi": (x, y)} where the file states its pixels per inch (JPEG's JFIF or EXIF, PNG's pHYs,
+    TIFF's and BMP's own fields), else nothing. Kept as it was: the enlargement prints larger at the
+    same density, the way the EXIF block the outputs carry already says it."""
+    dpi = image.info.get("dpi")
+    try:
+        x, y = (float(v) for v in dpi)
+    except (TypeError, ValueError):
+        return {}
+    return {"dpi": (x, y)} if 0 < x < 1e6 and 0 < y < 1e6 else {}
 
 
 def _cmyk_to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
@@ -247,7 +259,7 @@ def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
     orientation = image.getexif().get(0x0112, 1)
     if orientation in _ORIENT:
         arr = _ORIENT[orientation](arr)
-    info = {k: image.info[k] for k in ("icc_profile",) if image.info.get(k)}
+    info = {**{k: image.info[k] for k in ("icc_profile",) if image.info.get(k)}, **_resolution(image)}
     if image.format == "PNG" and image.info.get("exif"):  # a TIFF's EXIF view is its own layout tags
         exif = image.getexif()
         exif.pop(0x0112, None)  # applied above, as ImageOps.exif_transpose drops it for 8 bits
@@ -367,14 +379,14 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
     if fmt == "PNG":
         info = picture.info
         return encode_png(_at_depth(picture, picture.bit_depth), level=png_compression, icc_profile=info.get("icc_profile"),
-                          exif=info.get("exif"), text=metadata.png_text_with_xmp(info))
+                          exif=info.get("exif"), text=metadata.png_text_with_xmp(info), dpi=info.get("dpi"))
     if fmt == "BMP" and picture.has_alpha:
-        return _bmp_with_alpha(_at_depth(picture, 8))
+        return _bmp_with_alpha(_at_depth(picture, 8), picture.info.get("dpi"))
     if fmt == "TIFF":  # Pillow cannot write 16-bit colour TIFF, nor a camera's EXIF through libtiff; OpenCV no metadata
         info = picture.info
         try:
             return encode_tiff(_at_depth(picture, picture.bit_depth), icc_profile=info.get("icc_profile"), exif=info.get("exif"),
-                               xmp=info.get("xmp"))
+                               xmp=info.get("xmp"), dpi=info.get("dpi"))
         except (ValueError, TypeError, struct.error) as exc:  # an EXIF entry Pillow's directory writer cannot lay out
             raise ImageError(f"{name}: cannot encode as TIFF ({exc})") from None
     image = picture_to_pil(picture)
@@ -388,14 +400,15 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
     return out.getvalue()
 
 
-def _bmp_with_alpha(rgba: np.ndarray) -> bytes:
+def _bmp_with_alpha(rgba: np.ndarray, dpi: tuple[float, float] | None = None) -> bytes:
     """A 32-bit BMP whose header names the alpha mask (BITMAPV4HEADER, BI_BITFIELDS). Pillow's
     RGBA BMP has no mask and OpenCV's before 5.0 neither, so readers (Pillow and OpenCV among them)
     dropped the alpha channel."""
     h, w = rgba.shape[:2]
     pixels = np.ascontiguousarray(rgba[::-1, :, [2, 1, 0, 3]]).tobytes()  # bottom-up BGRA rows
     header_size, offset = 108, 14 + 108
-    info = struct.pack("<IiiHHIIiiII", header_size, w, h, 1, 32, 3, len(pixels), 2835, 2835, 0, 0)
+    per_metre = [round(d / 0.0254) for d in dpi] if dpi else (2835, 2835)  # 72 dpi, as Pillow writes without one
+    info = struct.pack("<IiiHHIIiiII", header_size, w, h, 1, 32, 3, len(pixels), *per_metre, 0, 0)
     info += struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000)  # R, G, B, A masks
     info += struct.pack("<I", 0x73524742) + bytes(36) + bytes(12)  # sRGB, no endpoints, no gamma
     return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + pixels
@@ -417,7 +430,7 @@ def write_image(picture: Picture, path: str | Path) -> None:
 
 
 def _save_options(fmt: str, info: dict) -> dict:
-    keep = {"JPEG": ("icc_profile", "exif"), "WEBP": ("icc_profile", "exif", "xmp")}
+    keep = {"JPEG": ("icc_profile", "exif", "dpi"), "WEBP": ("icc_profile", "exif", "xmp"), "BMP": ("dpi",)}  # WebP has no dpi field
     options = {k: v for k, v in info.items() if k in keep.get(fmt, ())}
     if fmt == "JPEG":
         options.update(quality=95, subsampling=0)

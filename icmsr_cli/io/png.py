@@ -54,12 +54,12 @@ def cpu_count() -> int:
 
 
 def encode_png(pixels: np.ndarray, *, level: int = 6, icc_profile: bytes | None = None, exif: bytes | None = None,
-               text: dict[str, str] | None = None) -> bytes:
+               text: dict[str, str] | None = None, dpi: tuple[float, float] | None = None) -> bytes:
     """PNG bytes of an H x W x C array (C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; uint8 or uint16
     for 8- or 16-bit samples), deflated at zlib `level` (0-9), strips of ~1 MB in parallel.
     `icc_profile` goes in an iCCP chunk, `exif` (with or without the "Exif\\0\\0" prefix JPEG files
-    carry) in an eXIf chunk, `text` in one text chunk per key (see _text_chunk), all before the
-    image data, as Pillow writes them."""
+    carry) in an eXIf chunk, `text` in one text chunk per key (see _text_chunk), `dpi` in pHYs, all
+    before the image data, as Pillow writes them."""
     if pixels.ndim != 3 or pixels.shape[2] not in _COLOUR_TYPE or pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected H x W x 1-4 uint8 or uint16 samples, got {pixels.dtype} {pixels.shape}")
     if not 0 <= level <= 9:
@@ -69,6 +69,8 @@ def encode_png(pixels: np.ndarray, *, level: int = 6, icc_profile: bytes | None 
     rows = np.ascontiguousarray(pixels, dtype=">u2" if depth == 16 else np.uint8).view(np.uint8).reshape(h, -1)
     header = struct.pack(">IIBBBBB", w, h, depth, _COLOUR_TYPE[c], 0, 0, 0)
     parts = [SIGNATURE, _chunk(b"IHDR", header)]
+    if dpi:  # pHYs: pixels per metre, unit 1
+        parts.append(_chunk(b"pHYs", struct.pack(">IIB", *(round(d / 0.0254) for d in dpi), 1)))
     if icc_profile:
         parts.append(_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(icc_profile)))
     if exif:
