@@ -255,14 +255,15 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
     from .engines import claims
     from .io.images import format_for
     from .engines.ranks import Ranks
-    from .upscaler import load_upscaler, output_size, prepare_picture
+    from .upscaler import load_upscaler, output_size, prepare_picture, processing_size
 
     ranks = Ranks.from_env()
     lead = ranks is None or ranks.rank == 0  # says what is said once: missing inputs, the summary
     tag = f"[rank {ranks.rank}] " if ranks else ""
     settings = batch.BatchSettings(overwrite=overwrite, max_pixels=max_pixels, png_compression=png_compression,
                                    stdout_format=format_for("stdout" + FORMATS[fmt]) if fmt else None,
-                                   output_size=partial(output_size, scale=options.scale))
+                                   output_size=partial(output_size, scale=options.scale),
+                                   run_size=partial(processing_size, min_side=options.min_side))
     try:
         if ranks:
             ranks.join()

@@ -324,6 +324,26 @@ def test_prepared_in_the_reader_thread_gives_the_same_files_and_names_a_failure(
             np.testing.assert_array_equal(np.asarray(Image.open(result.job.target)), np.asarray(Image.open(plain.job.target)))
 
 
+def test_a_thin_strip_says_how_large_its_run_is(tmp_path):
+    """DESIGN's 512-px minimum short side turns a 1x300 input at x4 into a 512x153600 run, hours on
+    a CPU for a 4x1200 output, with nothing said; now a note gives the run's size. A small image's
+    512-px run (quick) says nothing."""
+    from functools import partial
+
+    from icmsr_cli.io import batch
+    from icmsr_cli.upscaler import output_size, processing_size
+
+    Image.fromarray(photo_like(1, 300)).save(tmp_path / "strip.png")
+    Image.fromarray(photo_like(24, 32)).save(tmp_path / "small.png")
+    jobs, _ = batch.plan([str(tmp_path / "strip.png"), str(tmp_path / "small.png")], str(tmp_path / "out"))
+    settings = batch.BatchSettings(output_size=partial(output_size, scale=4), run_size=partial(processing_size, min_side=512))
+    notes = []
+    results = list(batch.run(batch.Reader(jobs, settings), lambda picture: picture, notify=notes.append))
+    assert [r.status for r in results] == ["done", "done"]
+    assert notes == [f"{tmp_path / 'strip.png'}: its 4x1200 output runs through the model at 512x153600, 16384 times its pixels "
+                     "(the model's short side is at least 512 px)"]
+
+
 def test_animated_and_multi_page_inputs_say_that_only_the_first_frame_is_upscaled(tmp_path):
     """A multi-page TIFF, an animated WebP and an animated PNG decode to their first frame: the
     output holds that frame, and a note per file says so, instead of losing the rest in silence."""

@@ -184,6 +184,9 @@ class BatchSettings:
     #: the output size of an input size (upscaler.output_size at the run's scale), to refuse outputs
     #: their format cannot hold before the model runs; None: not checked
     output_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None
+    #: the size the model runs at for an output size (upscaler.processing_size), to say when that
+    #: dwarfs the output; None: not said
+    run_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None
 
 
 class Reader:
@@ -404,6 +407,10 @@ def _same_file(job: Job) -> bool:
     return job.source is not None and job.target is not None and job.target.exists() and job.source.resolve() == job.target.resolve()
 
 
+_DWARFED = 16  # a run this many times the output's pixels is said (a short side under 128 px) ...
+_LARGE_RUN = 4 * 512 * 512  # ... where the run is a large one (a small image's 512 x 683 run is quick anyway)
+
+
 def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
           prepare: Callable[[Picture], Any] | None) -> tuple[Picture, str, list[str], Any]:
     """Decode one input and settle its output format before any model work: the format (for
@@ -431,6 +438,11 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
         except IcmsrError as exc:  # an empty output: said here, before the model, as the model would
             raise _named(exc, job) from exc
         check_output_size(fmt, size, fitted.pixels.shape[2], job.name)
+        run_at = settings.run_size(size) if settings.run_size else size
+        if run_at[0] * run_at[1] > max(_DWARFED * size[0] * size[1], _LARGE_RUN):  # a thin strip: said, as it is slow for its size
+            notes.append(f"{job.name}: its {size[0]}x{size[1]} output runs through the model at {run_at[0]}x{run_at[1]}, "
+                         f"{run_at[0] * run_at[1] / (size[0] * size[1]):.0f} times its pixels (the model's short side is at least "
+                         f"{min(run_at)} px)")
     notes = [*notes, *(f"{job.name}: {note}" for note in picture.notes)]
     if picture.frames > 1:  # said, not done silently: the other frames are not in the output
         notes = [*notes, f"{job.name}: has {picture.frames} frames or pages; only the first is upscaled"]
