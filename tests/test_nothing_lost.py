@@ -744,6 +744,22 @@ def test_dpi_goes_from_every_format_to_every_format(source, channels, bits):
     assert cv2.imdecode(np.frombuffer(tiff, np.uint8), cv2.IMREAD_UNCHANGED) is not None  # the tags keep the file readable
 
 
+def test_a_lossless_webp_stays_lossless():
+    """A lossless WebP (graphics, screenshots, archives) was written back lossy at quality 95; a
+    lossy one stays lossy (lossless would make a photo's file several times larger)."""
+    from icmsr_cli.io.images import encode_image, read_image
+
+    rgb = photo_like(32, 24)
+    for lossless, chunk in ((True, b"VP8L"), (False, b"VP8 ")):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, "WEBP", **({"lossless": True} if lossless else {"quality": 80}))
+        picture = read_image(buf.getvalue())
+        out = encode_image(picture, "WEBP")
+        assert out[12:16] == chunk, lossless  # a simple file's one image chunk names its coding
+        if lossless:
+            np.testing.assert_array_equal(read_image(out).pixels, picture.pixels)
+
+
 def test_xmp_survives_the_cli(tmp_path, model):
     (tmp_path / "in.jpg").write_bytes(_with_xmp("JPEG"))
     result = invoke("upscale", tmp_path / "in.jpg", "-o", tmp_path / "out.jpg", "-s", "2", *model)

@@ -155,7 +155,8 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                     picture = picture.with_pixels(1 - picture.pixels)
             text = metadata.png_text(image)
             xmp = metadata.xmp(image, text)
-            info = {**picture.info, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {})}
+            info = {**picture.info, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {}),
+                    **({"webp_lossless": True} if image.format == "WEBP" and _webp_lossless(data) else {})}
             return replace(picture, info=info, format=image.format, frames=frames)
     except ImageError:
         raise
@@ -169,6 +170,22 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
         raise ImageError(f"{name}: cannot read image ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _webp_lossless(data: bytes) -> bool:
+    """Whether a WebP file's (first) image is coded lossless (a VP8L chunk, not VP8): a lossless
+    source is written back lossless, not at quality 95. RIFF chunks: fourcc, little-endian size,
+    payload padded to even; an animation's first frame (ANMF) holds its chunks after 16 bytes."""
+    at, end = 12, len(data)
+    while at + 8 <= end:
+        kind, size = data[at : at + 4], int.from_bytes(data[at + 4 : at + 8], "little")
+        if kind in (b"VP8L", b"VP8 "):
+            return kind == b"VP8L"
+        if kind == b"ANMF":
+            at, end = at + 8 + 16, min(end, at + 8 + size)
+            continue
+        at += 8 + size + (size & 1)
+    return False
 
 
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
@@ -435,5 +452,5 @@ def _save_options(fmt: str, info: dict) -> dict:
     if fmt == "JPEG":
         options.update(quality=95, subsampling=0)
     elif fmt == "WEBP":
-        options.update(quality=95)
+        options.update({"lossless": True} if info.get("webp_lossless") else {"quality": 95})  # a lossless source stays so
     return options
