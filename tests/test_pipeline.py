@@ -88,6 +88,25 @@ def test_nan_output_is_reported(tiny_base, tiny_lora):
     assert "--dtype fp32" not in str(raised.value), "advice to use fp32 when already in fp32"
 
 
+def test_a_prompt_longer_than_the_text_encoder_reads_is_said_on_every_run(tiny_base, caplog):
+    """A prompt past CLIP's 77 tokens was cut in silence (and, once cached, ever after)."""
+    from icmsr_cli.model.loading import prompt_embedding
+
+    long_prompt = "a sharp photo of a red brick house " * 12
+    for run in range(2):  # the first computes the embedding, the second reads it from the cache
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="icmsr_cli"):
+            embeds = prompt_embedding(tiny_base, long_prompt)
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and said[0].startswith("note: the prompt is ") and said[0].endswith(
+            " tokens long; the text encoder reads the first 77, the rest is ignored"), (run, said)
+        assert int(said[0].split()[4]) > 77 and embeds.shape[1] == 77
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="icmsr_cli"):
+        prompt_embedding(tiny_base, "a photo")
+    assert caplog.records == []
+
+
 def test_prompt_embedding_cached_so_text_encoder_not_built_again(tiny_base, tiny_lora, monkeypatch):
     import transformers
 

@@ -140,29 +140,47 @@ def _text_encoder_identity(base: Path) -> str:
 
 def prompt_embedding(base: Path, prompt: str) -> torch.Tensor:
     """Text-encoder output [0] (1 x 77 x D, float32) for `prompt`, cached on disk per base model."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     root = writable_cache_dir()
     if root is None:
-        return _encode_prompt(base, prompt)
+        embeds, tokens = _encode_prompt(base, prompt)
+        _say_if_cut(tokens, embeds)
+        return embeds
     key = hashlib.sha256((_text_encoder_identity(base) + "\0" + prompt).encode()).hexdigest()[:32]
     path = root / "prompt-embeddings" / f"{key}.safetensors"
     if path.is_file():
         try:
-            return load_file(str(path))["prompt_embeds"]
+            with safe_open(str(path), framework="pt") as f:
+                tokens = int((f.metadata() or {}).get("tokens", 0))
+                embeds = f.get_tensor("prompt_embeds")
+            _say_if_cut(tokens, embeds)
+            return embeds
         except Exception as exc:  # a damaged cache entry is recomputed, not fatal
             logger.warning("ignoring unreadable prompt-embedding cache %s (%s)", path, exc)
-    embeds = _encode_prompt(base, prompt)
+    embeds, tokens = _encode_prompt(base, prompt)
+    _say_if_cut(tokens, embeds)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic.replacing(path) as tmp:
-            save_file({"prompt_embeds": embeds.contiguous()}, str(tmp), metadata={"prompt": prompt})
+            save_file({"prompt_embeds": embeds.contiguous()}, str(tmp), metadata={"prompt": prompt, "tokens": str(tokens)})
     except (OSError, DiskFullError) as exc:
         logger.warning("could not save the prompt embedding in %s (%s); the next run computes it again", path.parent, exc)
     return embeds
 
 
-def _encode_prompt(base: Path, prompt: str) -> torch.Tensor:
+def _say_if_cut(tokens: int, embeds: torch.Tensor) -> None:
+    """A prompt longer than the text encoder reads (its context, the embedding's length: 77 tokens
+    with the start and end marks) is cut, as OSEDiff's own code cuts it; said on every run (the
+    count is kept with the cached embedding), not only the first."""
+    if tokens > embeds.shape[1]:
+        logger.warning("note: the prompt is %d tokens long; the text encoder reads the first %d, the rest is ignored",
+                       tokens, embeds.shape[1])
+
+
+def _encode_prompt(base: Path, prompt: str) -> tuple[torch.Tensor, int]:
+    """The embedding, and the prompt's length in tokens before the cut."""
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -181,4 +199,4 @@ def _encode_prompt(base: Path, prompt: str) -> torch.Tensor:
         prompt, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
     ).input_ids
     with torch.no_grad():
-        return encoder(ids)[0].float()
+        return encoder(ids)[0].float(), len(tokenizer(prompt, verbose=False).input_ids)  # (verbose: transformers would warn of the length)
