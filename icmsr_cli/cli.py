@@ -172,7 +172,7 @@ def upscale(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."),
     tile: str = typer.Option("auto", "--tile", help="Tiles for large images: auto (whole when it fits in free memory), off (always whole), or N: at most N latent px (8N image px) a side."),
     recursive: bool = typer.Option(False, "-r", "--recursive", help="Descend into subfolders of directory inputs."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Output format png, jpg (or jpeg), webp, tiff (or tif) or bmp; the outputs get that suffix (default: the input's format)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Output format png, jpg (or jpeg), webp, tiff (or tif) or bmp; the outputs get that suffix (default: the input's format; PNG for formats icmsr only reads: GIF, AVIF, HEIC)."),
     png_compression: int = typer.Option(1, "--png-compression", min=0, max=9,
                                         help="zlib level of PNG outputs, 0-9: 1 (default) is fast, 9 the smallest files."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (default: skip them, so a rerun resumes)."),
@@ -278,7 +278,7 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
             ranks.check_same_plan([str(j.target) for j in jobs])
         tally.total = len(jobs) + len(missing)
         if not jobs and not missing and not shard:
-            raise SetupError("no images found in the inputs (folders yield .png .jpg .jpeg .webp .tif .tiff .bmp files)")
+            raise SetupError(f"no images found in the inputs (folders yield {' '.join(batch.IMAGE_SUFFIXES)} files)")
         start = time.perf_counter()
         upscaler = None
         bar = _progress() if not quiet and console.is_terminal and ranks is None else None  # ranks share a terminal
@@ -427,7 +427,7 @@ def evaluate(
         names = evaluation.parse_metrics(metric_list)
         pairs, problems = evaluation.pair_files(sr, ref, suffix=suffix)
         if not pairs and not problems:
-            raise SetupError(f"{sr}: no images found (folders yield .png .jpg .jpeg .webp .tif .tiff .bmp files)")
+            raise SetupError(f"{sr}: no images found (folders yield {' '.join(evaluation.IMAGE_SUFFIXES)} files)")
         for problem in problems:
             _say(str(problem), "error:", "red")
             if json_lines:

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 from typer.testing import CliRunner
 
 from conftest import photo_like
@@ -118,19 +118,37 @@ def test_mixed_folder(tmp_path, mixed, tiny_base, tiny_lora):
     assert f"{len(GOOD)} skipped" in rerun.stderr
 
 
-def test_an_input_whose_format_cannot_be_written_asks_for_format(tmp_path):
-    """A GIF given by name into an output folder keeps its name there, which icmsr cannot write: the
-    error says how to choose a format (it named the output and said "use .png", which the user
-    cannot do for a mirrored name), before any model work."""
+def test_inputs_in_formats_icmsr_only_reads_become_pngs_in_an_output_folder(tmp_path):
+    """A GIF, an AVIF or an iPhone's HEIC mirrored into an output folder kept its name there, which
+    icmsr cannot write: each such file failed (a shell glob of *.HEIC failed them all), and folders
+    skipped GIF and AVIF in silence. They are PNGs now, as on standard output; a file without a
+    suffix too. Two inputs that would make one PNG are still refused, naming both."""
+    from icmsr_cli.errors import SetupError
     from icmsr_cli.io import batch
 
-    Image.fromarray(photo_like(8, 8)).save(tmp_path / "anim.gif")
-    jobs, _ = batch.plan([str(tmp_path / "anim.gif")], str(tmp_path / "out") + "/")
-    [result] = batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: pytest.fail("the model ran"))
-    assert result.status == "failed"
-    assert result.error == f"{tmp_path / 'anim.gif'}: icmsr cannot write .gif files; choose the output format with --format png, jpg, webp, tiff or bmp"
-    jobs, _ = batch.plan([str(tmp_path / "anim.gif")], str(tmp_path / "out") + "/", fmt="png")
-    assert [j.target for j in jobs] == [tmp_path / "out" / "anim.png"]
+    src = tmp_path / "in"
+    src.mkdir()
+    pixels = photo_like(12, 8)
+    Image.fromarray(pixels).save(src / "anim.gif")
+    Image.fromarray(pixels).save(src / "shot.avif", quality=100)
+    Image.fromarray(pixels).save(src / "kept.png")
+    Image.fromarray(pixels).save(tmp_path / "scan", format="PNG")  # a name with no suffix
+    (src / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x1cftypheic\0\0\0\0mif1heicmiaf" + bytes(64))
+    jobs, missing = batch.plan([str(src), str(tmp_path / "scan")], str(tmp_path / "out"))
+    assert {j.target.name for j in jobs} == {"anim.png", "shot.png", "kept.png", "scan.png", "IMG_0001.png"} and not missing
+    results = {r.job.target.name: r for r in batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture)}
+    for name in ("anim.png", "scan.png", "kept.png"):
+        assert results[name].status == "done"
+        with Image.open(tmp_path / "out" / name) as im:
+            assert im.format == "PNG" and np.array_equal(np.asarray(im.convert("RGB")), pixels)
+    assert results["shot.png"].status == ("done" if features.check("avif") else "failed")  # Pillow reads AVIF from 11.3
+    assert "pillow-heif" in results["IMG_0001.png"].error  # read where it is installed, and said where not
+    # --format still rules, and collisions are refused before any work
+    jobs, _ = batch.plan([str(src / "anim.gif")], str(tmp_path / "out") + "/", fmt="webp")
+    assert [j.target for j in jobs] == [tmp_path / "out" / "anim.webp"]
+    Image.fromarray(pixels).save(src / "anim.png")
+    with pytest.raises(SetupError, match="anim.gif and .*anim.png would both be written to"):
+        batch.plan([str(src)], str(tmp_path / "out"))
 
 
 def test_an_output_folder_this_user_cannot_write_is_refused_up_front():

@@ -149,7 +149,7 @@ def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | 
         if to_stdout:
             target = None
         elif folder:
-            target = out / rel
+            target = _writable(out / rel)
         else:
             target = out
         if target is not None and suffix:
@@ -157,6 +157,16 @@ def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | 
         jobs.append(Job(source, target, name, rel.as_posix()))
     _refuse_collisions(jobs)
     return jobs, missing
+
+
+def _writable(target: Path) -> Path:
+    """A mirrored name icmsr cannot write (an iPhone's .HEIC, a .gif, none) becomes a PNG, as on
+    standard output: each such file failed after the model had loaded. PNG keeps alpha and 16 bits."""
+    try:
+        format_for(target)
+        return target
+    except ImageError:
+        return target.with_suffix(".png")
 
 
 def _refuse_collisions(jobs: list[Job]) -> None:
@@ -423,11 +433,7 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
     source = read_stdin() if job.source is None else job.source
     picture = read_image(source, name=job.name, max_pixels=settings.max_pixels)
     if job.target is not None:
-        try:
-            fmt = format_for(job.target)
-        except ImageError as exc:  # plan() checked a file output: this one mirrors its input's name into a folder
-            raise ImageError(f"{job.name}: icmsr cannot write {job.target.suffix} files; "
-                             "choose the output format with --format png, jpg, webp, tiff or bmp") from exc
+        fmt = format_for(job.target)  # plan() made every target writable
     else:
         writable = picture.format in ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
         fmt = settings.stdout_format or (picture.format if writable else "PNG")
