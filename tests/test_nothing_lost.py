@@ -744,6 +744,51 @@ def test_dpi_goes_from_every_format_to_every_format(source, channels, bits):
     assert cv2.imdecode(np.frombuffer(tiff, np.uint8), cv2.IMREAD_UNCHANGED) is not None  # the tags keep the file readable
 
 
+def _camera_exif(order: str) -> bytes:
+    """An EXIF block laid out as a camera writes it, by hand: IFD0 (Make, the Exif IFD's pointer),
+    then the Exif IFD (PixelX/YDimension as SHORTs, a MakerNote whose bytes hold offsets), then
+    the MakerNote's bytes."""
+    e = "<" if order == "II" else ">"
+    ifd0, exif_ifd = 8, 8 + 2 + 2 * 12 + 4
+    maker_at = exif_ifd + 2 + 3 * 12 + 4
+    block = order.encode() + struct.pack(e + "HI", 42, ifd0)
+    block += struct.pack(e + "H", 2) + struct.pack(e + "HHI4s", 0x010F, 2, 4, b"Cam\0") + struct.pack(e + "HHII", 0x8769, 4, 1, exif_ifd)
+    block += struct.pack(e + "I", 0)
+    block += struct.pack(e + "H", 3) + struct.pack(e + "HHIHH", 0xA002, 3, 1, 24, 0) + struct.pack(e + "HHIHH", 0xA003, 3, 1, 16, 0)
+    block += struct.pack(e + "HHII", 0x927C, 7, 16, maker_at) + struct.pack(e + "I", 0)
+    return block + struct.pack(e + "IIII", maker_at, 0xDEADBEEF, ifd0, exif_ifd)  # offsets a rewrite would break
+
+
+@pytest.mark.parametrize("order", ["II", "MM"])
+def test_exif_pixel_dimensions_give_the_output_size(order):
+    """The EXIF block copied to the output still gave the input's PixelX/YDimension, so tools
+    that show it (exiftool's ExifImageWidth) gave a 4x upscale the photo's old size. The two
+    entries are patched in place, the rest byte for byte: a MakerNote's inner offsets survive."""
+    from icmsr_cli.io.images import encode_image, read_image
+    from icmsr_cli.io.metadata import exif_with_size
+
+    block = _camera_exif(order)
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(24, 16)).save(buf, "JPEG", exif=b"Exif\0\0" + block)
+    picture = read_image(buf.getvalue())
+    output = picture.with_pixels(np.zeros((64, 96, 3), np.float32))
+    for target in ("JPEG", "PNG", "WEBP", "TIFF"):
+        with Image.open(io.BytesIO(encode_image(output, target))) as im:
+            exif = im.getexif()
+            assert (exif.get_ifd(0x8769).get(0xA002), exif.get_ifd(0x8769).get(0xA003)) == (96, 64), target
+            assert exif.get(0x010F) == "Cam", target
+    patched = exif_with_size(block, (96, 64))
+    changed = [i for i in range(len(block)) if block[i] != patched[i]]
+    assert len(patched) == len(block) and all(42 <= i < 42 + 24 for i in changed)  # the two entries' value fields only
+    # a size a SHORT cannot hold widens that entry to a LONG, in place
+    wide = exif_with_size(b"Exif\0\0" + block, (70000, 64))
+    parsed = Image.Exif()
+    parsed.load(wide)
+    assert parsed.get_ifd(0x8769)[0xA002] == 70000 and parsed.get_ifd(0x8769)[0xA003] == 64
+    assert wide[6 + 42 + 24 :] == block[42 + 24 :]
+    assert exif_with_size(b"Exif\0\0garbage", (96, 64)) == b"Exif\0\0garbage"  # what does not parse is kept as it was
+
+
 def test_a_lossless_webp_stays_lossless():
     """A lossless WebP (graphics, screenshots, archives) was written back lossy at quality 95; a
     lossy one stays lossy (lossless would make a photo's file several times larger)."""

@@ -395,6 +395,8 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
     conversions are those of fit_to_format.
     """
     picture, _ = fit_to_format(picture, fmt, name)
+    if picture.info.get("exif"):  # the source's block, which gave the source's size
+        picture = replace(picture, info={**picture.info, "exif": metadata.exif_with_size(picture.info["exif"], picture.size)})
     if fmt == "PNG":
         info = picture.info
         return encode_png(_at_depth(picture, picture.bit_depth), level=png_compression, icc_profile=info.get("icc_profile"),

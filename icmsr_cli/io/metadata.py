@@ -57,3 +57,44 @@ def jpeg_with_xmp(jpeg: bytes, packet: bytes) -> bytes:
     while jpeg[at] == 0xFF and jpeg[at + 1] in (0xE0, 0xE1):
         at += 2 + int.from_bytes(jpeg[at + 2 : at + 4], "big")
     return jpeg[:at] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[at:]
+
+
+_EXIF_IFD, _PIXEL_X, _PIXEL_Y = 0x8769, 0xA002, 0xA003  # the Exif IFD's pointer; PixelX/YDimension
+_SHORT, _LONG = 3, 4
+
+
+def exif_with_size(exif: bytes, size: tuple[int, int]) -> bytes:
+    """The EXIF block with its PixelXDimension/PixelYDimension set to `size` (width, height): the
+    copied block still gave the input's size. Patched in place, byte for byte otherwise, since
+    re-serialising moves entries and breaks the offsets inside cameras' MakerNotes. A block that
+    lacks the tags, or that does not parse, is returned as it was."""
+    start = 6 if exif.startswith(b"Exif\0\0") else 0  # JPEG's APP1 prefix; PNG's eXIf and WebP's have none
+    order = {b"II": "little", b"MM": "big"}.get(exif[start : start + 2])
+    if order is None:
+        return exif
+    out = bytearray(exif)
+
+    def number(at: int, width: int) -> int | None:
+        at += start
+        return int.from_bytes(out[at : at + width], order) if 0 <= at and at + width <= len(out) else None
+
+    def entries(ifd: int):
+        count = number(ifd, 2)
+        for i in range(count or 0):
+            at = ifd + 2 + 12 * i
+            tag, kind = number(at, 2), number(at + 2, 2)
+            if tag is None or kind is None:
+                return
+            yield at, tag, kind
+
+    exif_ifd = next((number(at + 8, 4) for at, tag, kind in entries(number(4, 4) or 0) if tag == _EXIF_IFD and kind in (_LONG, 13)), None)
+    if not exif_ifd:
+        return exif
+    for at, tag, kind in entries(exif_ifd):
+        if tag in (_PIXEL_X, _PIXEL_Y) and kind in (_SHORT, _LONG) and number(at + 4, 4) == 1:
+            value = size[0] if tag == _PIXEL_X else size[1]
+            kind = _SHORT if kind == _SHORT and value <= 0xFFFF else _LONG  # a SHORT too small for the new size widens in place
+            at += start
+            out[at + 2 : at + 4] = kind.to_bytes(2, order)
+            out[at + 8 : at + 12] = value.to_bytes(2, order) + bytes(2) if kind == _SHORT else value.to_bytes(4, order)
+    return bytes(out)
