@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 import os
@@ -337,10 +337,12 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
         with bar or nullcontext():
             task = bar.add_task("images", total=len(jobs)) if bar else None
             upscale = None if upscaler is None else upscaler.upscale_prepared if ahead else upscaler.upscale_picture
-            for result in batch.run(reader, upscale, notify=_notify):
-                report(result)
-                if bar:
-                    bar.advance(task)
+            # closing: an interrupt between files still has the writes in flight told (on_stopped)
+            with closing(batch.run(reader, upscale, notify=_notify, on_stopped=report)) as results:
+                for result in results:
+                    report(result)
+                    if bar:
+                        bar.advance(task)
         if ranks:  # every rank learns the whole run's counts, so every rank exits 1 if a file failed anywhere
             tally.done, tally.skipped, tally.failed = ranks.total([tally.done, tally.skipped, tally.failed])
             ranks.leave()

@@ -457,6 +457,42 @@ def test_a_files_seconds_end_when_its_file_is_written_not_when_the_next_model_ca
     assert results[1].seconds >= 2.0
 
 
+def test_files_written_after_an_interrupt_are_told(tmp_path):
+    """An interrupt while the model works on one file lets the writes in flight finish (a file is
+    never left half-written), but their results were never yielded: the summary said "2 done, 2
+    not started" with 3 files on disk, and --json lacked the third's line. They go to on_stopped,
+    whether the interrupt lands in the batch or in the caller between files (close())."""
+    from contextlib import closing
+
+    from icmsr_cli.io import batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(photo_like(256, 256, seed=i)).save(src / f"{i}.png")
+    for where in ("model", "caller"):
+        out = tmp_path / where
+        jobs, _ = batch.plan([str(src)], str(out))
+        calls, told = [], []
+
+        def upscale(picture):
+            calls.append(picture)
+            if where == "model" and len(calls) == 3:
+                raise KeyboardInterrupt
+            return picture
+
+        with pytest.raises(KeyboardInterrupt):
+            with closing(batch.run(batch.Reader(jobs, batch.BatchSettings(writers=2, png_compression=9)), upscale,
+                                   on_stopped=told.append)) as results:
+                for result in results:
+                    told.append(result)
+                    if where == "caller" and len(calls) == 3:
+                        raise KeyboardInterrupt
+        written = sorted(p.name for p in out.iterdir())
+        assert sorted(r.job.target.name for r in told if r.status == "done") == written, where
+        assert len(written) >= 2 and len(told) == len(set(r.job.target for r in told)), where
+
+
 def test_the_first_file_is_read_while_the_model_loads(tmp_path, tiny_base, tiny_lora, monkeypatch):
     """Both of issue 10's single-process bars count startup; the first file's decode (and, on a GPU,
     its resize) followed the model's loading. Now the reader starts first: the load below waits

@@ -270,6 +270,7 @@ def run(
     upscale: Callable[[Any], Picture],
     *,
     notify: Callable[[str], None] = lambda message: None,
+    on_stopped: Callable[[JobResult], None] | None = None,
 ) -> Iterator[JobResult]:
     """Run the reader's jobs, yielding one result each in job order. The model works on one image
     while the reader decodes the next and a few writer threads encode and write finished ones.
@@ -277,6 +278,8 @@ def run(
     A failure of one file (unreadable, out of memory, NaN) is its result and the batch goes on; a
     full disk would fail every later file too, so the batch stops after the writes in flight.
     Conversions an output format forces (16 to 8 bits, ...) are told to `notify` once each.
+    When the batch is stopped (an interrupt, or the generator's close()), the writes in flight
+    still finish, and their results go to `on_stopped`, so that every file written is told.
     The reader is closed at the end.
     """
     settings = reader.settings
@@ -298,29 +301,37 @@ def run(
                     stopped = True
                 yield result
 
-        while not stopped and (current := reader.next()) is not None:
-            job, future = current  # the reader has started on the next file while the model works on this one
-            if future is None:
-                in_flight.append((job, 0.0, JobResult(job, "skipped")))
-                yield from drain(writers)
-                continue
-            t0 = time.perf_counter()
-            try:
-                picture, fmt, notes, work = future.result()
-                for note in notes:
-                    if note not in told:
-                        told.add(note)
-                        notify(note)
+        try:
+            while not stopped and (current := reader.next()) is not None:
+                job, future = current  # the reader has started on the next file while the model works on this one
+                if future is None:
+                    in_flight.append((job, 0.0, JobResult(job, "skipped")))
+                    yield from drain(writers)
+                    continue
+                t0 = time.perf_counter()
                 try:
-                    upscaled = upscale(work)
+                    picture, fmt, notes, work = future.result()
+                    for note in notes:
+                        if note not in told:
+                            told.add(note)
+                            notify(note)
+                    try:
+                        upscaled = upscale(work)
+                    except IcmsrError as exc:
+                        raise _named(exc, job) from exc
                 except IcmsrError as exc:
-                    raise _named(exc, job) from exc
-            except IcmsrError as exc:
-                in_flight.append((job, t0, _failure(job, t0, exc)))
-            else:
-                in_flight.append((job, t0, writer.submit(_write, job, t0, upscaled, fmt, picture.size, settings.png_compression)))
-            yield from drain(writers)
-        yield from drain(0)
+                    in_flight.append((job, t0, _failure(job, t0, exc)))
+                else:
+                    in_flight.append((job, t0, writer.submit(_write, job, t0, upscaled, fmt, picture.size, settings.png_compression)))
+                yield from drain(writers)
+            yield from drain(0)
+        except BaseException:  # an interrupt: the files being written are finished all the same (never half-written)
+            while on_stopped is not None and in_flight:
+                job, t0, item = in_flight.popleft()
+                result = item if isinstance(item, JobResult) else _written(job, t0, item)
+                if not (stopped and result.error_kind == "disk-full"):
+                    on_stopped(result)
+            raise
 
 
 def _stdin_bytes() -> bytes:
