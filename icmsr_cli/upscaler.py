@@ -16,6 +16,7 @@ from PIL import Image
 from .choices import COLOR_FIXES
 from .errors import ImageError
 from .io.images import Picture, picture_from_pil, picture_to_pil, quantise, resize_planes
+from .io.metadata import exif_with_size
 
 if TYPE_CHECKING:
     import torch
@@ -145,8 +146,16 @@ def quantise_on_device(y: torch.Tensor) -> torch.Tensor:
 
 
 def upscale_image(pipe: OneStepSR, image: Image.Image, options: UpscaleOptions = UpscaleOptions()) -> Image.Image:
-    """Pillow in, Pillow out (8-bit modes and 16-bit gray; use upscale_picture for 16-bit colour)."""
-    return picture_to_pil(upscale_picture(pipe, picture_from_pil(image), options))
+    """Pillow in, Pillow out (8-bit modes and 16-bit gray; use upscale_picture for 16-bit colour).
+    The output's .info holds the input's ICC profile, EXIF (its size the output's) and dpi, as
+    Image.open gives them: save() takes some from there (PNG the profile), the rest when passed."""
+    picture = upscale_picture(pipe, picture_from_pil(image), options)
+    out = picture_to_pil(picture)
+    info = picture.info
+    out.info.update({k: info[k] for k in ("icc_profile", "dpi") if info.get(k)})
+    if info.get("exif"):
+        out.info["exif"] = exif_with_size(info["exif"], out.size)
+    return out
 
 
 @dataclass

@@ -40,6 +40,34 @@ def test_readme_example_runs(tmp_path, tiny_base, tiny_lora):
     assert out.dtype == np.uint16 and out.shape == (40, 48, 3)
 
 
+def test_a_pillow_image_keeps_its_profile_exif_and_dpi(tiny_base, tiny_lora):
+    """`up.upscale(Image.open("photo.jpg"))` came back with an empty .info: the ICC profile (an
+    iPhone's Display P3), the EXIF and the dpi were gone, even for callers who pass them on to
+    save(). They are in .info as Image.open puts them, the EXIF giving the output's size."""
+    import io
+
+    from PIL import ImageCms
+
+    from icmsr_cli import load_upscaler
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x010F] = "Cam"
+    exif.get_ifd(0x8769)[0xA002] = 40
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(40, 30)).save(buf, "JPEG", icc_profile=icc, exif=exif, dpi=(300, 300))
+    up = load_upscaler(base=str(tiny_base), lora=str(tiny_lora))
+    big = up.upscale(Image.open(buf), scale=2)
+    assert big.info["icc_profile"] == icc and big.info["dpi"] == (300, 300)
+    carried = Image.Exif()
+    carried.load(big.info["exif"])
+    assert carried[0x010F] == "Cam" and carried.get_ifd(0x8769)[0xA002] == 80
+    saved = io.BytesIO()
+    big.save(saved, "PNG")  # PNG's writer takes the profile from .info, as for an image Pillow opened
+    with Image.open(saved) as im:
+        assert im.info["icc_profile"] == icc
+
+
 def test_an_output_too_large_for_memory_is_refused_before_any_allocation(monkeypatch):
     """A tiny input at a huge scale was ended by the kernel's out-of-memory killer with no word
     (40x30 at --scale 1000). Now the whole-image buffers are sized first and refused with one line;
