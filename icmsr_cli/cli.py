@@ -7,6 +7,7 @@ ICMSR_DEBUG=1 shows tracebacks instead of one-line messages.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -41,6 +42,15 @@ app = typer.Typer(
 )
 weights_app = typer.Typer(help="List, download, verify and convert model weights.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
+
+
+def _command(group: typer.Typer, name: str | None = None):
+    """group.command, each docstring paragraph made one line: Typer keeps a docstring's line
+    breaks (0.2x on), so help wrapped for the source came out ragged in an 80-column terminal."""
+    def register(func):
+        func.__doc__ = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(func.__doc__ or "").split("\n\n"))
+        return group.command(name)(func)
+    return register
 
 
 EXIT_INTERNAL = 3
@@ -158,7 +168,7 @@ def _loading(label: str, quiet: bool = False):
         yield Bar
 
 
-@app.command()
+@_command(app)
 def upscale(
     inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Image files, directories, globs, or - for standard input."),
     output: str = typer.Option(..., "-o", "--output", help="Output file, directory (mirrors the input tree; always one for several inputs, a folder or a glob), or - for standard output."),
@@ -403,7 +413,7 @@ def _progress():
                     TimeRemainingColumn(), console=console, transient=False)
 
 
-@app.command("eval")
+@_command(app, "eval")
 def evaluate(
     sr: str = typer.Argument(..., metavar="SR", help="Super-resolved image, or a folder of them."),
     ref: str = typer.Option(..., "--ref", help="Reference (ground-truth) image, or a folder of them; paired with SR by file stem."),
@@ -475,7 +485,7 @@ def _score_table(scored, names: list[str], mean: dict[str, float]) -> None:
     Console(highlight=False, soft_wrap=True).print(table)
 
 
-@weights_app.command("list")
+@_command(weights_app, "list")
 def weights_list() -> None:
     """List the registry's models and the merged weights kept by earlier runs. Needs no network.
 
@@ -510,7 +520,7 @@ def weights_list() -> None:
                    "(safe to delete; ICMSR_MERGED_CACHE=0 stops keeping them)")
 
 
-@weights_app.command("download")
+@_command(weights_app, "download")
 def weights_download(
     name: Optional[str] = typer.Argument(None, help="Model name from weights.toml (default: the registry's default)."),
     dtype: str = typer.Option("auto", "--dtype", help="Which weights: fp32, or fp16 (also used for bf16); auto: fp16 when CUDA is present."),
@@ -534,7 +544,7 @@ def weights_download(
     console.print(f"{spec.name}: LoRA checkpoint {paths.lora}")
 
 
-@weights_app.command("verify")
+@_command(weights_app, "verify")
 def weights_verify(name: Optional[str] = typer.Argument(None, help="Model name; default: every cached model.")) -> None:
     """Re-hash cached weights (Hub blobs against their sha256 names, the LoRA against its pin). Offline."""
     from .weights.hub import cache_state, verify_cached
@@ -553,7 +563,7 @@ def weights_verify(name: Optional[str] = typer.Argument(None, help="Model name; 
     console.print(f"verified: {', '.join(s.name for s in specs) or 'nothing cached'}")
 
 
-@weights_app.command("convert")
+@_command(weights_app, "convert")
 def weights_convert(
     source: Path = typer.Argument(..., help="OSEDiff-format .pkl checkpoint."),
     target: Path = typer.Argument(..., help="Output .safetensors file (same tensors; ranks and module lists in metadata); its folder is made if needed."),

@@ -31,6 +31,22 @@ def test_help_explains_every_flag():
         assert flag in result.stdout
 
 
+@pytest.mark.parametrize("command", [["upscale"], ["eval"], ["weights", "list"], ["weights", "verify"]])
+def test_help_prose_fills_an_80_column_terminal(command):
+    """Typer keeps a docstring's line breaks (0.2x on): help wrapped at 100 columns in the source
+    broke again mid-line in an 80-column terminal ("(LOCAL_RANK) and claims" alone on a line).
+    A line of prose ends only where the next word would not fit, or at a paragraph's end."""
+    width = 80
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": str(width)})
+    assert result.exit_code == 0
+    prose = result.stdout.split("\u256d")[0].splitlines()  # up to the first panel's corner
+    prose = [line.rstrip() for line in prose if not line.strip().startswith("Usage:")]
+    assert max(map(len, prose)) <= width
+    for line, after in zip(prose, prose[1:]):
+        if line and after:
+            assert len(line) + 1 + len(after.split()[0]) > width - 2, (line, after)
+
+
 def test_upscale_writes_exact_size_and_keeps_stdout_clean(tmp_path, tiny_base, tiny_lora):
     src, dst = tmp_path / "odd.png", tmp_path / "big.png"
     Image.fromarray(photo_like(45, 31)).save(src)
