@@ -69,8 +69,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors (also ICMSR_DEBUG=1); may be given anywhere on the line."),
+    version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", metavar="", help="Show tracebacks instead of one-line errors (also ICMSR_DEBUG=1); may be given anywhere on the line."),
 ) -> None:
     """Exit codes: 0 all done, 1 some inputs failed, 2 usage or setup error, 3 unexpected error, 130/143 interrupted."""
     if debug:
@@ -171,25 +171,25 @@ def _loading(label: str, quiet: bool = False):
 @_command(app)
 def upscale(
     inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Image files, directories, globs, or - for standard input."),
-    output: str = typer.Option(..., "-o", "--output", help="Output file, directory (mirrors the input tree; always one for several inputs, a folder or a glob), or - for standard output."),
-    scale: float = typer.Option(4.0, "-s", "--scale", help="Scale factor; the output is exactly round(W*s) x round(H*s)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model name from weights.toml (see `icmsr weights list`)."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base SD-2.1 model: a local diffusers folder or a Hub repo id."),
-    lora: Optional[str] = typer.Option(None, "--lora", help="LoRA checkpoint: a .pkl/.safetensors file, hf://owner/repo/path, or an https URL."),
-    prompt: str = typer.Option("", "--prompt", help="Text prompt for the UNet (default empty, as trained)."),
-    color_fix: str = typer.Option("adain", "--color-fix", help=f"Colour fix against the input: {', '.join(COLOR_FIXES)}."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."),
-    tile: str = typer.Option("auto", "--tile", help="Tiles for large images: auto (whole when it fits in free memory), off (always whole), or N: at most N latent px (8N image px) a side."),
-    recursive: bool = typer.Option(False, "-r", "--recursive", help="Descend into subfolders of directory inputs."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Output format png, jpg (or jpeg), webp, tiff (or tif) or bmp; the outputs get that suffix (default: the input's format; PNG for formats icmsr only reads: GIF, AVIF, HEIC)."),
-    png_compression: int = typer.Option(1, "--png-compression", min=0, max=9,
+    output: str = typer.Option(..., "-o", "--output", metavar="PATH", help="Output file, directory (mirrors the input tree; always one for several inputs, a folder or a glob), or - for standard output."),
+    scale: float = typer.Option(4.0, "-s", "--scale", metavar="FACTOR", help="Scale factor; the output is exactly round(W*s) x round(H*s)."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="NAME", help="Model name from weights.toml (see `icmsr weights list`)."),
+    base: Optional[str] = typer.Option(None, "--base", metavar="REPO_OR_DIR", help="Base SD-2.1 model: a local diffusers folder or a Hub repo id."),
+    lora: Optional[str] = typer.Option(None, "--lora", metavar="FILE_OR_REF", help="LoRA checkpoint: a .pkl/.safetensors file, hf://owner/repo/path, or an https URL."),
+    prompt: str = typer.Option("", "--prompt", metavar="TEXT", help="Text prompt for the UNet (default empty, as trained)."),
+    color_fix: str = typer.Option("adain", "--color-fix", metavar="|".join(COLOR_FIXES), help=f"Colour fix against the input: {', '.join(COLOR_FIXES)}."),
+    device: str = typer.Option("auto", "--device", metavar="NAME", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", metavar="auto|fp32|fp16|bf16", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."),
+    tile: str = typer.Option("auto", "--tile", metavar="auto|off|N", help="Tiles for large images: auto (whole when it fits in free memory), off (always whole), or N: at most N latent px (8N image px) a side."),
+    recursive: bool = typer.Option(False, "-r", "--recursive", metavar="", help="Descend into subfolders of directory inputs."),
+    fmt: Optional[str] = typer.Option(None, "--format", metavar="NAME", help="Output format png, jpg (or jpeg), webp, tiff (or tif) or bmp; the outputs get that suffix (default: the input's format; PNG for formats icmsr only reads: GIF, AVIF, HEIC)."),
+    png_compression: int = typer.Option(1, "--png-compression", min=0, max=9, metavar="N",
                                         help="zlib level of PNG outputs, 0-9: 1 (default) is fast, 9 the smallest files."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (default: skip them, so a rerun resumes)."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse inputs with more pixels than this (decompression-bomb guard)."),
-    json_lines: bool = typer.Option(False, "--json", help="One JSON line per file on stdout (input, output, sizes, seconds, status, error; rank under torchrun)."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only errors."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: upscale only shard I (0-based) of N, split by relative path: "
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace existing outputs (default: skip them, so a rerun resumes)."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, metavar="N", help="Refuse inputs with more pixels than this (decompression-bomb guard)."),
+    json_lines: bool = typer.Option(False, "--json", metavar="", help="One JSON line per file on stdout (input, output, sizes, seconds, status, error; rank under torchrun)."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", metavar="", help="Print only errors."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help="I/N: upscale only shard I (0-based) of N, split by relative path: "
                                                               "for Slurm arrays and indexed jobs sharing one filesystem."),
 ) -> None:
     """Upscale images with the one-step diffusion model.
@@ -416,15 +416,15 @@ def _progress():
 @_command(app, "eval")
 def evaluate(
     sr: str = typer.Argument(..., metavar="SR", help="Super-resolved image, or a folder of them."),
-    ref: str = typer.Option(..., "--ref", help="Reference (ground-truth) image, or a folder of them; paired with SR by file stem."),
-    metric_list: str = typer.Option("psnr,ssim", "--metrics",
+    ref: str = typer.Option(..., "--ref", metavar="PATH", help="Reference (ground-truth) image, or a folder of them; paired with SR by file stem."),
+    metric_list: str = typer.Option("psnr,ssim", "--metrics", metavar="LIST",
                                     help="Comma-separated: psnr, ssim (Y channel, as the papers' tables), and with pyiqa "
                                          "installed lpips, dists, clipiqa, musiq, maniqa, niqe."),
-    crop_border: int = typer.Option(0, "--crop-border", min=0, help="Pixels cut from each side before psnr/ssim (papers often use the scale)."),
-    suffix: Optional[str] = typer.Option(None, "--suffix", help="What SR names add to the reference stem, e.g. _x4 pairs 0001_x4.png with 0001.png "
+    crop_border: int = typer.Option(0, "--crop-border", min=0, metavar="PX", help="Pixels cut from each side before psnr/ssim (papers often use the scale)."),
+    suffix: Optional[str] = typer.Option(None, "--suffix", metavar="TEXT", help="What SR names add to the reference stem, e.g. _x4 pairs 0001_x4.png with 0001.png "
                                                                 "(default: equal stems, or the stem then _ - . and anything)."),
-    device: str = typer.Option("auto", "--device", help="Device of the learned metrics: auto, cpu, cuda, cuda:N or mps."),
-    json_lines: bool = typer.Option(False, "--json", help='One JSON line per pair on stdout (with "error" for a pair that failed or a file left unpaired), then {"mean": {...}, "count": N}.'),
+    device: str = typer.Option("auto", "--device", metavar="NAME", help="Device of the learned metrics: auto, cpu, cuda, cuda:N or mps."),
+    json_lines: bool = typer.Option(False, "--json", metavar="", help='One JSON line per pair on stdout (with "error" for a pair that failed or a file left unpaired), then {"mean": {...}, "count": N}.'),
 ) -> None:
     """Score SR images against references: PSNR and SSIM on the Y channel, plus pyiqa's learned metrics.
 
@@ -523,7 +523,7 @@ def weights_list() -> None:
 @_command(weights_app, "download")
 def weights_download(
     name: Optional[str] = typer.Argument(None, help="Model name from weights.toml (default: the registry's default)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Which weights: fp32, or fp16 (also used for bf16); auto: fp16 when CUDA is present."),
+    dtype: str = typer.Option("auto", "--dtype", metavar="auto|fp32|fp16", help="Which weights: fp32, or fp16 (also used for bf16); auto: fp16 when CUDA is present."),
 ) -> None:
     """Download a model's base weights and LoRA checkpoint into the Hugging Face cache."""
     import torch
@@ -567,7 +567,7 @@ def weights_verify(name: Optional[str] = typer.Argument(None, help="Model name; 
 def weights_convert(
     source: Path = typer.Argument(..., help="OSEDiff-format .pkl checkpoint."),
     target: Path = typer.Argument(..., help="Output .safetensors file (same tensors; ranks and module lists in metadata); its folder is made if needed."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing TARGET (default: keep it and skip)."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace an existing TARGET (default: keep it and skip)."),
 ) -> None:
     """Convert an OSEDiff .pkl LoRA checkpoint to safetensors (loads without unpickling)."""
     from .model.lora import load_lora_checkpoint, save_lora_safetensors

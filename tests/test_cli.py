@@ -29,6 +29,11 @@ def test_help_explains_every_flag():
     result = run("upscale", "--help")
     for flag in ("--output", "--scale", "--model", "--base", "--lora", "--prompt", "--color-fix", "--device", "--dtype", "--tile"):
         assert flag in result.stdout
+    # each value is named for what it is (Typer 0.2x showed <str>, and <bool> beside flags, which take none)
+    for command in (["upscale"], ["eval"], ["weights", "download"], ["weights", "convert"], []):
+        for line in CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).stdout.splitlines():
+            if " --" in line and "--help" not in line:
+                assert not any(kind in line for kind in ("<str>", "<bool>", "<float>", "<int")), line
 
 
 @pytest.mark.parametrize("command", [["upscale"], ["eval"], ["weights", "list"], ["weights", "verify"]])
