@@ -104,7 +104,7 @@ def _parse_tile(value: str) -> int | None | str:
         return None if value == "off" else value
     if value.isdigit() and int(value) >= 8:
         return int(value)
-    raise typer.BadParameter(f"{value!r}: expected auto, off, or a latent tile size of at least 8")
+    raise typer.BadParameter(f"{value!r}: expected auto, off, or a latent tile size of at least 8", param_hint="--tile")
 
 
 @contextmanager

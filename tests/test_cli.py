@@ -278,6 +278,13 @@ def test_a_scale_that_is_not_a_positive_finite_number_is_a_usage_error(tmp_path,
     assert not (tmp_path / "out.png").exists()
 
 
+@pytest.mark.parametrize("tile", ["3", "big", "-64"])
+def test_a_bad_tile_names_the_option(tmp_path, tile):
+    """"Invalid value: '3'" named no option; every other usage error names its flag."""
+    result = run("upscale", tmp_path / "in.png", "-o", tmp_path / "out.png", "--tile", tile)
+    assert result.exit_code == 2 and "Invalid value for --tile" in result.output, result.output
+
+
 def test_image_bytes_are_not_written_to_a_terminal(tmp_path):
     """-o - with stdout on a terminal is refused before any work (it dumped the encoded image there)."""
     import os
