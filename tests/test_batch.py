@@ -151,6 +151,24 @@ def test_inputs_in_formats_icmsr_only_reads_become_pngs_in_an_output_folder(tmp_
         batch.plan([str(src)], str(tmp_path / "out"))
 
 
+def test_a_file_reached_through_a_link_keeps_its_own_place_in_the_output_tree(tmp_path):
+    """With -r, a link sorted before its target (Best/x.png -> ../raw/x.png) was taken and the
+    real file dropped as a repeat: raw/x.png was missing from the mirrored tree. The file is still
+    taken once, under its own name; a link to a file outside the inputs is a file like any other."""
+    from icmsr_cli.io import batch
+
+    src = tmp_path / "photos"
+    (src / "raw").mkdir(parents=True)
+    (src / "Best").mkdir()
+    Image.fromarray(photo_like(8, 8)).save(src / "raw" / "x.png")
+    Image.fromarray(photo_like(8, 8)).save(tmp_path / "elsewhere.png")
+    (src / "Best" / "x.png").symlink_to("../raw/x.png")
+    (src / "Best" / "y.png").symlink_to(tmp_path / "elsewhere.png")
+    (src / "Best" / "up").symlink_to("..")  # a loop, not followed
+    jobs, missing = batch.plan([str(src)], str(tmp_path / "out"), recursive=True)
+    assert [j.key for j in jobs] == ["Best/y.png", "raw/x.png"] and not missing
+
+
 def test_an_output_folder_this_user_cannot_write_is_refused_up_front():
     """Checked with the permissions the writes will run under: as root the test takes another
     user's (nobody's) for the check, since root may write anywhere (in a folder of the system's

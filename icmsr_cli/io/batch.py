@@ -96,14 +96,14 @@ def discover(inputs: list[str], *, recursive: bool, exclude: Path | None = None)
                 missing.append(arg)
         else:
             missing.append(arg)
-    seen: set[Path] = set()
-    unique = []
-    for source, rel in found:
-        key = source.resolve() if source is not None else None
-        if key is None or key not in seen:
-            seen.add(key)
-            unique.append((source, rel))
-    return unique, missing
+    # a file reached twice is taken once, under its own name rather than a link's: with -r, a
+    # link sorted first (Best/x.jpg -> ../raw/x.jpg) took raw/x.jpg's place in the output tree
+    chosen: dict[object, int] = {}
+    for i, (source, rel) in enumerate(found):
+        key = source.resolve() if source is not None else i
+        if key not in chosen or (found[chosen[key]][0].is_symlink() and not source.is_symlink()):
+            chosen[key] = i
+    return [found[i] for i in sorted(chosen.values())], missing
 
 
 def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | None = None) -> tuple[list[Job], list[str]]:
