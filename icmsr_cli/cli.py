@@ -328,7 +328,7 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
         setattr(tally, result.status, getattr(tally, result.status) + 1)
         if result.status == "failed":
             _say(f"{tag}{result.error}", "error:", "red")
-        elif not quiet and not bar:
+        elif not quiet:  # above the bars in a terminal (rich keeps them at the bottom)
             if result.status == "done":
                 w, h = result.output_size
                 console.print(f"{tag}{result.job.name} -> {result.job.target or 'stdout'} ({w}x{h}, {result.seconds:.1f} s)")

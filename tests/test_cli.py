@@ -154,6 +154,27 @@ def test_stage_bars_follow_image_after_image():
     assert shown == {"images": (4, 4), "encode tiles": (4, 4), "unet tiles": (4, 4), "decode tiles": (1, 16)}
 
 
+def test_a_terminal_shows_where_each_file_went_above_the_bars(tmp_path, tiny_base, tiny_lora, monkeypatch):
+    """With the progress bars (a terminal), a run ended on full bars and never said where the
+    output went or how long it took; the lines printed off a terminal are printed above the bars."""
+    import io
+
+    from rich.console import Console
+
+    from icmsr_cli import cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, force_terminal=True, width=100, soft_wrap=True, highlight=False, markup=False))
+    for name in ("a.png", "b.png"):
+        Image.fromarray(photo_like(16, 12)).save(tmp_path / name)
+    result = run("upscale", tmp_path / "a.png", tmp_path / "b.png", "-o", tmp_path / "out", "--base", tiny_base, "--lora", tiny_lora)
+    assert result.exit_code == 0, result.output
+    text = screen.getvalue()
+    assert "images" in text and "━" in text  # the bars were drawn
+    for name in ("a.png", "b.png"):
+        assert f"{tmp_path / name} -> {tmp_path / 'out' / name} (64x48, " in text
+
+
 def test_broken_lora_is_named(tmp_path, tiny_base):
     src, bad = tmp_path / "in.png", tmp_path / "bad.pkl"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
