@@ -85,22 +85,27 @@ def fetch_base(sources: tuple[HubSource, ...], *, fp16: bool, what: str, notify:
             return folder
     if is_offline():
         raise _offline(what, "base model")
-    reasons = []
-    for src in sources:
+    reasons: dict[str, str] = {}  # repo: why it could not be used
+    for i, src in enumerate(sources):
+        then = "; trying the next mirror" if i + 1 < len(sources) else ""  # not said after the last one
         try:
             folder = Path(
                 snapshot_download(src.repo, revision=src.revision, allow_patterns=patterns, tqdm_class=tqdm_class)
             )
         except Exception as exc:  # missing repo, refused, network: fall through to the next mirror
-            reason = _reason(exc)
-            reasons.append(f"{src.repo}: {reason}")
-            notify(f"base model source {src.repo} failed ({reason}); trying the next mirror")
+            reasons[src.repo] = _reason(exc)
+            if then:
+                notify(f"base model source {src.repo} failed ({reasons[src.repo]}){then}")
             continue
         if _complete(folder, fp16):
             return folder
-        reasons.append(f"{src.repo}: the repo lacks {', '.join(p for p in patterns if not any(folder.glob(p)))}")
-        notify(f"base model source {src.repo} is incomplete; trying the next mirror")
-    raise ModelNotFoundError(f"{what}: no base model source could be used ({'; '.join(reasons)})")
+        reasons[src.repo] = f"the repo lacks {', '.join(p for p in patterns if not any(folder.glob(p)))}"
+        if then:
+            notify(f"base model source {src.repo} is incomplete{then}")
+    if len(set(reasons.values())) == 1:  # one cause (no network): said once
+        raise ModelNotFoundError(f"{what}: no base model source could be used: {next(iter(reasons.values()))} "
+                                 f"(tried {', '.join(reasons)})")
+    raise ModelNotFoundError(f"{what}: no base model source could be used ({'; '.join(f'{r}: {why}' for r, why in reasons.items())})")
 
 
 def fetch_lora(src: LoraSource, *, what: str, notify: Notify, tqdm_class=None) -> Path:
