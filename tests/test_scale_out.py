@@ -41,6 +41,14 @@ def _share() -> int:
     return max(1, len(os.sched_getaffinity(0)) // 2)
 
 
+@pytest.fixture(autouse=True)
+def _temporaries(tmp_path, monkeypatch):
+    """torchrun's per-run folders (torchelastic_*) go under the test's own folder: launchers
+    killed on purpose cannot remove theirs, and four were left in /tmp by every run of this file."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+
+
 @pytest.fixture()
 def folder(tmp_path):
     src = tmp_path / "in"
