@@ -100,25 +100,27 @@ def test_bad_input_is_refused():
             tiff.encode_tiff(bad)
 
 
-def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflate: bool, photometric: int = 2) -> bytes:
-    """A 16-bit TIFF stored plane by plane (PlanarConfiguration 2; one plane is just gray), built by
-    hand from the TIFF 6.0 layout: every plane's strips, in plane order, then one tag directory."""
+def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflate: bool, photometric: int = 2,
+                 planar: bool = True, extra: int = 2) -> bytes:
+    """A 16-bit TIFF stored plane by plane (PlanarConfiguration 2; one plane is just gray), or
+    interleaved (`planar` False), built by hand from the TIFF 6.0 layout: every plane's strips, in
+    plane order, then one tag directory. A fourth sample is an ExtraSample of kind `extra`."""
     import struct
     import zlib
 
     h, w, c = samples.shape
     body, offsets, counts = b"", [], []
-    for p in range(c):
+    for p in range(c if planar else 1):
         for y in range(0, h, rows_per_strip):
-            strip = samples[y : y + rows_per_strip, :, p].astype(order + "u2").tobytes()
+            strip = (samples[y : y + rows_per_strip, :, p] if planar else samples[y : y + rows_per_strip]).astype(order + "u2").tobytes()
             strip = zlib.compress(strip) if deflate else strip
             offsets.append(8 + len(body))
             counts.append(len(strip))
             body += strip + bytes(len(strip) % 2)
     entries = [(256, 4, [w]), (257, 4, [h]), (258, 3, [16] * c), (259, 3, [8 if deflate else 1]), (262, 3, [photometric]),
-               (273, 4, offsets), (277, 3, [c]), (278, 4, [rows_per_strip]), (279, 4, counts), (284, 3, [2 if c > 1 else 1])]
+               (273, 4, offsets), (277, 3, [c]), (278, 4, [rows_per_strip]), (279, 4, counts), (284, 3, [2 if c > 1 and planar else 1])]
     if c == 4:
-        entries.append((338, 3, [2]))  # unassociated alpha
+        entries.append((338, 3, [extra]))  # 2: unassociated alpha
     at = 8 + len(body)
     extra_at, head, tail = at + 2 + 12 * len(entries) + 4, struct.pack(order + "H", len(entries)), b""
     for tag, kind, values in entries:
@@ -148,3 +150,24 @@ def test_16bit_white_is_zero_gray_tiff_is_inverted():
     samples = np.random.default_rng(0).integers(0, 65536, (6, 10, 1), dtype=np.uint16)
     picture = read_image(_planar_tiff(samples, order="<", rows_per_strip=6, deflate=False, photometric=0))
     np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), 65535 - samples)
+
+
+@pytest.mark.parametrize("planar", [False, True])
+def test_a_16bit_tiffs_extra_channel_is_transparency_only_when_it_says_so(planar):
+    """Photoshop saves a selection or mask as an extra sample of unspecified meaning: Pillow drops it
+    at 8 bits, but OpenCV took it as alpha at 16, so the picture came out transparent where the mask
+    was dark. Premultiplied (associated) alpha is divided out, as Pillow does at 8 bits."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 65536, (12, 10, 3), dtype=np.uint16)
+    alpha = rng.integers(1, 65536, (12, 10, 1), dtype=np.uint16)
+    mask = np.concatenate([rgb, alpha], axis=2)
+    picture = read_image(_planar_tiff(mask, order="<", rows_per_strip=5, deflate=True, planar=planar, extra=0))
+    assert picture.pixels.shape == (12, 10, 3)
+    np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), rgb)
+    picture = read_image(_planar_tiff(mask, order=">", rows_per_strip=5, deflate=False, planar=planar, extra=2))
+    np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), mask)  # unassociated: as stored
+    premultiplied = np.concatenate([np.round(rgb * (alpha / 65535)).astype(np.uint16), alpha], axis=2)
+    picture = read_image(_planar_tiff(premultiplied, order="<", rows_per_strip=12, deflate=False, planar=planar, extra=1))
+    np.testing.assert_array_equal(np.round(picture.pixels[..., 3] * 65535).astype(np.uint16), alpha[..., 0])
+    expected = np.clip(premultiplied[..., :3] / alpha.astype(np.float64), 0, 1)  # what the file holds, divided out
+    np.testing.assert_allclose(picture.pixels[..., :3], expected, atol=1e-6)

@@ -283,7 +283,32 @@ def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
         exif = image.getexif()
         exif.pop(0x0112, None)  # applied above, as ImageOps.exif_transpose drops it for 8 bits
         info["exif"] = exif.tobytes()
-    return Picture((np.ascontiguousarray(arr).astype(np.float32) / 65535.0), 16, info)
+    pixels = np.ascontiguousarray(arr).astype(np.float32) / 65535.0
+    if image.format == "TIFF":
+        pixels = _extra_samples(pixels, image.tag_v2.get(_EXTRA_SAMPLES, 0))
+    return Picture(pixels, 16, info)
+
+
+_EXTRA_SAMPLES = 338
+_UNSPECIFIED, _ASSOCIATED = 0, 1
+
+
+def _extra_samples(pixels: np.ndarray, kinds) -> np.ndarray:
+    """A 16-bit RGB TIFF's samples after the colour, as Pillow treats them at 8 bits: an extra of
+    unspecified meaning (Photoshop's saved selections and masks) is not transparency and is
+    dropped; premultiplied (associated) alpha is divided out. OpenCV took either as plain alpha,
+    so a mask made the picture transparent."""
+    if pixels.shape[2] <= 3:
+        return pixels
+    kind = int(np.atleast_1d(kinds)[0]) if np.size(kinds) else _UNSPECIFIED
+    if kind == _UNSPECIFIED:
+        return np.ascontiguousarray(pixels[..., :3])
+    pixels = np.ascontiguousarray(pixels[..., :4])
+    if kind == _ASSOCIATED:
+        alpha = pixels[..., 3:]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pixels[..., :3] = np.where(alpha > 0, np.clip(pixels[..., :3] / alpha, 0, 1), 0)
+    return pixels
 
 
 # ------------------------------------------------------------------------------------ resizing
