@@ -789,6 +789,43 @@ def test_exif_pixel_dimensions_give_the_output_size(order):
     assert exif_with_size(b"Exif\0\0garbage", (96, 64)) == b"Exif\0\0garbage"  # what does not parse is kept as it was
 
 
+def test_exif_or_xmp_too_long_for_a_jpeg_is_left_out_before_the_model_and_said(tmp_path):
+    """A PNG whose EXIF outgrew JPEG's one 64 KB segment (long comments, embedded previews) was
+    upscaled, then failed at the end ("cannot encode as JPEG (EXIF data is too long)"), the output
+    lost for the sake of its metadata; a long XMP was left out without a word. Both are now left
+    out of a JPEG with a note, said before the model runs; other formats keep them."""
+    from icmsr_cli.io import batch
+
+    exif = Image.Exif()
+    exif[0x010F] = "Cam"
+    exif.get_ifd(0x8769)[0x9286] = b"ASCII\0\0\0" + b"y" * 70000  # UserComment
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/">' + b" " * 70000 + b"</x:xmpmeta>"
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(photo_like(16, 12)).save(src / "long.png", exif=exif, pnginfo=_png_info({"XML:com.adobe.xmp": xmp.decode()}))
+    jobs, _ = batch.plan([str(src)], str(tmp_path / "out"), fmt="jpg")
+    notes = []
+    [result] = batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: (notes.append("model"), picture)[1], notify=notes.append)
+    assert result.status == "done", result.error
+    assert [n.split(": its ")[1].split(" (")[0] for n in notes[:2]] == ["EXIF", "XMP"] and notes[2] == "model"
+    assert all(n.endswith("is more than a JPEG holds (64 KB); it is left out (png, webp and tiff keep it)") for n in notes[:2])
+    with Image.open(tmp_path / "out" / "long.jpg") as im:
+        assert "exif" not in im.info and im.size == (16, 12)
+    jobs, _ = batch.plan([str(src)], str(tmp_path / "png"))
+    [result] = batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture)
+    with Image.open(tmp_path / "png" / "long.png") as im:
+        assert im.getexif()[0x010F] == "Cam" and len(im.info["exif"]) > 70000
+
+
+def _png_info(text: dict[str, str]):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, value)
+    return info
+
+
 def test_a_lossless_webp_stays_lossless():
     """A lossless WebP (graphics, screenshots, archives) was written back lossy at quality 95; a
     lossy one stays lossy (lossless would make a photo's file several times larger)."""

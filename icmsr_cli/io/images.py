@@ -387,7 +387,16 @@ def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Pic
     if fmt == "TIFF" and picture.bit_depth == 16 and picture.pixels.shape[2] == 2:  # neither Pillow nor OpenCV reads it back
         picture = _gray_alpha_as_rgba(picture)
         notes.append("16-bit gray with alpha is written to TIFF as 16-bit RGBA, which readers take")
+    if fmt == "JPEG":  # one marker segment each: Pillow refused a longer EXIF after the model had run
+        for key, what, room in (("exif", "EXIF", _JPEG_SEGMENT), ("xmp", "XMP", _JPEG_SEGMENT - len(metadata.XMP_JPEG_PREFIX))):
+            if len(picture.info.get(key) or b"") > room:
+                notes.append(f"{name}: its {what} ({round(len(picture.info[key]) / 1024)} KB) is more than a JPEG holds "
+                             f"({round(room / 1024)} KB); it is left out (png, webp and tiff keep it)")
+                picture = replace(picture, info={k: v for k, v in picture.info.items() if k != key})
     return picture, notes
+
+
+_JPEG_SEGMENT = 65533  # an APP segment's bytes after its length field (Pillow's MAX_BYTES_IN_MARKER)
 
 
 #: the largest side each format's encoder takes (libwebp's WEBP_MAX_DIMENSION, libjpeg's JPEG_MAX_DIMENSION)
