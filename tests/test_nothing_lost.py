@@ -817,6 +817,23 @@ def test_exif_or_xmp_too_long_for_a_jpeg_is_left_out_before_the_model_and_said(t
         assert im.getexif()[0x010F] == "Cam" and len(im.info["exif"]) > 70000
 
 
+def test_what_a_bmp_cannot_hold_is_said():
+    """A photo's colour profile (Adobe RGB, Display P3), EXIF and XMP vanished into a BMP without a
+    word, and its colours then show as sRGB; every other output format keeps them."""
+    from icmsr_cli.io.images import Picture, fit_to_format
+
+    pixels = photo_like(8, 6).astype(np.float32) / 255
+    picture = Picture(pixels, 8, {"icc_profile": b"p" * 600, "exif": b"Exif\0\0II*\0", "dpi": (300.0, 300.0)})
+    _, notes = fit_to_format(picture, "BMP", "scan.jpg")
+    assert notes == ["scan.jpg: BMP cannot hold its colour profile or EXIF; left out (its colours then show as sRGB); "
+                     "png, jpg, webp and tiff keep them"]
+    _, notes = fit_to_format(Picture(pixels, 8, {"xmp": b"<x/>", "dpi": (300.0, 300.0)}), "BMP", "a.png")
+    assert notes == ["a.png: BMP cannot hold its XMP; left out; png, jpg, webp and tiff keep them"]
+    assert fit_to_format(Picture(pixels, 8, {"dpi": (300.0, 300.0)}), "BMP", "a.png")[1] == []  # BMP holds the dpi
+    for fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
+        assert fit_to_format(picture, fmt, "scan.jpg")[1] == []
+
+
 def _png_info(text: dict[str, str]):
     from PIL import PngImagePlugin
 

@@ -393,6 +393,11 @@ def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Pic
                 notes.append(f"{name}: its {what} ({round(len(picture.info[key]) / 1024)} KB) is more than a JPEG holds "
                              f"({round(room / 1024)} KB); it is left out (png, webp and tiff keep it)")
                 picture = replace(picture, info={k: v for k, v in picture.info.items() if k != key})
+    if fmt == "BMP":  # no place for any of them: said, as every other format keeps them
+        lost = [what for key, what in (("icc_profile", "colour profile"), ("exif", "EXIF"), ("xmp", "XMP")) if picture.info.get(key)]
+        if lost:
+            notes.append(f"{name}: BMP cannot hold its {' or '.join(lost)}; left out"
+                         f"{' (its colours then show as sRGB)' if 'colour profile' in lost else ''}; png, jpg, webp and tiff keep them")
     return picture, notes
 
 
