@@ -280,15 +280,18 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
             ranks.share_cpu()
             device = ranks.device(device)
         jobs, missing = batch.plan(inputs, output, recursive=recursive, fmt=fmt)
+        if not jobs and not missing:  # in every shard alike
+            raise SetupError(f"no images found in the inputs (folders yield {' '.join(batch.IMAGE_SUFFIXES)} files)")
         if shard:
             index, count = claims.parse_shard(shard)
+            everything = len(jobs)
             jobs = claims.take_shard(jobs, lambda job: job.key or job.name, index, count)
             missing = missing if index == 0 else []
+            if not jobs and not missing and not quiet:  # more shards than files, or an unlucky split: not an error
+                console.print(f"shard {shard}: no image falls in this shard ({everything} in all); nothing to do")
         if ranks:
             ranks.check_same_plan([str(j.target) for j in jobs])
         tally.total = len(jobs) + len(missing)
-        if not jobs and not missing and not shard:
-            raise SetupError(f"no images found in the inputs (folders yield {' '.join(batch.IMAGE_SUFFIXES)} files)")
         start = time.perf_counter()
         upscaler = None
         bar = _progress() if not quiet and console.is_terminal and ranks is None else None  # ranks share a terminal

@@ -147,6 +147,23 @@ def test_shards_split_a_folder_with_no_overlap_and_no_gap(tmp_path, folder, tiny
     assert len(list((tmp_path / "out").rglob("*.png"))) == N_IMAGES
 
 
+def test_a_shard_with_no_file_says_so_and_no_images_anywhere_is_an_error(tmp_path):
+    """A shard that drew no file exited 0 in silence, and so did every shard of an empty folder
+    (without --shard that is "no images found", exit 2)."""
+    from typer.testing import CliRunner
+
+    from icmsr_cli.cli import app
+
+    Image.fromarray(photo_like(8, 8)).save(tmp_path / "one.png")
+    empty = CliRunner().invoke(app, ["upscale", str(tmp_path / "one.png"), "-o", str(tmp_path / "out") + "/",
+                                     "--shard", f"{1 - shard_of('one.png', 2)}/2"])
+    assert empty.exit_code == 0 and "no image falls in this shard (1 in all); nothing to do" in empty.stderr
+    (tmp_path / "nothing").mkdir()
+    for index in range(2):
+        result = CliRunner().invoke(app, ["upscale", str(tmp_path / "nothing"), "-o", str(tmp_path / "out"), "--shard", f"{index}/2"])
+        assert result.exit_code == 2 and "no images found" in result.stderr
+
+
 def test_shard_of_is_stable_disjoint_and_complete():
     keys = [f"album{i % 7}/IMG_{i:05d}.jpg" for i in range(2000)]
     shards = [take_shard(keys, str, i, 8) for i in range(8)]
