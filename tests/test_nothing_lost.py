@@ -789,6 +789,49 @@ def test_exif_pixel_dimensions_give_the_output_size(order):
     assert exif_with_size(b"Exif\0\0garbage", (96, 64)) == b"Exif\0\0garbage"  # what does not parse is kept as it was
 
 
+def _png_with_chunks(data: bytes, *chunks: tuple[bytes, bytes]) -> bytes:
+    """The PNG with `chunks` (kind, data) put after its IHDR."""
+    made = b"".join(struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body)) for kind, body in chunks)
+    return data[:33] + made + data[33:]
+
+
+@pytest.mark.parametrize("kind", ["png8", "png16", "webp"])
+def test_a_damaged_exif_block_is_left_out_not_the_picture(kind):
+    """Pillow's parse of a damaged EXIF block failed the whole PNG or WebP ("cannot read image (not
+    a TIFF file ...)"), whose pixels are fine: the block is now left out, with a note."""
+    from icmsr_cli.io.images import encode_image, read_image
+
+    pixels = photo_like(12, 8)
+    garbage = b"\x13\x37" * 30
+    if kind == "png16":
+        data = _png_with_chunks(cv2.imencode(".png", pixels.astype(np.uint16) * 257)[1].tobytes(), (b"eXIf", garbage))
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "PNG" if kind == "png8" else "WEBP", lossless=True)
+        data = _png_with_chunks(buf.getvalue(), (b"eXIf", garbage)) if kind == "png8" else None
+        if kind == "webp":
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, "WEBP", lossless=True, exif=b"Exif\0\0" + garbage)
+            data = buf.getvalue()
+    picture = read_image(data, name="shot")
+    assert picture.notes == ("its EXIF block is damaged; it is left out",) and "exif" not in picture.info
+    assert picture.pixels.shape == (8, 12, 3)
+    with Image.open(io.BytesIO(encode_image(picture, "PNG"))) as im:
+        assert "exif" not in im.info
+
+
+def test_libpng_warnings_stay_off_stderr(tmp_path):
+    """OpenCV decodes 16-bit PNGs, and libpng printed its warnings on their metadata chunks
+    ("iCCP: known incorrect sRGB profile", "pHYs: duplicate") straight to stderr, past
+    OPENCV_LOG_LEVEL, beside icmsr's own lines. OpenCV is given only the chunks of the pixels."""
+    data = cv2.imencode(".png", photo_like(12, 8).astype(np.uint16) * 257)[1].tobytes()
+    (tmp_path / "dup.png").write_bytes(_png_with_chunks(data, (b"pHYs", bytes(9)), (b"pHYs", bytes(9))))
+    code = "import sys; from icmsr_cli.io.images import read_image; p = read_image(sys.argv[1]); print(p.bit_depth, p.pixels.shape)"
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dup.png")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["16", "(8,", "12,", "3)"], done.stderr
+    assert done.stderr == ""
+
+
 def test_exif_or_xmp_too_long_for_a_jpeg_is_left_out_before_the_model_and_said(tmp_path):
     """A PNG whose EXIF outgrew JPEG's one 64 KB segment (long comments, embedded previews) was
     upscaled, then failed at the end ("cannot encode as JPEG (EXIF data is too long)"), the output

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, TiffImagePlugin
 
 from . import atomic, metadata
-from .png import encode_png
+from .png import encode_png, pixel_chunks
 from .tiff import encode_tiff, planes_of
 from ..choices import DEFAULT_MAX_PIXELS
 from ..errors import DiskFullError, ImageError
@@ -146,15 +146,16 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             if w * h > max_pixels:
                 raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}; raise --max-pixels to allow it")
             frames = getattr(image, "n_frames", 1)
+            damaged = _exif_read(image)
             if _is_16bit_color(image, data):
                 picture = _read_16bit_color(image, data, name)
             else:
-                image.getexif()  # read (and cached) while the file is open: Pillow 10.0 lost a multi-page TIFF's after load()
                 image.load()
                 picture = replace(picture_from_pil(ImageOps.exif_transpose(image)), notes=_narrowed(image))
                 if image.format == "TIFF" and image.mode.startswith("I;16") and image.tag_v2.get(262) == 0:
                     # WhiteIsZero: Pillow inverts it at 8 bits but hands 16-bit samples over as stored
                     picture = picture.with_pixels(1 - picture.pixels)
+            picture = replace(picture, notes=(*picture.notes, *damaged))
             text = metadata.png_text(image)
             xmp = metadata.xmp(image, text)
             info = {**picture.info, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {}),
@@ -263,12 +264,26 @@ def _narrowed(image: Image.Image) -> tuple[str, ...]:
     return ()
 
 
+def _exif_read(image: Image.Image) -> tuple[str, ...]:
+    """Reads (and caches) the EXIF while the file is open (Pillow 10.0 lost a multi-page TIFF's
+    after load()). A damaged block is left out, with a note: Pillow's parse of it failed the whole
+    PNG or WebP ("cannot read image (not a TIFF file ...)"), whose pixels are fine."""
+    try:
+        image.getexif()
+        return ()
+    except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error):
+        image.info.pop("exif", None)
+        image.getexif()  # Pillow marks the block read before parsing it: an empty one from here on
+        return ("its EXIF block is damaged; it is left out",)
+
+
 def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
     import cv2
 
     arr = planes_of(image, data) if image.format == "TIFF" else None  # RGB(A) order already
     if arr is None:
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        pixels_only = pixel_chunks(data) if image.format == "PNG" else data
+        arr = cv2.imdecode(np.frombuffer(pixels_only, np.uint8), cv2.IMREAD_UNCHANGED)
         if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
             raise ImageError(f"{name}: cannot decode this 16-bit image")
         if image.format == "PNG" and data[25] == 4:  # OpenCV expands gray + alpha to BGRA, gray thrice

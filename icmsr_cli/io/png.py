@@ -167,3 +167,27 @@ def encoder_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=default_threads or cpu_count(), thread_name_prefix="icmsr-png")
         return _pool
+
+
+#: the chunks that make a PNG's pixels: what OpenCV is given to decode a 16-bit PNG (Pillow reads
+#: its metadata). libpng printed its warnings on the rest to stderr, past OPENCV_LOG_LEVEL
+#: ("libpng warning: eXIf: invalid", "iCCP: known incorrect sRGB profile").
+_PIXEL_CHUNKS = {b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND"}
+
+
+def pixel_chunks(data: bytes) -> bytes:
+    """The PNG with only the chunks its pixels need; the file as it was if it does not parse."""
+    if not data.startswith(SIGNATURE):
+        return data
+    parts, at = [SIGNATURE], len(SIGNATURE)
+    while at + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at : at + 8])
+        end = at + 12 + length
+        if end > len(data):
+            return data
+        if kind in _PIXEL_CHUNKS:
+            parts.append(data[at:end])
+        at = end
+        if kind == b"IEND":
+            break
+    return b"".join(parts)
