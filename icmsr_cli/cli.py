@@ -549,7 +549,9 @@ def weights_download(
 
 @_command(weights_app, "verify")
 def weights_verify(name: Optional[str] = typer.Argument(None, help="Model name; default: every cached model.")) -> None:
-    """Re-hash cached weights (Hub blobs against their sha256 names, the LoRA against its pin). Offline."""
+    """Re-hash cached weights (Hub blobs against their sha256 names, the LoRA against its pin). Offline.
+
+    A corrupt file is removed, so that `icmsr weights download` fetches it again."""
     from .weights.hub import cache_state, verify_cached
     from .weights.registry import load_registry
 

@@ -159,6 +159,12 @@ def test_download_fetches_only_what_runs_then_cache_needs_no_request(tmp_path, h
     blob.write_bytes(b"damaged" + blob.read_bytes()[7:])
     result = icmsr(env, "weights", "verify", "osediff")
     assert result.returncode == 1 and "unet/diffusion_pytorch_model.safetensors is corrupt" in result.stderr
+    # removed, so that a download fetches a good copy (huggingface_hub kept the damaged one)
+    assert "removed, `icmsr weights download osediff` fetches it again" in result.stderr and not blob.exists()
+    hub.log.clear()
+    assert icmsr(env, "weights", "download", "--dtype", "fp32").returncode == 0
+    assert [p for p in hub.downloaded() if p.endswith("unet/diffusion_pytorch_model.safetensors")]
+    assert icmsr(env, "weights", "verify", "osediff").returncode == 0
 
 
 def test_fp16_download_takes_only_the_fp16_weights(hub, env):

@@ -350,22 +350,29 @@ def verify_cached(spec: ModelSpec) -> list[str]:
     """Re-hash what is cached for `spec`, offline; return the problems found (empty: all good).
 
     Hub LFS blobs are stored under their sha256, so every cached weights file can be checked
-    without a request; the LoRA is checked against the registry's pin when there is one.
+    without a request; the LoRA is checked against the registry's pin when there is one. A corrupt
+    file is removed: huggingface_hub takes a cached file as it finds it, so `weights download`
+    left it in place, and only deleting the cache by hand got a good copy.
     """
     state = cache_state(spec)
     problems = []
+    fetch = f"`icmsr weights download {spec.name}` fetches it"
     if state.base is None:
-        problems.append(f"{spec.name}: base model not downloaded")
+        problems.append(f"{spec.name}: base model not downloaded; {fetch}")
     else:
         for path in sorted(state.base.rglob("*")):
             blob = path.resolve()
-            if path.is_file() and _SHA256.match(blob.name) and sha256_of(blob) != blob.name:
-                problems.append(f"{spec.name}: {path.relative_to(state.base)} is corrupt (sha256 {sha256_of(blob)}, expected {blob.name})")
+            if path.is_file() and _SHA256.match(blob.name) and (actual := sha256_of(blob)) != blob.name:
+                _delete(path)
+                problems.append(f"{spec.name}: {path.relative_to(state.base)} is corrupt (sha256 {actual}, expected {blob.name}); "
+                                f"removed, {fetch} again")
     if spec.lora is None:
         return problems
     if state.lora is None:
-        problems.append(f"{spec.name}: LoRA checkpoint not downloaded")
+        problems.append(f"{spec.name}: LoRA checkpoint not downloaded; {fetch}")
     else:
-        problems += [f"{spec.name}: {state.lora.name} is corrupt ({kind} {actual}, expected {expected})"
-                     for kind, expected, actual in _pin_checks(spec.lora, state.lora) if actual != expected]
+        wrong = [f"{kind} {actual}, expected {expected}" for kind, expected, actual in _pin_checks(spec.lora, state.lora) if actual != expected]
+        if wrong:
+            _delete(state.lora)
+            problems.append(f"{spec.name}: {state.lora.name} is corrupt ({'; '.join(wrong)}); removed, {fetch} again")
     return problems
