@@ -157,6 +157,10 @@ def test_download_fetches_only_what_runs_then_cache_needs_no_request(tmp_path, h
 
     blob = next(p.resolve() for p in (tmp_path / "hf").rglob("diffusion_pytorch_model.safetensors") if "unet" in str(p))
     blob.write_bytes(b"damaged" + blob.read_bytes()[7:])
+    result = icmsr(env, "upscale", src, "-o", tmp_path / "again.png", "--tile", "off")
+    assert result.returncode == 2 and "unet/diffusion_pytorch_model.safetensors: unreadable weights (" in result.stderr
+    assert result.stderr.strip().endswith(
+        "; `icmsr weights verify` removes a damaged download and `icmsr weights download` fetches it again"), result.stderr
     result = icmsr(env, "weights", "verify", "osediff")
     assert result.returncode == 1 and "unet/diffusion_pytorch_model.safetensors is corrupt" in result.stderr
     # removed, so that a download fetches a good copy (huggingface_hub kept the damaged one)

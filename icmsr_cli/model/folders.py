@@ -64,7 +64,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         # mapped when it is a zip archive (torch >= 1.6); older .bin files are the legacy format, read whole
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file, in the file's own words
-        raise ModelNotFoundError(f"{path}: unreadable weights ({exc})") from exc
+        # a download's copy is not the user's to mend by hand: say how to get a good one
+        cached = "snapshots" in path.parts and any(part.startswith("models--") for part in path.parts)
+        hint = "; `icmsr weights verify` removes a damaged download and `icmsr weights download` fetches it again" if cached else ""
+        raise ModelNotFoundError(f"{path}: unreadable weights ({exc}){hint}") from exc
 
 
 def load_into(module: nn.Module, folder: Path, *, dtype: torch.dtype | None, variant: str | None) -> nn.Module:
