@@ -140,34 +140,35 @@ def _text_encoder_identity(base: Path) -> str:
 
 def prompt_embedding(base: Path, prompt: str) -> torch.Tensor:
     """Text-encoder output [0] (1 x 77 x D, float32) for `prompt`, cached on disk per base model."""
+    embeds, tokens = _embedding(base, prompt)
+    _say_if_cut(tokens, embeds)
+    return embeds
+
+
+def _embedding(base: Path, prompt: str) -> tuple[torch.Tensor, int]:
+    """The embedding and the prompt's length in tokens: from the cache, or computed and cached."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     root = writable_cache_dir()
     if root is None:
-        embeds, tokens = _encode_prompt(base, prompt)
-        _say_if_cut(tokens, embeds)
-        return embeds
+        return _encode_prompt(base, prompt)
     key = hashlib.sha256((_text_encoder_identity(base) + "\0" + prompt).encode()).hexdigest()[:32]
     path = root / "prompt-embeddings" / f"{key}.safetensors"
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:
-                tokens = int((f.metadata() or {}).get("tokens", 0))
-                embeds = f.get_tensor("prompt_embeds")
-            _say_if_cut(tokens, embeds)
-            return embeds
+                return f.get_tensor("prompt_embeds"), int((f.metadata() or {}).get("tokens", 0))
         except Exception as exc:  # a damaged cache entry is recomputed, not fatal
             logger.warning("ignoring unreadable prompt-embedding cache %s (%s)", path, exc)
     embeds, tokens = _encode_prompt(base, prompt)
-    _say_if_cut(tokens, embeds)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic.replacing(path) as tmp:
             save_file({"prompt_embeds": embeds.contiguous()}, str(tmp), metadata={"prompt": prompt, "tokens": str(tokens)})
     except (OSError, DiskFullError) as exc:
         logger.warning("could not save the prompt embedding in %s (%s); the next run computes it again", path.parent, exc)
-    return embeds
+    return embeds, tokens
 
 
 def _say_if_cut(tokens: int, embeds: torch.Tensor) -> None:
