@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from icmsr_cli.errors import ImageError
 from icmsr_cli.io import tiff
 from icmsr_cli.io.images import Picture, encode_image, fit_to_format, read_image
 
@@ -171,3 +172,14 @@ def test_a_16bit_tiffs_extra_channel_is_transparency_only_when_it_says_so(planar
     np.testing.assert_array_equal(np.round(picture.pixels[..., 3] * 65535).astype(np.uint16), alpha[..., 0])
     expected = np.clip(premultiplied[..., :3] / alpha.astype(np.float64), 0, 1)  # what the file holds, divided out
     np.testing.assert_allclose(picture.pixels[..., :3], expected, atol=1e-6)
+
+
+def test_a_tiff_no_reader_takes_says_what_it_holds():
+    """"not a recognised image format" for a valid TIFF sent users looking for a damaged file; the
+    error now names the layout (16-bit gray with alpha: neither Pillow nor OpenCV reads it)."""
+    samples = np.random.default_rng(2).integers(0, 65536, (6, 10, 2), dtype=np.uint16)
+    with pytest.raises(ImageError, match=r"^la\.tif: cannot read this kind of TIFF \(16-bit unsigned gray, 2 samples per pixel\); "
+                                         r"icmsr reads 8- and 16-bit gray, RGB and RGBA, CMYK, and 32-bit float RGB$"):
+        read_image(_planar_tiff(samples, order="<", rows_per_strip=6, deflate=False, photometric=1, planar=False), name="la.tif")
+    with pytest.raises(ImageError, match=r"^junk\.tif: cannot read image \(not a recognised image format\)$"):
+        read_image(b"II*\0" + bytes(40), name="junk.tif")

@@ -168,6 +168,9 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             return picture
         if _brands(data) & _AVIF_BRANDS:
             raise ImageError(f"{name}: this Pillow {Image.__version__} cannot read AVIF; Pillow 11.3 or later can") from None
+        if layout := _unreadable_tiff(data):
+            raise ImageError(f"{name}: cannot read this kind of TIFF ({layout}); "
+                             "icmsr reads 8- and 16-bit gray, RGB and RGBA, CMYK, and 32-bit float RGB") from None
         raise ImageError(f"{name}: cannot read image (not a recognised image format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: cannot read image ({exc})") from None
@@ -224,15 +227,10 @@ def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture |
     OpenCV before 4.9 wrote float images), which Pillow cannot open, decoded by OpenCV: values
     outside 0-1 are cut, and counted, as for float gray; the output is 16-bit. The size limit is
     checked from the tags first. None when it is no such file (OpenCV gives no float colour)."""
-    if data[:4] not in (b"II*\0", b"MM\0*"):
-        return None
+    tags = _tiff_tags(data)
     try:
-        tags = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
-        stream = io.BytesIO(data)
-        stream.seek(tags.next)
-        tags.load(stream)
         w, h = int(tags[256]), int(tags[257])
-    except (KeyError, ValueError, TypeError, OSError, SyntaxError, struct.error):
+    except (KeyError, ValueError, TypeError):
         return None
     if w * h > max_pixels:
         raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}; raise --max-pixels to allow it")
@@ -245,6 +243,37 @@ def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture |
     outside = float(np.count_nonzero(~((arr >= 0) & (arr <= 1)))) / max(arr.size, 1)  # NaN counts as outside
     info = {"icc_profile": tags[34675]} if tags.get(34675) else {}
     return Picture(np.ascontiguousarray(np.clip(np.nan_to_num(arr), 0, 1)), 16, info, format="TIFF", clipped=outside)
+
+
+def _tiff_tags(data: bytes) -> dict:
+    """A TIFF's first tag directory, read without Pillow's image plugin; {} for anything else."""
+    if data[:4] not in (b"II*\0", b"MM\0*"):
+        return {}
+    try:
+        tags = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+        stream = io.BytesIO(data)
+        stream.seek(tags.next)
+        tags.load(stream)
+        return dict(tags)
+    except (KeyError, ValueError, TypeError, OSError, SyntaxError, struct.error):
+        return {}
+
+
+_SAMPLE_FORMATS = {1: "unsigned", 2: "signed", 3: "float"}
+_PHOTOMETRICS = {0: "gray", 1: "gray", 2: "RGB", 3: "palette", 4: "mask", 5: "CMYK", 6: "YCbCr", 8: "CIELab"}
+
+
+def _unreadable_tiff(data: bytes) -> str | None:
+    """What a TIFF that no reader here takes holds ("16-bit unsigned gray, 2 samples per pixel"):
+    "not a recognised image format" sent users looking for a damaged file."""
+    tags = _tiff_tags(data)
+    if 258 not in tags:
+        return None
+    bits = np.atleast_1d(tags[258])
+    kind = _SAMPLE_FORMATS.get(int(np.atleast_1d(tags.get(339, 1))[0]), "other")
+    colour = _PHOTOMETRICS.get(int(tags.get(262, -1)), "unknown colour")
+    layout = ", stored plane by plane" if tags.get(284) == 2 else ""
+    return f"{int(bits[0])}-bit {kind} {colour}, {int(tags.get(277, 1))} samples per pixel{layout}"
 
 
 def _is_16bit_color(image: Image.Image, data: bytes) -> bool:
