@@ -183,3 +183,26 @@ def test_a_tiff_no_reader_takes_says_what_it_holds():
         read_image(_planar_tiff(samples, order="<", rows_per_strip=6, deflate=False, photometric=1, planar=False), name="la.tif")
     with pytest.raises(ImageError, match=r"^junk\.tif: cannot read image \(not a recognised image format\)$"):
         read_image(b"II*\0" + bytes(40), name="junk.tif")
+
+
+@pytest.mark.parametrize("tag, value", [(254, 1), (50706, b"\x01\x04\x00\x00")])
+def test_a_raw_files_preview_is_not_taken_for_the_picture(tag, value):
+    """A camera raw file built on TIFF (DNG, NEF, ARW) opened as its first image, the small
+    preview, and was upscaled from it in silence: a 12 MP photo came out as a 4x 256-px
+    thumbnail. A reduced-size first image, or a DNG, is refused, and so is a raw file by name."""
+    from PIL import TiffImagePlugin
+
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[tag] = value
+    if tag == 50706:
+        info.tagtype[tag] = 7  # the four version bytes (DNG writes them as BYTE, which Pillow writes one at a time)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(buf, "TIFF", tiffinfo=info)
+    with pytest.raises(ImageError, match=r"^raw\.tif: (its first image is a reduced-size preview \(24x16\), as in camera raw files; )?"
+                                         r"icmsr reads developed pictures, not camera raw data: export it as a 16-bit TIFF or PNG first"):
+        read_image(buf.getvalue(), name="raw.tif")
+    plain = io.BytesIO()
+    Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(plain, "TIFF")
+    assert read_image(plain.getvalue(), name="plain.tif").pixels.shape == (16, 24, 3)
+    with pytest.raises(ImageError, match=r"^IMG_0001\.NEF: icmsr reads developed pictures, not camera raw data"):
+        read_image(plain.getvalue(), name="IMG_0001.NEF")

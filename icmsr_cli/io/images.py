@@ -137,6 +137,8 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
         raise ImageError(f"{name}: cannot read ({exc.strerror})") from None
     if not data:
         raise ImageError(f"{name}: cannot read image (empty file)")
+    if Path(name).suffix.lower() in _CAMERA_RAW:
+        raise ImageError(f"{name}: {_RAW_ADVICE}")
     _register_heif_reader(data, name)
     try:
         # the limit is checked here, from the header, so a bomb is refused before any decoding
@@ -145,6 +147,9 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             w, h = image.size
             if w * h > max_pixels:
                 raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}; raise --max-pixels to allow it")
+            if image.format == "TIFF" and (_DNG_VERSION in image.tag_v2 or int(image.tag_v2.get(_NEW_SUBFILE_TYPE, 0)) & 1):
+                # the first image of a raw file (DNG, NEF, ARW) is its small preview: upscaled in silence
+                raise ImageError(f"{name}: its first image is a reduced-size preview ({w}x{h}), as in camera raw files; {_RAW_ADVICE}")
             frames = getattr(image, "n_frames", 1)
             damaged = _exif_read(image)
             if _is_16bit_color(image, data):
@@ -291,6 +296,14 @@ def _narrowed(image: Image.Image) -> tuple[str, ...]:
     if image.mode == "CMYK" and isinstance(bits, tuple) and bits[0] == 16:
         return ("16-bit CMYK is read at 8 bits per channel, so the output is 8-bit",)
     return ()
+
+
+#: camera raw files: sensor data to develop, not pictures; those built on TIFF open as their preview
+_CAMERA_RAW = (".dng", ".nef", ".nrw", ".cr2", ".cr3", ".crw", ".arw", ".srf", ".sr2", ".orf", ".rw2", ".raf", ".pef",
+               ".srw", ".rwl", ".3fr", ".iiq", ".erf", ".kdc", ".mrw", ".x3f")
+_RAW_ADVICE = ("icmsr reads developed pictures, not camera raw data: export it as a 16-bit TIFF or PNG first "
+               "(darktable, RawTherapee, Lightroom)")
+_DNG_VERSION, _NEW_SUBFILE_TYPE = 50706, 254
 
 
 def _exif_read(image: Image.Image) -> tuple[str, ...]:
