@@ -143,12 +143,16 @@ def test_inputs_in_formats_icmsr_only_reads_become_pngs_in_an_output_folder(tmp_
             assert im.format == "PNG" and np.array_equal(np.asarray(im.convert("RGB")), pixels)
     assert results["shot.png"].status == ("done" if features.check("avif") else "failed")  # Pillow reads AVIF from 11.3
     assert "pillow-heif" in results["IMG_0001.png"].error  # read where it is installed, and said where not
+    # beside an input of that PNG's name, the suffix is kept (the folder ran before GIFs were taken)
+    Image.fromarray(pixels).save(src / "anim.png")
+    jobs, _ = batch.plan([str(src)], str(tmp_path / "out"))
+    assert {j.name.rsplit("/", 1)[1]: j.target.name for j in jobs if j.name.endswith(("anim.gif", "anim.png"))} == {
+        "anim.gif": "anim.gif.png", "anim.png": "anim.png"}
     # --format still rules, and collisions are refused before any work
     jobs, _ = batch.plan([str(src / "anim.gif")], str(tmp_path / "out") + "/", fmt="webp")
     assert [j.target for j in jobs] == [tmp_path / "out" / "anim.webp"]
-    Image.fromarray(pixels).save(src / "anim.png")
     with pytest.raises(SetupError, match="anim.gif and .*anim.png would both be written to"):
-        batch.plan([str(src)], str(tmp_path / "out"))
+        batch.plan([str(src)], str(tmp_path / "out"), fmt="png")
 
 
 def test_a_file_reached_through_a_link_keeps_its_own_place_in_the_output_tree(tmp_path):

@@ -144,12 +144,13 @@ def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | 
         except ImageError as exc:  # the whole run's output, not one file's: a usage error
             raise SetupError(str(exc)) from exc
     jobs = []
+    mirrored = {os.path.normcase(out / rel) for _, rel in found}  # the names a folder output gives as they are
     for source, rel in found:
         name = str(source) if source else "<stdin>"
         if to_stdout:
             target = None
         elif folder:
-            target = _writable(out / rel)
+            target = out / rel if suffix else _writable(out / rel, mirrored)  # --format names every output
         else:
             target = out
         if target is not None and suffix:
@@ -159,14 +160,17 @@ def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | 
     return jobs, missing
 
 
-def _writable(target: Path) -> Path:
+def _writable(target: Path, mirrored: set[str]) -> Path:
     """A mirrored name icmsr cannot write (an iPhone's .HEIC, a .gif, none) becomes a PNG, as on
-    standard output: each such file failed after the model had loaded. PNG keeps alpha and 16 bits."""
+    standard output: each such file failed after the model had loaded. PNG keeps alpha and 16 bits.
+    Where another input has that PNG's name (logo.gif beside logo.png), the suffix is kept too
+    (logo.gif.png) rather than the two refused as one output."""
     try:
         format_for(target)
         return target
     except ImageError:
-        return target.with_suffix(".png")
+        png = target.with_suffix(".png")
+        return target.with_name(target.name + ".png") if os.path.normcase(png) in mirrored else png
 
 
 def _refuse_collisions(jobs: list[Job]) -> None:
