@@ -121,7 +121,7 @@ def test_mixed_folder(tmp_path, mixed, tiny_base, tiny_lora):
 def test_inputs_in_formats_icmsr_only_reads_become_pngs_in_an_output_folder(tmp_path):
     """A GIF, an AVIF or an iPhone's HEIC mirrored into an output folder kept its name there, which
     icmsr cannot write: each such file failed (a shell glob of *.HEIC failed them all), and folders
-    skipped GIF and AVIF in silence. They are PNGs now, as on standard output; a file without a
+    skipped GIF, AVIF and .jfif (JPEGs as Windows browsers save them) in silence. They are PNGs now, as on standard output; a file without a
     suffix too. Two inputs that would make one PNG are still refused, naming both."""
     from icmsr_cli.errors import SetupError
     from icmsr_cli.io import batch
@@ -132,16 +132,19 @@ def test_inputs_in_formats_icmsr_only_reads_become_pngs_in_an_output_folder(tmp_
     Image.fromarray(pixels).save(src / "anim.gif")
     Image.fromarray(pixels).save(src / "shot.avif", quality=100)
     Image.fromarray(pixels).save(src / "kept.png")
+    Image.fromarray(pixels).save(src / "download.jfif", "JPEG", quality=100)  # a JPEG as Windows browsers name it
     Image.fromarray(pixels).save(tmp_path / "scan", format="PNG")  # a name with no suffix
     (src / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x1cftypheic\0\0\0\0mif1heicmiaf" + bytes(64))
     jobs, missing = batch.plan([str(src), str(tmp_path / "scan")], str(tmp_path / "out"))
-    assert {j.target.name for j in jobs} == {"anim.png", "shot.png", "kept.png", "scan.png", "IMG_0001.png"} and not missing
+    assert {j.target.name for j in jobs} == {"anim.png", "shot.png", "kept.png", "scan.png", "IMG_0001.png", "download.jfif"} and not missing
     results = {r.job.target.name: r for r in batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture)}
     for name in ("anim.png", "scan.png", "kept.png"):
         assert results[name].status == "done"
         with Image.open(tmp_path / "out" / name) as im:
             assert im.format == "PNG" and np.array_equal(np.asarray(im.convert("RGB")), pixels)
     assert results["shot.png"].status == ("done" if features.check("avif") else "failed")  # Pillow reads AVIF from 11.3
+    with Image.open(tmp_path / "out" / "download.jfif") as im:
+        assert im.format == "JPEG" and results["download.jfif"].status == "done"
     assert "pillow-heif" in results["IMG_0001.png"].error  # read where it is installed, and said where not
     # beside an input of that PNG's name, the suffix is kept (the folder ran before GIFs were taken)
     Image.fromarray(pixels).save(src / "anim.png")

@@ -112,7 +112,8 @@ def _cmyk_to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
 
 # what folders yield: the formats icmsr writes, then photo formats it only reads (their outputs
 # default to PNG; an iPhone's HEIC needs pillow-heif, and says so)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".avif", ".heic", ".heif")
+# (.jfif is how browsers on Windows save downloaded JPEGs)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".avif", ".heic", ".heif")
 _ORIENT = {  # EXIF orientation -> numpy ops that undo it (as ImageOps.exif_transpose does)
     2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
     5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: np.rot90(a, 1),
