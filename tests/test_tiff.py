@@ -4,6 +4,7 @@ EXIF (a camera's, with its sub-directories) kept, 16-bit gray + alpha widened to
 from __future__ import annotations
 
 import io
+import struct
 
 import cv2
 import numpy as np
@@ -182,7 +183,7 @@ def test_a_tiff_no_reader_takes_says_what_it_holds():
                                          r"icmsr reads 8- and 16-bit gray, RGB and RGBA, CMYK, and 32-bit float RGB$"):
         read_image(_planar_tiff(samples, order="<", rows_per_strip=6, deflate=False, photometric=1, planar=False), name="la.tif")
     with pytest.raises(ImageError, match=r"^junk\.tif: cannot read image \(not a recognised image format\)$"):
-        read_image(b"II*\0" + bytes(40), name="junk.tif")
+        read_image(b"II*\0" + struct.pack("<IH", 8, 0) + bytes(4), name="junk.tif")  # a directory with no tags
 
 
 @pytest.mark.parametrize("tag, value", [(254, 1), (50706, b"\x01\x04\x00\x00")])
