@@ -103,7 +103,7 @@ def test_bad_input_is_refused():
 
 
 def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflate: bool, photometric: int = 2,
-                 planar: bool = True, extra: int = 2) -> bytes:
+                 planar: bool = True, extra: int | None = 2) -> bytes:
     """A 16-bit TIFF stored plane by plane (PlanarConfiguration 2; one plane is just gray), or
     interleaved (`planar` False), built by hand from the TIFF 6.0 layout: every plane's strips, in
     plane order, then one tag directory. A fourth sample is an ExtraSample of kind `extra`."""
@@ -121,7 +121,7 @@ def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflat
             body += strip + bytes(len(strip) % 2)
     entries = [(256, 4, [w]), (257, 4, [h]), (258, 3, [16] * c), (259, 3, [8 if deflate else 1]), (262, 3, [photometric]),
                (273, 4, offsets), (277, 3, [c]), (278, 4, [rows_per_strip]), (279, 4, counts), (284, 3, [2 if c > 1 and planar else 1])]
-    if c == 4:
+    if c == 4 and extra is not None:
         entries.append((338, 3, [extra]))  # 2: unassociated alpha
     at = 8 + len(body)
     extra_at, head, tail = at + 2 + 12 * len(entries) + 4, struct.pack(order + "H", len(entries)), b""
@@ -166,8 +166,9 @@ def test_a_16bit_tiffs_extra_channel_is_transparency_only_when_it_says_so(planar
     picture = read_image(_planar_tiff(mask, order="<", rows_per_strip=5, deflate=True, planar=planar, extra=0))
     assert picture.pixels.shape == (12, 10, 3)
     np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), rgb)
-    picture = read_image(_planar_tiff(mask, order=">", rows_per_strip=5, deflate=False, planar=planar, extra=2))
-    np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), mask)  # unassociated: as stored
+    for declared in (2, None):  # unassociated, or not declared at all (Pillow takes that as alpha too): as stored
+        picture = read_image(_planar_tiff(mask, order=">", rows_per_strip=5, deflate=False, planar=planar, extra=declared))
+        np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), mask)
     premultiplied = np.concatenate([np.round(rgb * (alpha / 65535)).astype(np.uint16), alpha], axis=2)
     picture = read_image(_planar_tiff(premultiplied, order="<", rows_per_strip=12, deflate=False, planar=planar, extra=1))
     np.testing.assert_array_equal(np.round(picture.pixels[..., 3] * 65535).astype(np.uint16), alpha[..., 0])

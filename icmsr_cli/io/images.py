@@ -110,9 +110,8 @@ def _cmyk_to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
     return image.convert("RGB")
 
 
-# what folders yield: the formats icmsr writes, then photo formats it only reads (their outputs
-# default to PNG; an iPhone's HEIC needs pillow-heif, and says so)
-# (.jfif is how browsers on Windows save downloaded JPEGs)
+# what folders yield: the formats icmsr writes (.jfif: how browsers on Windows save JPEGs), then
+# photo formats it only reads (their outputs default to PNG; an iPhone's HEIC needs pillow-heif)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".avif", ".heic", ".heif")
 _ORIENT = {  # EXIF orientation -> numpy ops that undo it (as ImageOps.exif_transpose does)
     2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
@@ -343,7 +342,7 @@ def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
         info["exif"] = exif.tobytes()
     pixels = np.ascontiguousarray(arr).astype(np.float32) / 65535.0
     if image.format == "TIFF":
-        pixels = _extra_samples(pixels, image.tag_v2.get(_EXTRA_SAMPLES, 0))
+        pixels = _extra_samples(pixels, image.tag_v2.get(_EXTRA_SAMPLES))
     return Picture(pixels, 16, info)
 
 
@@ -355,10 +354,10 @@ def _extra_samples(pixels: np.ndarray, kinds) -> np.ndarray:
     """A 16-bit RGB TIFF's samples after the colour, as Pillow treats them at 8 bits: an extra of
     unspecified meaning (Photoshop's saved selections and masks) is not transparency and is
     dropped; premultiplied (associated) alpha is divided out. OpenCV took either as plain alpha,
-    so a mask made the picture transparent."""
+    so a mask made the picture transparent. Undeclared extras are alpha, as Pillow reads them."""
     if pixels.shape[2] <= 3:
         return pixels
-    kind = int(np.atleast_1d(kinds)[0]) if np.size(kinds) else _UNSPECIFIED
+    kind = int(np.atleast_1d(kinds)[0]) if kinds is not None and np.size(kinds) else None
     if kind == _UNSPECIFIED:
         return np.ascontiguousarray(pixels[..., :3])
     pixels = np.ascontiguousarray(pixels[..., :4])
