@@ -130,19 +130,22 @@ def test_inputs_in_formats_icmsr_only_reads_become_pngs_in_an_output_folder(tmp_
     src.mkdir()
     pixels = photo_like(12, 8)
     Image.fromarray(pixels).save(src / "anim.gif")
-    Image.fromarray(pixels).save(src / "shot.avif", quality=100)
+    avif = features.check("avif")  # Pillow writes and reads AVIF from 11.3
+    if avif:
+        Image.fromarray(pixels).save(src / "shot.avif", quality=100)
     Image.fromarray(pixels).save(src / "kept.png")
     Image.fromarray(pixels).save(src / "download.jfif", "JPEG", quality=100)  # a JPEG as Windows browsers name it
     Image.fromarray(pixels).save(tmp_path / "scan", format="PNG")  # a name with no suffix
     (src / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x1cftypheic\0\0\0\0mif1heicmiaf" + bytes(64))
     jobs, missing = batch.plan([str(src), str(tmp_path / "scan")], str(tmp_path / "out"))
-    assert {j.target.name for j in jobs} == {"anim.png", "shot.png", "kept.png", "scan.png", "IMG_0001.png", "download.jfif"} and not missing
+    assert {j.target.name for j in jobs} == {"anim.png", "kept.png", "scan.png", "IMG_0001.png", "download.jfif",
+                                             *(["shot.png"] if avif else [])} and not missing
     results = {r.job.target.name: r for r in batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture)}
     for name in ("anim.png", "scan.png", "kept.png"):
         assert results[name].status == "done"
         with Image.open(tmp_path / "out" / name) as im:
             assert im.format == "PNG" and np.array_equal(np.asarray(im.convert("RGB")), pixels)
-    assert results["shot.png"].status == ("done" if features.check("avif") else "failed")  # Pillow reads AVIF from 11.3
+    assert not avif or results["shot.png"].status == "done"
     with Image.open(tmp_path / "out" / "download.jfif") as im:
         assert im.format == "JPEG" and results["download.jfif"].status == "done"
     assert "pillow-heif" in results["IMG_0001.png"].error  # read where it is installed, and said where not
