@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .atomic import is_no_space, no_space_error
 from ..errors import DiskFullError, IcmsrError, ImageError, SetupError
 from ..choices import DEFAULT_MAX_PIXELS, FORMATS
-from .images import IMAGE_SUFFIXES, Picture, check_output_size, encode_image, fit_to_format, format_for, read_image, write_bytes
+from .images import IMAGE_SUFFIXES, WRITABLE_FORMATS, Picture, check_output_size, encode_image, fit_to_format, format_for, read_image, write_bytes
 
 STDIO = "-"
 
@@ -293,17 +293,21 @@ def run(
         in_flight: deque[tuple[Job, float, Future | JobResult]] = deque()  # results not yet yielded, in job order
         stopped = False
 
+        def settle(job: Job, t0: float, item: Future | JobResult) -> JobResult | None:
+            """The entry's result (waiting for its write), or None for a full disk already told."""
+            nonlocal stopped
+            result = item if isinstance(item, JobResult) else _written(job, t0, item)
+            if result.error_kind == "disk-full":
+                if stopped:
+                    return None  # a write that was in flight: said once, counted as not started
+                stopped = True
+            return result
+
         def drain(limit: int) -> Iterator[JobResult]:
             """Yield finished results from the front until at most `limit` remain in flight."""
-            nonlocal stopped
             while in_flight and (len(in_flight) > limit or _ready(in_flight[0][2])):
-                job, t0, item = in_flight.popleft()
-                result = item if isinstance(item, JobResult) else _written(job, t0, item)
-                if result.error_kind == "disk-full":
-                    if stopped:
-                        continue  # a write that was in flight: said once, counted as not started
-                    stopped = True
-                yield result
+                if (result := settle(*in_flight.popleft())) is not None:
+                    yield result
 
         try:
             while not stopped and (current := reader.next()) is not None:
@@ -331,9 +335,7 @@ def run(
             yield from drain(0)
         except BaseException:  # an interrupt: the files being written are finished all the same (never half-written)
             while on_stopped is not None and in_flight:
-                job, t0, item = in_flight.popleft()
-                result = item if isinstance(item, JobResult) else _written(job, t0, item)
-                if not (stopped and result.error_kind == "disk-full"):
+                if (result := settle(*in_flight.popleft())) is not None:
                     on_stopped(result)
             raise
 
@@ -450,8 +452,7 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
     if job.target is not None:
         fmt = format_for(job.target)  # plan() made every target writable
     else:
-        writable = picture.format in ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
-        fmt = settings.stdout_format or (picture.format if writable else "PNG")
+        fmt = settings.stdout_format or (picture.format if picture.format in WRITABLE_FORMATS else "PNG")
     fitted, notes = fit_to_format(picture, fmt, job.name)
     if settings.output_size is not None:
         try:

@@ -421,10 +421,14 @@ def picture_to_pil(picture: Picture) -> Image.Image:
     return Image.fromarray(arr[..., 0] if channels == 1 else arr)  # L, LA, RGB or RGBA by shape
 
 
+#: the Pillow formats icmsr writes; an input in any other is written as PNG
+WRITABLE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+
+
 def format_for(path: str | Path) -> str:
     """Pillow format name from a file name's suffix."""
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())
-    if fmt not in ("PNG", "JPEG", "WEBP", "TIFF", "BMP"):
+    if fmt not in WRITABLE_FORMATS:
         raise ImageError(f"{path}: cannot write {Path(path).suffix or 'files without a suffix'}; use .png, .jpg, .webp, .tiff or .bmp")
     return fmt
 
