@@ -53,7 +53,7 @@ def test_a_pillow_image_keeps_its_profile_exif_and_dpi(tiny_base, tiny_lora):
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     exif = Image.Exif()
     exif[0x010F] = "Cam"
-    exif[0x8769] = {0xA002: 40}  # the Exif IFD as a dict: Pillow 10.0 writes no get_ifd() edits of a new block
+    exif[0x8769] = {0xA002: 40}  # the Exif IFD as a dict: Pillow 10 writes no get_ifd() edits of a new block
     buf = io.BytesIO()
     Image.fromarray(photo_like(40, 30)).save(buf, "JPEG", icc_profile=icc, exif=exif, dpi=(300, 300))
     up = load_upscaler(base=str(tiny_base), lora=str(tiny_lora))

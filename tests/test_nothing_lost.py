@@ -156,6 +156,25 @@ def test_exif_orientation_same_geometry_in_8_and_16_bit(orientation):
     np.testing.assert_array_equal(np.rint(eight.pixels * 255).astype(np.uint8), upright)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiffs_orientation_is_applied_once(orientation):
+    """Pillow 10.0 turned a TIFF by its Orientation tag when it loaded it, and exif_transpose turned
+    it again: every oriented TIFF came out turned twice (the floor is now 10.1). The TIFF tag gives
+    the geometry an EXIF block's orientation gives a PNG, at 8 and 16 bits."""
+    from icmsr_cli.io.images import read_image
+
+    rgb = (np.arange(7 * 12 * 3).reshape(7, 12, 3) % 251).astype(np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, format="PNG")
+    expected = read_image(_with_exif(png.getvalue(), orientation)).pixels
+    for image in (Image.fromarray(rgb), Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).convert("I;16")):
+        tif = io.BytesIO()
+        image.save(tif, format="TIFF", tiffinfo={0x0112: orientation})
+        picture = read_image(tif.getvalue())
+        assert picture.pixels.shape[:2] == expected.shape[:2], (image.mode, orientation)
+        np.testing.assert_allclose(picture.pixels[..., 0], expected[..., 0], atol=1e-6)
+
+
 def _png_by_hand(samples: np.ndarray, colour_type: int, trns: bytes | None = None) -> bytes:
     """An 8- or 16-bit PNG written by hand (filter 0 on each row, an optional tRNS chunk): an
     encoder independent of ours, Pillow's and OpenCV's."""
@@ -841,7 +860,7 @@ def test_exif_or_xmp_too_long_for_a_jpeg_is_left_out_before_the_model_and_said(t
 
     exif = Image.Exif()
     exif[0x010F] = "Cam"
-    exif[0x8769] = {0x9286: b"ASCII\0\0\0" + b"y" * 70000}  # UserComment (a dict: Pillow 10.0 writes no get_ifd() edits)
+    exif[0x8769] = {0x9286: b"ASCII\0\0\0" + b"y" * 70000}  # UserComment (a dict: Pillow 10 writes no get_ifd() edits)
     xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/">' + b" " * 70000 + b"</x:xmpmeta>"
     src = tmp_path / "in"
     src.mkdir()

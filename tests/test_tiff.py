@@ -21,7 +21,8 @@ def _exif() -> bytes:
     exif[0x010F] = "TestCam"
     exif[0x0100] = 7  # a TIFF source's own width, carried in its EXIF view: must not replace the output's
     exif[0x0112] = 6  # an orientation: applied at read, so never written (a reader would turn the image again)
-    exif[0x8769] = {0x9003: "2020:01:02 03:04:05"}  # the Exif sub-directory (Pillow 10.0 drops one made by get_ifd)
+    # the Exif sub-directory (Pillow 10 drops one made by get_ifd), with its Interop directory within
+    exif[0x8769] = {0x9003: "2020:01:02 03:04:05", 0xA005: {0x0001: "R98"}}
     return exif.tobytes()
 
 
@@ -57,6 +58,7 @@ def test_tiff_keeps_samples_icc_and_exif(bits, channels, height):
         exif = im.getexif()
         assert exif.get(0x010F) == "TestCam" and exif.get(0x0100) == 1400 and 0x0112 not in exif
         assert exif.get_ifd(0x8769).get(0x9003) == "2020:01:02 03:04:05"
+        assert exif.get_ifd(0xA005) == {0x0001: "R98"}  # its pointer was the block's offset, into the pixels
         assert len(im.tag_v2[273]) == (1 if height == 5 else -(-samples.nbytes // (1 << 20)))  # strip offsets
 
 
@@ -93,6 +95,43 @@ def test_a_camera_jpeg_to_tiff_keeps_its_exif(tmp_path, tiny_base, tiny_lora):
         assert im.size == (32, 48) and im.mode == "RGB"  # upright: the EXIF's orientation 6 applied
         assert im.getexif().get(0x010F) == "TestCam"
         assert im.getexif().get_ifd(0x8769).get(0x9003) == "2020:01:02 03:04:05"
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_a_tiff_sources_camera_tags_reach_every_output(bits):
+    """A TIFF keeps make, model, dates, copyright and its Exif and GPS directories among its own
+    tags, not in an EXIF block; every output of a TIFF source lost them. They now go on as the
+    output's EXIF block, and the TIFF's layout, orientation (applied) and Photoshop's resources
+    do not."""
+    exif = Image.Exif()
+    exif.update({0x010F: "ScanCam", 0x0110: "Model 9", 0x8298: "(c) Someone", 0x0132: "2021:02:03 04:05:06"})
+    # the Interop directory only where icmsr's writer makes the source: Pillow's drops the whole block for it
+    exif[0x8769] = {0x9003: "2020:01:02 03:04:05", 0x829A: (1, 250), **({0xA005: {0x0001: "R98"}} if bits == 16 else {})}
+    exif[0x8825] = {0x0001: "N", 0x0002: (52.0, 31.0, 12.5)}
+    samples = (np.arange(12 * 20 * 3).reshape(12, 20, 3) % 251).astype(np.uint8)
+    if bits == 8:
+        buf = io.BytesIO()
+        exif.update({0x0112: 6, 34377: b"8BIM" + bytes(40)})  # Pillow's writer takes tiffinfo or exif, not both
+        Image.fromarray(samples).save(buf, "TIFF", exif=exif.tobytes())
+        data = buf.getvalue()
+    else:  # icmsr's own writer puts the block's tags in the file's directory, as Pillow's does
+        data = tiff.encode_tiff(samples.astype(np.uint16) * 257, exif=exif.tobytes())
+    with Image.open(io.BytesIO(data)) as im:
+        exposure = im.getexif().get_ifd(0x8769)[0x829A]  # as Pillow reads the source
+    picture = read_image(data)
+    assert picture.size == ((12, 20) if bits == 8 else (20, 12))  # the 8-bit file's orientation applied
+    for target in ("JPEG", "PNG", "WEBP", "TIFF"):
+        with Image.open(io.BytesIO(encode_image(picture, target))) as im:
+            out = im.getexif()
+            assert (out.get(0x010F), out.get(0x0110), out.get(0x8298), out.get(0x0132)) == (
+                "ScanCam", "Model 9", "(c) Someone", "2021:02:03 04:05:06"), target
+            assert out.get_ifd(0x8769).get(0x9003) == "2020:01:02 03:04:05" and out.get_ifd(0x8769).get(0x829A) == exposure, target
+            if bits == 16:
+                assert out.get_ifd(0xA005).get(0x0001) == "R98", target
+            assert out.get_ifd(0x8825).get(0x0001) == "N" and out.get_ifd(0x8825).get(0x0002) == (52.0, 31.0, 12.5), target
+            assert out.get(0x0112) is None and 34377 not in out, target
+            if target != "TIFF":  # the TIFF's own layout tags are its own, checked by the tests above
+                assert not set(out) & {256, 257, 258, 259, 262, 273, 277, 278, 279}, target
 
 
 def test_bad_input_is_refused():

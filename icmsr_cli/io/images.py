@@ -152,6 +152,7 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 raise ImageError(f"{name}: its first image is a reduced-size preview ({w}x{h}), as in camera raw files; {_RAW_ADVICE}")
             frames = getattr(image, "n_frames", 1)
             damaged = _exif_read(image)
+            camera, damaged = _tiff_exif(image, damaged) if image.format == "TIFF" else ({}, damaged)
             if _is_16bit_color(image, data):
                 picture = _read_16bit_color(image, data, name)
             else:
@@ -163,7 +164,7 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             picture = replace(picture, notes=(*picture.notes, *damaged))
             text = metadata.png_text(image)
             xmp = metadata.xmp(image, text)
-            info = {**picture.info, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {}),
+            info = {**picture.info, **camera, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {}),
                     **({"webp_lossless": True} if image.format == "WEBP" and _webp_lossless(data) else {})}
             return replace(picture, info=info, format=image.format, frames=frames)
     except ImageError:
@@ -317,6 +318,18 @@ def _exif_read(image: Image.Image) -> tuple[str, ...]:
         image.info.pop("exif", None)
         image.getexif()  # Pillow marks the block read before parsing it: an empty one from here on
         return ("its EXIF block is damaged; it is left out",)
+
+
+def _tiff_exif(image: Image.Image, notes: tuple[str, ...]) -> tuple[dict, tuple[str, ...]]:
+    """{"exif": block} of a TIFF's photo tags (metadata.tiff_exif), read while the file is open;
+    a directory that does not parse or serialise is left out, with a note."""
+    if notes:  # _exif_read found the main directory damaged
+        return {}, notes
+    try:
+        block = metadata.tiff_exif(image)
+    except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error):
+        return {}, ("its EXIF block is damaged; it is left out",)
+    return ({"exif": block} if block else {}), ()
 
 
 def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:

@@ -60,6 +60,34 @@ def jpeg_with_xmp(jpeg: bytes, packet: bytes) -> bytes:
 
 
 _EXIF_IFD, _PIXEL_X, _PIXEL_Y = 0x8769, 0xA002, 0xA003  # the Exif IFD's pointer; PixelX/YDimension
+_GPS_IFD, _INTEROP_IFD = 0x8825, 0xA005
+#: what a TIFF's main directory says of the photo rather than of the file's layout, as an EXIF
+#: block's IFD0 carries it: description, make, model, software, date, artist, host, copyright,
+#: Windows' rating and XP title/comment/author/keywords/subject. Left out: the layout, resolution
+#: (dpi travels on its own), ICC and XMP (each has its own place), and Photoshop's resources and
+#: layers (tags 34377 and 37724, often megabytes, and only Photoshop's).
+_TIFF_PHOTO_TAGS = (270, 271, 272, 305, 306, 315, 316, 33432, 0x4746, 0x4749, 0x9C9B, 0x9C9C, 0x9C9D, 0x9C9E, 0x9C9F)
+
+
+def tiff_exif(image: Image.Image) -> bytes | None:
+    """An EXIF block for a TIFF source: its main directory's photo tags and its Exif and GPS
+    sub-directories (exposure, date taken, lens, place), which a TIFF keeps among its own tags
+    rather than in a block of their own. None where it has none. (Every TIFF input lost them.)"""
+    source = image.getexif()
+    exif = Image.Exif()
+    for tag in _TIFF_PHOTO_TAGS:
+        if tag in source:
+            exif[tag] = source[tag]
+    for pointer in (_EXIF_IFD, _GPS_IFD):
+        sub = dict(source.get_ifd(pointer)) if pointer in source else {}
+        if pointer == _EXIF_IFD and _INTEROP_IFD in sub:  # its pointer, as a number, would point into nothing
+            interop = dict(source.get_ifd(_INTEROP_IFD))
+            sub = {k: v for k, v in sub.items() if k != _INTEROP_IFD} | ({_INTEROP_IFD: interop} if interop else {})
+        if sub:
+            exif[pointer] = sub  # assigned whole: Pillow 10 serialises no edits made through get_ifd
+    return exif.tobytes() if len(exif) else None
+
+
 _SHORT, _LONG = 3, 4
 
 
