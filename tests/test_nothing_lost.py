@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from typer.testing import CliRunner
 
 from conftest import photo_like
@@ -763,19 +763,27 @@ def test_dpi_goes_from_every_format_to_every_format(source, channels, bits):
     assert cv2.imdecode(np.frombuffer(tiff, np.uint8), cv2.IMREAD_UNCHANGED) is not None  # the tags keep the file readable
 
 
-def _camera_exif(order: str) -> bytes:
-    """An EXIF block laid out as a camera writes it, by hand: IFD0 (Make, the Exif IFD's pointer),
-    then the Exif IFD (PixelX/YDimension as SHORTs, a MakerNote whose bytes hold offsets), then
-    the MakerNote's bytes."""
+def _camera_exif(order: str, orientation: int | None = None) -> bytes:
+    """An EXIF block laid out as a camera writes it, by hand: IFD0 (Make, the orientation if given,
+    the Exif IFD's pointer), the Exif IFD (PixelX/YDimension as SHORTs, a MakerNote whose bytes
+    hold offsets), the MakerNote's bytes, then IFD1 with its thumbnail's place."""
     e = "<" if order == "II" else ">"
-    ifd0, exif_ifd = 8, 8 + 2 + 2 * 12 + 4
+    n0 = 2 if orientation is None else 3
+    ifd0 = 8
+    exif_ifd = ifd0 + 2 + n0 * 12 + 4
     maker_at = exif_ifd + 2 + 3 * 12 + 4
+    ifd1 = maker_at + 16
     block = order.encode() + struct.pack(e + "HI", 42, ifd0)
-    block += struct.pack(e + "H", 2) + struct.pack(e + "HHI4s", 0x010F, 2, 4, b"Cam\0") + struct.pack(e + "HHII", 0x8769, 4, 1, exif_ifd)
-    block += struct.pack(e + "I", 0)
+    block += struct.pack(e + "H", n0) + struct.pack(e + "HHI4s", 0x010F, 2, 4, b"Cam\0")
+    if orientation is not None:
+        block += struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0)
+    block += struct.pack(e + "HHII", 0x8769, 4, 1, exif_ifd) + struct.pack(e + "I", ifd1)
     block += struct.pack(e + "H", 3) + struct.pack(e + "HHIHH", 0xA002, 3, 1, 24, 0) + struct.pack(e + "HHIHH", 0xA003, 3, 1, 16, 0)
     block += struct.pack(e + "HHII", 0x927C, 7, 16, maker_at) + struct.pack(e + "I", 0)
-    return block + struct.pack(e + "IIII", maker_at, 0xDEADBEEF, ifd0, exif_ifd)  # offsets a rewrite would break
+    block += struct.pack(e + "IIII", maker_at, 0xDEADBEEF, ifd0, exif_ifd)  # offsets a rewrite would break
+    thumb_at = ifd1 + 2 + 2 * 12 + 4
+    block += struct.pack(e + "H", 2) + struct.pack(e + "HHII", 0x0201, 4, 1, thumb_at) + struct.pack(e + "HHII", 0x0202, 4, 1, 4)
+    return block + struct.pack(e + "I", 0) + b"\xff\xd8\xff\xd9"  # IFD1, then its (empty) JPEG thumbnail
 
 
 @pytest.mark.parametrize("order", ["II", "MM"])
@@ -806,6 +814,70 @@ def test_exif_pixel_dimensions_give_the_output_size(order):
     assert parsed.get_ifd(0x8769)[0xA002] == 70000 and parsed.get_ifd(0x8769)[0xA003] == 64
     assert wide[6 + 42 + 24 :] == block[42 + 24 :]
     assert exif_with_size(b"Exif\0\0garbage", (96, 64)) == b"Exif\0\0garbage"  # what does not parse is kept as it was
+
+
+@pytest.mark.parametrize("order", ["II", "MM"])
+def test_a_photo_turned_upright_keeps_its_exif_byte_for_byte(order):
+    """Where the orientation was applied, Pillow's exif_transpose rewrote the whole EXIF block (and
+    the 16-bit path every block), moving a MakerNote away from what its inner offsets count on:
+    a portrait from a Canon lost its lens and shot data to readers. The orientation is now set to 1
+    in place, and the thumbnail's directory (the thumbnail still lies the old way) unlinked."""
+    from icmsr_cli.io.images import encode_image, read_image
+
+    block = _camera_exif(order, orientation=6)
+    jpeg = io.BytesIO()
+    Image.fromarray(photo_like(24, 16)).save(jpeg, "JPEG", exif=b"Exif\0\0" + block)
+    ok, png16 = cv2.imencode(".png", photo_like(24, 16).astype(np.uint16) * 257)
+    for data in (jpeg.getvalue(), _png_with_chunks(png16.tobytes(), (b"eXIf", block))):
+        picture = read_image(data)
+        assert picture.size == (16, 24)  # turned upright
+        kept = picture.info["exif"].removeprefix(b"Exif\0\0")
+        assert len(kept) == len(block)
+        # the orientation's value (IFD0's second entry) and the link to IFD1, nothing else
+        assert {i for i in range(len(block)) if block[i] != kept[i]} <= {30, 31, 46, 47, 48, 49}
+        parsed, original = Image.Exif(), Image.Exif()
+        parsed.load(kept)
+        original.load(block)
+        assert parsed[0x0112] == 1 and parsed[0x010F] == "Cam" and parsed.get_ifd(0x8769)[0x927C] == block[92:108]
+        assert original.get_ifd(ExifTags.IFD.IFD1) and not parsed.get_ifd(ExifTags.IFD.IFD1)  # the thumbnail unlinked
+        for target in ("JPEG", "PNG", "WEBP"):
+            with Image.open(io.BytesIO(encode_image(picture, target))) as im:
+                assert ImageOps.exif_transpose(im).size == im.size == (16, 24), target  # upright to every reader
+                assert im.getexif().get_ifd(0x8769)[0x927C] == parsed.get_ifd(0x8769)[0x927C], target
+
+
+def test_xmp_orientation_says_upright_once_applied():
+    """A photo from Lightroom or Photoshop says its orientation in XMP too (tiff:Orientation). The
+    output, already upright, still said 6 there, so Photoshop, and Pillow where EXIF says nothing,
+    turned it again; icmsr itself did on a second pass."""
+    from icmsr_cli.io.images import encode_image, read_image
+
+    attribute = b'<rdf:Description rdf:about="" xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
+    element = b'<rdf:Description rdf:about=""><tiff:Orientation>6</tiff:Orientation></rdf:Description>'
+    for description, exif_orientation in ((attribute, 6), (element, None)):
+        packet = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#" '
+                  b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/">' + description + b"</rdf:RDF></x:xmpmeta>")
+        exif = Image.Exif()
+        if exif_orientation:
+            exif[0x0112] = exif_orientation
+        buf = io.BytesIO()
+        Image.fromarray(photo_like(24, 16)).save(buf, "PNG", exif=exif.tobytes(), pnginfo=_xmp_text(packet))
+        picture = read_image(buf.getvalue())
+        assert picture.size == (16, 24)
+        assert picture.info["xmp"] == packet.replace(b"6", b"1")
+        for target in ("JPEG", "PNG", "WEBP", "TIFF"):
+            data = encode_image(picture, target)
+            with Image.open(io.BytesIO(data)) as im:
+                assert ImageOps.exif_transpose(im).size == im.size == (16, 24), (description, target)
+            assert read_image(data).size == (16, 24), (description, target)
+
+
+def _xmp_text(packet: bytes):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", packet.decode())
+    return info
 
 
 def _png_with_chunks(data: bytes, *chunks: tuple[bytes, bytes]) -> bytes:

@@ -152,7 +152,12 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 raise ImageError(f"{name}: its first image is a reduced-size preview ({w}x{h}), as in camera raw files; {_RAW_ADVICE}")
             frames = getattr(image, "n_frames", 1)
             damaged = _exif_read(image)
-            camera, damaged = _tiff_exif(image, damaged) if image.format == "TIFF" else ({}, damaged)
+            turned = image.getexif().get(0x0112, 1) in _ORIENT  # from EXIF, or XMP where EXIF says nothing
+            if image.format == "TIFF":  # its orientation is a layout tag, and its camera tags are its own
+                exif, damaged = _tiff_exif(image, damaged)
+            else:  # the block as it came: turned upright in place, so a MakerNote's offsets hold
+                block = image.info.get("exif")
+                exif = {"exif": metadata.exif_upright(block) if turned else block} if block else {}
             if _is_16bit_color(image, data):
                 picture = _read_16bit_color(image, data, name)
             else:
@@ -164,7 +169,8 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             picture = replace(picture, notes=(*picture.notes, *damaged))
             text = metadata.png_text(image)
             xmp = metadata.xmp(image, text)
-            info = {**picture.info, **camera, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {}),
+            xmp = metadata.xmp_upright(xmp) if xmp else None  # the pixels are upright now, whatever it said
+            info = {**{k: v for k, v in picture.info.items() if k != "exif"}, **exif, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {}),
                     **({"webp_lossless": True} if image.format == "WEBP" and _webp_lossless(data) else {})}
             return replace(picture, info=info, format=image.format, frames=frames)
     except ImageError:
@@ -348,11 +354,7 @@ def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
     orientation = image.getexif().get(0x0112, 1)
     if orientation in _ORIENT:
         arr = _ORIENT[orientation](arr)
-    info = {**{k: image.info[k] for k in ("icc_profile",) if image.info.get(k)}, **_resolution(image)}
-    if image.format == "PNG" and image.info.get("exif"):  # a TIFF's EXIF view is its own layout tags
-        exif = image.getexif()
-        exif.pop(0x0112, None)  # applied above, as ImageOps.exif_transpose drops it for 8 bits
-        info["exif"] = exif.tobytes()
+    info = {**{k: image.info[k] for k in ("icc_profile",) if image.info.get(k)}, **_resolution(image)}  # EXIF: read_image's
     pixels = np.ascontiguousarray(arr).astype(np.float32) / 65535.0
     if image.format == "TIFF":
         pixels = _extra_samples(pixels, image.tag_v2.get(_EXTRA_SAMPLES))

@@ -6,6 +6,8 @@ Picture's info; the encoders put them back where the output format keeps them.
 
 from __future__ import annotations
 
+import re
+
 from PIL import Image
 
 #: XMP's place in each format: a PNG text chunk's keyword, a JPEG APP1 segment's prefix, a TIFF tag
@@ -89,40 +91,78 @@ def tiff_exif(image: Image.Image) -> bytes | None:
 
 
 _SHORT, _LONG = 3, 4
+_ORIENTATION = 0x0112
 
 
-def exif_with_size(exif: bytes, size: tuple[int, int]) -> bytes:
-    """The EXIF block with its PixelXDimension/PixelYDimension set to `size` (width, height): the
-    copied block still gave the input's size. Patched in place, byte for byte otherwise, since
-    re-serialising moves entries and breaks the offsets inside cameras' MakerNotes. A block that
-    lacks the tags, or that does not parse, is returned as it was."""
-    start = 6 if exif.startswith(b"Exif\0\0") else 0  # JPEG's APP1 prefix; PNG's eXIf and WebP's have none
-    order = {b"II": "little", b"MM": "big"}.get(exif[start : start + 2])
-    if order is None:
-        return exif
-    out = bytearray(exif)
+class _InPlace:
+    """An EXIF block's directories, read and patched in place: re-serialising moves entries and
+    breaks the offsets inside cameras' MakerNotes (Canon's and others' count from the block's start)."""
 
-    def number(at: int, width: int) -> int | None:
-        at += start
-        return int.from_bytes(out[at : at + width], order) if 0 <= at and at + width <= len(out) else None
+    def __init__(self, exif: bytes):
+        self.start = 6 if exif.startswith(b"Exif\0\0") else 0  # JPEG's APP1 prefix; PNG's eXIf and WebP's have none
+        self.order = {b"II": "little", b"MM": "big"}.get(exif[self.start : self.start + 2])
+        self.out = bytearray(exif)
 
-    def entries(ifd: int):
-        count = number(ifd, 2)
-        for i in range(count or 0):
+    def number(self, at: int, width: int) -> int | None:
+        at += self.start
+        if self.order is None or at < 0 or at + width > len(self.out):
+            return None
+        return int.from_bytes(self.out[at : at + width], self.order)
+
+    def put(self, at: int, data: bytes) -> None:
+        self.out[self.start + at : self.start + at + len(data)] = data
+
+    def entries(self, ifd: int):
+        """(offset, tag, type) of each entry of the directory at `ifd`, as far as the block holds them."""
+        for i in range((self.number(ifd, 2) or 0) if ifd >= 8 else 0):  # a directory lies after the 8-byte header
             at = ifd + 2 + 12 * i
-            tag, kind = number(at, 2), number(at + 2, 2)
+            tag, kind = self.number(at, 2), self.number(at + 2, 2)
             if tag is None or kind is None:
                 return
             yield at, tag, kind
 
-    exif_ifd = next((number(at + 8, 4) for at, tag, kind in entries(number(4, 4) or 0) if tag == _EXIF_IFD and kind in (_LONG, 13)), None)
+    def first(self) -> int:
+        return self.number(4, 4) or 0
+
+
+def exif_with_size(exif: bytes, size: tuple[int, int]) -> bytes:
+    """The EXIF block with its PixelXDimension/PixelYDimension set to `size` (width, height): the
+    copied block still gave the input's size. Patched in place, byte for byte otherwise. A block
+    that lacks the tags, or that does not parse, is returned as it was."""
+    block = _InPlace(exif)
+    exif_ifd = next((block.number(at + 8, 4) for at, tag, kind in block.entries(block.first()) if tag == _EXIF_IFD and kind in (_LONG, 13)), None)
     if not exif_ifd:
         return exif
-    for at, tag, kind in entries(exif_ifd):
-        if tag in (_PIXEL_X, _PIXEL_Y) and kind in (_SHORT, _LONG) and number(at + 4, 4) == 1:
+    for at, tag, kind in block.entries(exif_ifd):
+        if tag in (_PIXEL_X, _PIXEL_Y) and kind in (_SHORT, _LONG) and block.number(at + 4, 4) == 1:
             value = size[0] if tag == _PIXEL_X else size[1]
             kind = _SHORT if kind == _SHORT and value <= 0xFFFF else _LONG  # a SHORT too small for the new size widens in place
-            at += start
-            out[at + 2 : at + 4] = kind.to_bytes(2, order)
-            out[at + 8 : at + 12] = value.to_bytes(2, order) + bytes(2) if kind == _SHORT else value.to_bytes(4, order)
-    return bytes(out)
+            block.put(at + 2, kind.to_bytes(2, block.order))
+            block.put(at + 8, value.to_bytes(2, block.order) + bytes(2) if kind == _SHORT else value.to_bytes(4, block.order))
+    return bytes(block.out)
+
+
+def exif_upright(exif: bytes) -> bytes:
+    """The EXIF block of a picture whose orientation has been applied: Orientation set to 1 (top
+    left) and the thumbnail directory unlinked (its thumbnail still lies the old way), in place,
+    byte for byte otherwise. Pillow's exif_transpose rewrote the whole block instead, moving a
+    MakerNote away from what its offsets count on. A block that does not parse is returned as it was."""
+    block = _InPlace(exif)
+    first = block.first()
+    entries = list(block.entries(first))
+    for at, tag, kind in entries:
+        if tag == _ORIENTATION and kind == _SHORT and block.number(at + 4, 4) == 1:
+            block.put(at + 8, (1).to_bytes(2, block.order))
+    if entries and block.number(first + 2 + 12 * len(entries), 4) is not None:
+        block.put(first + 2 + 12 * len(entries), bytes(4))  # IFD1, the thumbnail's: no longer linked
+    return bytes(block.out)
+
+
+_XMP_ORIENTATION = re.compile(rb"(tiff:Orientation\s*=\s*[\"'])\s*[0-9]\s*([\"'])|(<tiff:Orientation>)\s*[0-9]\s*(</tiff:Orientation>)")
+
+
+def xmp_upright(packet: bytes) -> bytes:
+    """The XMP packet of a picture whose orientation has been applied: its tiff:Orientation (as
+    Adobe's applications write it) says 1. Left at 6, Photoshop and Pillow (which falls back to
+    XMP where EXIF says nothing) turned the upright output again."""
+    return _XMP_ORIENTATION.sub(lambda m: (m[1] or m[3]) + b"1" + (m[2] or m[4]), packet)
