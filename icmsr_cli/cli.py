@@ -107,6 +107,18 @@ def _parse_tile(value: str) -> int | None | str:
     raise typer.BadParameter(f"{value!r}: expected auto, off, or a latent tile size of at least 8", param_hint="--tile")
 
 
+def _parse_scale(value: str) -> float:
+    """--scale: a positive finite factor; "4x" and "x4", as other upscalers name their factors, read as 4."""
+    text = value.strip().lower().removesuffix("x").removeprefix("x")
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = math.nan
+    if not 0 < scale < math.inf:
+        raise typer.BadParameter(f"{value!r}: must be a positive finite number (such as 4, 2.5 or 4x)", param_hint="--scale")
+    return scale
+
+
 @contextmanager
 def _loading(label: str, quiet: bool = False):
     """One live display on stderr for a "loading" line and huggingface_hub's download bars; yields the
@@ -172,7 +184,7 @@ def _loading(label: str, quiet: bool = False):
 def upscale(
     inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Image files, directories, globs, or - for standard input."),
     output: str = typer.Option(..., "-o", "--output", metavar="PATH", help="Output file, directory (mirrors the input tree; always one for several inputs, a folder or a glob), or - for standard output."),
-    scale: float = typer.Option(4.0, "-s", "--scale", metavar="FACTOR", help="Scale factor; the output is exactly round(W*s) x round(H*s)."),
+    scale: str = typer.Option("4", "-s", "--scale", metavar="FACTOR", help="Scale factor (4, 2.5; 4x reads as 4); the output is exactly round(W*s) x round(H*s)."),
     model: Optional[str] = typer.Option(None, "--model", metavar="NAME", help="Model name from weights.toml (see `icmsr weights list`)."),
     base: Optional[str] = typer.Option(None, "--base", metavar="REPO_OR_DIR", help="Base SD-2.1 model: a local diffusers folder or a Hub repo id."),
     lora: Optional[str] = typer.Option(None, "--lora", metavar="FILE_OR_REF", help="LoRA checkpoint: a .pkl/.safetensors file, hf://owner/repo/path, or an https URL."),
@@ -211,8 +223,7 @@ def upscale(
     tile_size = _parse_tile(tile)
     if color_fix not in COLOR_FIXES:
         raise typer.BadParameter(f"{color_fix!r}: expected one of {', '.join(COLOR_FIXES)}", param_hint="--color-fix")
-    if not 0 < scale < math.inf:
-        raise typer.BadParameter(f"{scale}: must be a positive finite number", param_hint="--scale")
+    scale = _parse_scale(scale)
     if fmt is not None and fmt.lower().removeprefix(".") not in FORMATS:
         raise typer.BadParameter(f"{fmt!r}: expected one of {', '.join(FORMATS)}", param_hint="--format")
     fmt = fmt.lower().removeprefix(".") if fmt else None

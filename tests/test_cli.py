@@ -60,6 +60,11 @@ def test_upscale_writes_exact_size_and_keeps_stdout_clean(tmp_path, tiny_base, t
     assert result.stdout == ""
     assert "big.png" in result.stderr
     assert Image.open(dst).size == (112, 78)  # round(45*2.5)=112 (half to even), round(31*2.5)=78
+    # "2x" and "x2", as other upscalers name their factors, were refused with a parser's message
+    for factor in ("2x", "X2"):
+        result = run("upscale", src, "-o", dst, "--base", tiny_base, "--lora", tiny_lora, "-s", factor, "--tile", "off", "--overwrite")
+        assert result.exit_code == 0, result.output
+        assert Image.open(dst).size == (90, 62), factor
 
 
 def test_missing_input_is_one_line_and_exit_1(tmp_path, tiny_base, tiny_lora):
@@ -288,7 +293,7 @@ def test_format_takes_every_spelling_of_its_suffixes(tmp_path, given, suffix):
     assert [j.target for j in jobs] == [tmp_path / "out" / f"a{suffix}"]
 
 
-@pytest.mark.parametrize("scale", ["0", "-1", "nan", "inf"])
+@pytest.mark.parametrize("scale", ["0", "-1", "nan", "inf", "four", "x", "4xx"])
 def test_a_scale_that_is_not_a_positive_finite_number_is_a_usage_error(tmp_path, scale):
     """-s inf passed the CLI's check and failed deep inside as "a bug in icmsr" (exit 3)."""
     src = tmp_path / "in.png"
