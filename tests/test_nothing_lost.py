@@ -423,6 +423,10 @@ def test_png_text_chunks_reach_the_png_output(tmp_path, model, bits):
     with Image.open(tmp_path / "out.png") as im:
         im.load()
         assert im.size == (40, 28) and dict(im.text) == text
+    # other formats have no place for them: said (once a run), as every other loss is
+    result = invoke("upscale", src, "-o", tmp_path / "out.jpg", "-s", "2", *model)
+    assert result.exit_code == 0, result.output
+    assert "note: JPEG has no place for a PNG's text chunks (captions, prompts, workflows); left out (png keeps them)" in result.stderr
 
 
 def test_writes_are_synced_before_the_rename(tmp_path, monkeypatch):

@@ -469,6 +469,8 @@ def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Pic
                 notes.append(f"{name}: its {what} ({round(len(picture.info[key]) / 1024)} KB) is more than a JPEG holds "
                              f"({round(room / 1024)} KB); it is left out (png, webp and tiff keep it)")
                 picture = replace(picture, info={k: v for k, v in picture.info.items() if k != key})
+    if fmt != "PNG" and picture.info.get("text"):  # prompts and workflows of Stable Diffusion front ends live there
+        notes.append(f"{fmt} has no place for a PNG's text chunks (captions, prompts, workflows); left out (png keeps them)")
     if fmt == "BMP":  # no place for any of them: said, as every other format keeps them
         lost = [what for key, what in (("icc_profile", "colour profile"), ("exif", "EXIF"), ("xmp", "XMP")) if picture.info.get(key)]
         if lost:
