@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from typer.testing import CliRunner
 
 from conftest import photo_like
 from icmsr_cli.cli import app
+from icmsr_cli.errors import SetupError
 
 
 @pytest.fixture
@@ -78,6 +80,32 @@ def test_output_folder_inside_the_input_is_not_read_back(tmp_path, model):
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == [Path("one.png")]
     same = invoke("upscale", src, "-o", src, *model)
     assert same.exit_code == 2 and "is an input folder" in same.stderr
+
+
+@pytest.mark.skipif(os.name == "nt", reason="named pipes and /dev are POSIX")
+def test_devices_pipes_and_dev_paths_are_refused_as_outputs(tmp_path, model):
+    """-o on a named pipe said "exists, skipped" (and with --overwrite replaced the pipe by a
+    file); -o /dev/null --format png wrote /dev/null.png; -o /dev/stdout with its output in a file
+    and --overwrite replaced /dev/stdout itself when run as root. Each is refused before any work,
+    pointing to -o -. /dev/shm, a RAM file system, stays a place for files."""
+    from icmsr_cli.io import batch
+
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(8, 8)).save(src)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for output in (pipe, "/dev/null"):
+        result = invoke("upscale", src, "-o", output, "--overwrite", *model)
+        assert result.exit_code == 2, result.output
+        assert errors(result) == [f"error: {output}: is a device or a pipe, not a file or folder; "
+                                  "to discard the image or pipe it on, use -o - and redirect standard output"]
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+    for output in ("/dev/stdout", "/dev/icmsr-test.png", "/proc/icmsr/x.png"):
+        with pytest.raises(SetupError, match="which holds devices, not image files"):
+            batch.plan([str(src)], output)
+    if Path("/dev/shm").is_dir():
+        jobs, _ = batch.plan([str(src)], "/dev/shm/icmsr-test.png")
+        assert [job.target for job in jobs] == [Path("/dev/shm/icmsr-test.png")]
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpg", "webp", "tiff", "bmp"])

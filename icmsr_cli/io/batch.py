@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import queue
+import stat
 import sys
 import threading
 import time
@@ -111,6 +112,8 @@ def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | 
     unless `fmt` says otherwise). Raises SetupError for contradictions no file can fix."""
     to_stdout = output == STDIO
     out = Path(output).expanduser()
+    if not to_stdout and (why := _not_for_files(out)):
+        raise SetupError(f"{out}: {why}; to discard the image or pipe it on, use -o - and redirect standard output")
     many_args = len(inputs) > 1 or any(Path(a).is_dir() or glob.has_magic(a) for a in inputs if a != STDIO)
     # an output folder inside an input folder must not feed earlier outputs back in
     exclude = out.resolve() if not to_stdout and (many_args or out.is_dir()) else None
@@ -158,6 +161,22 @@ def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | 
         jobs.append(Job(source, target, name, rel.as_posix()))
     _refuse_collisions(jobs)
     return jobs, missing
+
+
+def _not_for_files(out: Path) -> str | None:
+    """Why `out` cannot take an image file: a device or pipe (-o /dev/null: the file went beside it
+    as /dev/null.png), or a place in /dev or /proc (-o /dev/stdout into a file: the atomic rename,
+    run as root, replaced /dev/stdout itself). /dev/shm is a file system like any other."""
+    try:
+        mode = out.stat().st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return "is a device or a pipe, not a file or folder"
+    parts = Path(os.path.abspath(out)).parts
+    if os.name != "nt" and parts[1:2] in (("dev",), ("proc",)) and parts[1:3] != ("dev", "shm"):
+        return f"lies in /{parts[1]}, which holds devices, not image files"
+    return None
 
 
 def _writable(target: Path, mirrored: set[str]) -> Path:
