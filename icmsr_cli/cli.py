@@ -221,6 +221,7 @@ def upscale(
     from .upscaler import UpscaleOptions
 
     tile_size = _parse_tile(tile)
+    color_fix = color_fix.strip().lower()  # as --format, --device and --dtype take any case
     if color_fix not in COLOR_FIXES:
         raise typer.BadParameter(f"{color_fix!r}: expected one of {', '.join(COLOR_FIXES)}", param_hint="--color-fix")
     scale = _parse_scale(scale)

@@ -60,9 +60,11 @@ def test_upscale_writes_exact_size_and_keeps_stdout_clean(tmp_path, tiny_base, t
     assert result.stdout == ""
     assert "big.png" in result.stderr
     assert Image.open(dst).size == (112, 78)  # round(45*2.5)=112 (half to even), round(31*2.5)=78
-    # "2x" and "x2", as other upscalers name their factors, were refused with a parser's message
+    # "2x" and "x2", as other upscalers name their factors, were refused with a parser's message;
+    # --color-fix took only lower case, where --format, --device and --dtype take any
     for factor in ("2x", "X2"):
-        result = run("upscale", src, "-o", dst, "--base", tiny_base, "--lora", tiny_lora, "-s", factor, "--tile", "off", "--overwrite")
+        result = run("upscale", src, "-o", dst, "--base", tiny_base, "--lora", tiny_lora, "-s", factor, "--tile", "off", "--overwrite",
+                     "--color-fix", "AdaIN")
         assert result.exit_code == 0, result.output
         assert Image.open(dst).size == (90, 62), factor
 
