@@ -680,6 +680,25 @@ def test_a_live_process_keeps_its_temporary_a_dead_ones_is_removed(tmp_path):
         live.wait()
 
 
+@pytest.mark.parametrize("stem", ["a" * 240, "é" * 120 + "x" * 2])  # 244 and 246 bytes with ".png": names the file system takes
+def test_a_long_file_name_is_written_and_its_stale_temporary_found(tmp_path, stem):
+    """The temporary beside an output adds about 40 bytes to its name: a photo named with 240
+    characters failed "File name too long" after the model had run. The temporary's copy of the
+    name is cut short, and a killed run's temporary is still found and removed."""
+    from icmsr_cli.io import atomic
+
+    target = tmp_path / f"{stem}.png"
+    atomic.write_bytes(b"first", target)
+    assert target.read_bytes() == b"first"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{atomic.temp_prefix(target)}{__import__('socket').gethostname()}~{dead.pid}~abcdefgh{atomic.TEMP_SUFFIX}"
+    stale.write_bytes(b"partial")
+    atomic.write_bytes(b"whole", target)
+    assert target.read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
 def test_a_disk_filling_inside_torch_save_is_a_full_disk(tmp_path):
     """torch's zip writer, closing an archive after a record's write failed for space, raises a
     RuntimeError about its position with the OSError only as its context: that is a full disk too

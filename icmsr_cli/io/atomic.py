@@ -29,20 +29,34 @@ TEMP_SUFFIX = ".icmsr-tmp"
 _STALE_AFTER = 24 * 3600  # a temporary of another machine (shared filesystem) is only presumed dead this late
 
 
+#: bytes of a file name on the common file systems (ext4, XFS, Btrfs, APFS), less what a temporary
+#: adds to the target's name: dots, a host name (at most 64 bytes), a pid, mkstemp's 8 letters, the suffix
+_NAME_ROOM = 255 - (2 + 64 + 1 + 10 + 1 + 8 + len(TEMP_SUFFIX))
+
+
 def temp_prefix(path: Path) -> str:
-    """Prefix of the hidden temporaries written beside `path` (so stale ones can be found)."""
-    return f".{path.name}."
+    """Prefix of the hidden temporaries written beside `path` (so stale ones can be found): its name,
+    cut short where a long one would make the temporary's name too long for the file system (a
+    photo with a 240-character name failed "File name too long" after the model had run)."""
+    name = path.name
+    while len(os.fsencode(name)) > _NAME_ROOM:
+        name = name[:-1]
+    return f".{name}."
 
 
 def _owner() -> str:
     """Who writes a temporary: host and process, so a rerun removes what a killed run left while
     processes still writing (other ranks, other jobs on a shared filesystem) keep theirs."""
-    return f"{socket.gethostname().replace('~', '-')}~{os.getpid()}~"
+    return f"{_host()}~{os.getpid()}~"
+
+
+def _host() -> str:
+    return socket.gethostname().replace("~", "-")[:64]
 
 
 def _abandoned(stale: Path, prefix: str) -> bool:
     parts = stale.name[len(prefix):].split("~")  # host, pid, mkstemp's random part
-    if len(parts) == 3 and parts[0] == socket.gethostname().replace("~", "-") and parts[1].isdigit():
+    if len(parts) == 3 and parts[0] == _host() and parts[1].isdigit():
         return not _alive(int(parts[1]))
     try:
         return time.time() - stale.stat().st_mtime > _STALE_AFTER
