@@ -142,10 +142,12 @@ def test_bad_input_is_refused():
 
 
 def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflate: bool, photometric: int = 2,
-                 planar: bool = True, extra: int | None = 2) -> bytes:
+                 planar: bool = True, extra: int | None = 2, predictor: bool = False, signed: bool = False) -> bytes:
     """A 16-bit TIFF stored plane by plane (PlanarConfiguration 2; one plane is just gray), or
     interleaved (`planar` False), built by hand from the TIFF 6.0 layout: every plane's strips, in
-    plane order, then one tag directory. A fourth sample is an ExtraSample of kind `extra`."""
+    plane order, then one tag directory. Samples after the colour ones are ExtraSamples of kind
+    `extra`; `predictor` stores each sample as its difference from the same sample of the pixel to
+    its left (horizontal differencing, modulo 2^16)."""
     import struct
     import zlib
 
@@ -153,15 +155,24 @@ def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflat
     body, offsets, counts = b"", [], []
     for p in range(c if planar else 1):
         for y in range(0, h, rows_per_strip):
-            strip = (samples[y : y + rows_per_strip, :, p] if planar else samples[y : y + rows_per_strip]).astype(order + "u2").tobytes()
+            rows = (samples[y : y + rows_per_strip, :, p] if planar else samples[y : y + rows_per_strip]).astype(np.uint16)
+            if predictor:
+                rows = np.concatenate([rows[:, :1], rows[:, 1:] - rows[:, :-1]], axis=1)  # uint16: wraps
+            strip = rows.astype(order + "u2").tobytes()
             strip = zlib.compress(strip) if deflate else strip
             offsets.append(8 + len(body))
             counts.append(len(strip))
             body += strip + bytes(len(strip) % 2)
     entries = [(256, 4, [w]), (257, 4, [h]), (258, 3, [16] * c), (259, 3, [8 if deflate else 1]), (262, 3, [photometric]),
                (273, 4, offsets), (277, 3, [c]), (278, 4, [rows_per_strip]), (279, 4, counts), (284, 3, [2 if c > 1 and planar else 1])]
-    if c == 4 and extra is not None:
-        entries.append((338, 3, [extra]))  # 2: unassociated alpha
+    colour = 3 if photometric == 2 else 1
+    if c > colour and extra is not None:
+        entries.append((338, 3, [extra] * (c - colour)))  # 2: unassociated alpha
+    if predictor:
+        entries.append((317, 3, [2]))
+    if signed:
+        entries.append((339, 3, [2] * c))
+    entries.sort()
     at = 8 + len(body)
     extra_at, head, tail = at + 2 + 12 * len(entries) + 4, struct.pack(order + "H", len(entries)), b""
     for tag, kind, values in entries:
@@ -217,13 +228,36 @@ def test_a_16bit_tiffs_extra_channel_is_transparency_only_when_it_says_so(planar
 
 def test_a_tiff_no_reader_takes_says_what_it_holds():
     """"not a recognised image format" for a valid TIFF sent users looking for a damaged file; the
-    error now names the layout (16-bit gray with alpha: neither Pillow nor OpenCV reads it)."""
+    error now names the layout (16-bit signed gray with alpha: neither Pillow nor OpenCV reads it)."""
     samples = np.random.default_rng(2).integers(0, 65536, (6, 10, 2), dtype=np.uint16)
-    with pytest.raises(ImageError, match=r"^la\.tif: cannot read this kind of TIFF \(16-bit unsigned gray, 2 samples per pixel\); "
-                                         r"icmsr reads 8- and 16-bit gray, RGB and RGBA, CMYK, and 32-bit float RGB$"):
-        read_image(_planar_tiff(samples, order="<", rows_per_strip=6, deflate=False, photometric=1, planar=False), name="la.tif")
+    with pytest.raises(ImageError, match=r"^la\.tif: cannot read this kind of TIFF \(16-bit signed gray, 2 samples per pixel\); "
+                                         r"icmsr reads 8- and 16-bit gray, gray \+ alpha, RGB and RGBA, CMYK, and 32-bit float RGB$"):
+        read_image(_planar_tiff(samples, order="<", rows_per_strip=6, deflate=False, photometric=1, planar=False, signed=True),
+                   name="la.tif")
     with pytest.raises(ImageError, match=r"^junk\.tif: cannot read image \(not a recognised image format\)$"):
         read_image(b"II*\0" + struct.pack("<IH", 8, 0) + bytes(4), name="junk.tif")  # a directory with no tags
+
+
+@pytest.mark.parametrize("order, planar, predictor, deflate", [("<", False, False, False), (">", False, True, True),
+                                                              ("<", False, True, False), (">", True, True, True)])
+def test_16bit_gray_alpha_and_colour_with_two_extras_read_exactly(order, planar, predictor, deflate):
+    """GIMP and Photoshop save 16-bit gray with transparency as a gray + alpha TIFF, and Photoshop
+    keeps a saved selection beside an alpha channel as a second extra: neither Pillow nor OpenCV
+    opens either, so each was refused. Exact samples, whatever the byte order, storage order or
+    horizontal differencing; WhiteIsZero inverted; the extras as at every other depth."""
+    rng = np.random.default_rng(7)
+    gray_alpha = rng.integers(0, 65536, (13, 11, 2), dtype=np.uint16)
+    for photometric, expected in ((1, gray_alpha), (0, np.dstack([65535 - gray_alpha[..., 0], gray_alpha[..., 1]]))):
+        picture = read_image(_planar_tiff(gray_alpha, order=order, rows_per_strip=5, deflate=deflate, photometric=photometric,
+                                          planar=planar, predictor=predictor))
+        assert picture.bit_depth == 16 and picture.format == "TIFF"
+        np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), expected)
+    picture = read_image(_planar_tiff(gray_alpha, order=order, rows_per_strip=13, deflate=deflate, photometric=1, planar=planar,
+                                      predictor=predictor, extra=0))  # a mask, not transparency
+    np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), gray_alpha[..., :1])
+    five = rng.integers(0, 65536, (9, 7, 5), dtype=np.uint16)  # RGB, alpha, a saved selection
+    picture = read_image(_planar_tiff(five, order=order, rows_per_strip=4, deflate=deflate, planar=planar, predictor=predictor))
+    np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), five[..., :4])
 
 
 @pytest.mark.parametrize("tag, value", [(254, 1), (50706, b"\x01\x04\x00\x00")])

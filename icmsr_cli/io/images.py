@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, TiffImagePlugin
+from PIL import Image, ImageOps
 
 from . import atomic, metadata
 from .png import encode_png, pixel_chunks
-from .tiff import encode_tiff, planes_of
+from .tiff import encode_tiff, samples_16bit, tags_of
 from ..choices import DEFAULT_MAX_PIXELS
 from ..errors import DiskFullError, ImageError
 
@@ -176,13 +176,13 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
-        if picture := _read_float_color_tiff(data, name, max_pixels):
+        if picture := _read_16bit_tiff_samples(data, name, max_pixels) or _read_float_color_tiff(data, name, max_pixels):
             return picture
         if _brands(data) & _AVIF_BRANDS:
             raise ImageError(f"{name}: this Pillow {Image.__version__} cannot read AVIF; Pillow 11.3 or later can") from None
         if layout := _unreadable_tiff(data):
             raise ImageError(f"{name}: cannot read this kind of TIFF ({layout}); "
-                             "icmsr reads 8- and 16-bit gray, RGB and RGBA, CMYK, and 32-bit float RGB") from None
+                             "icmsr reads 8- and 16-bit gray, gray + alpha, RGB and RGBA, CMYK, and 32-bit float RGB") from None
         raise ImageError(f"{name}: cannot read image (not a recognised image format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: cannot read image ({exc})") from None
@@ -239,13 +239,9 @@ def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture |
     OpenCV before 4.9 wrote float images), which Pillow cannot open, decoded by OpenCV: values
     outside 0-1 are cut, and counted, as for float gray; the output is 16-bit. The size limit is
     checked from the tags first. None when it is no such file (OpenCV gives no float colour)."""
-    tags = _tiff_tags(data)
-    try:
-        w, h = int(tags[256]), int(tags[257])
-    except (KeyError, ValueError, TypeError):
+    tags = tags_of(data)
+    if not _within_limit(tags, name, max_pixels):
         return None
-    if w * h > max_pixels:
-        raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}; raise --max-pixels to allow it")
     import cv2
 
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -257,18 +253,54 @@ def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture |
     return Picture(np.ascontiguousarray(np.clip(np.nan_to_num(arr), 0, 1)), 16, info, format="TIFF", clipped=outside)
 
 
-def _tiff_tags(data: bytes) -> dict:
-    """A TIFF's first tag directory, read without Pillow's image plugin; {} for anything else."""
-    if data[:4] not in (b"II*\0", b"MM\0*"):
-        return {}
+def _within_limit(tags: dict, name: str, max_pixels: int) -> bool:
+    """Whether a TIFF's directory gives its size, refusing one over the limit before any decoding."""
     try:
-        tags = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
-        stream = io.BytesIO(data)
-        stream.seek(tags.next)
-        tags.load(stream)
-        return dict(tags)
-    except (KeyError, ValueError, TypeError, OSError, SyntaxError, struct.error):
+        w, h = int(tags[256]), int(tags[257])
+    except (KeyError, ValueError, TypeError):
+        return False
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}; raise --max-pixels to allow it")
+    return True
+
+
+def _read_16bit_tiff_samples(data: bytes, name: str, max_pixels: int) -> Picture | None:
+    """A 16-bit gray or colour TIFF with more samples than Pillow and OpenCV take (gray + alpha,
+    as GIMP and Photoshop save 16-bit gray with transparency; colour with two extra channels),
+    read through tiff.samples_16bit; its extras as at every other depth (_extra_samples), its
+    orientation applied, its ICC profile, camera tags, XMP and dpi kept. None for other files."""
+    tags = tags_of(data)
+    photometric = int(tags.get(262, -1))
+    colour = {0: 1, 1: 1, 2: 3}.get(photometric)
+    if colour is None or int(tags.get(277, 1)) <= colour or not _within_limit(tags, name, max_pixels):
+        return None
+    arr = samples_16bit(tags, data)
+    if arr is None:
+        return None
+    pixels = arr.astype(np.float32) / 65535.0
+    if photometric == 0:  # WhiteIsZero
+        pixels[..., 0] = 1 - pixels[..., 0]
+    pixels = _extra_samples(pixels, tags.get(_EXTRA_SAMPLES), colour)
+    if int(tags.get(274, 1)) in _ORIENT:
+        pixels = np.ascontiguousarray(_ORIENT[int(tags[274])](pixels))
+    camera = Image.Exif()
+    camera.load(data)  # a TIFF file is laid out as an EXIF block is: its directories, sub-directories and all
+    exif = metadata.tiff_exif(camera)
+    xmp = tags.get(metadata.XMP_TIFF_TAG)
+    xmp = bytes(xmp) if isinstance(xmp, tuple) else xmp.encode("utf-8") if isinstance(xmp, str) else xmp
+    info = {**({"icc_profile": tags[34675]} if tags.get(34675) else {}), **({"exif": exif} if exif else {}),
+            **({"xmp": metadata.xmp_upright(xmp)} if xmp else {}), **_tiff_dpi(tags)}
+    return Picture(pixels, 16, info, format="TIFF")
+
+
+def _tiff_dpi(tags: dict) -> dict:
+    """{"dpi": (x, y)} from a TIFF's resolution tags (unit 2 inch, 3 centimetre), as Pillow gives it."""
+    try:
+        x, y = float(tags[282]), float(tags[283])
+    except (KeyError, ValueError, TypeError, ZeroDivisionError):
         return {}
+    per_inch = {2: 1.0, 3: 2.54}.get(int(tags.get(296, 2)))
+    return {"dpi": (x * per_inch, y * per_inch)} if per_inch and 0 < x < 1e6 and 0 < y < 1e6 else {}
 
 
 _SAMPLE_FORMATS = {1: "unsigned", 2: "signed", 3: "float"}
@@ -278,7 +310,7 @@ _PHOTOMETRICS = {0: "gray", 1: "gray", 2: "RGB", 3: "palette", 4: "mask", 5: "CM
 def _unreadable_tiff(data: bytes) -> str | None:
     """What a TIFF that no reader here takes holds ("16-bit unsigned gray, 2 samples per pixel"):
     "not a recognised image format" sent users looking for a damaged file."""
-    tags = _tiff_tags(data)
+    tags = tags_of(data)
     if 258 not in tags:
         return None
     bits = np.atleast_1d(tags[258])
@@ -332,7 +364,7 @@ def _tiff_exif(image: Image.Image, notes: tuple[str, ...]) -> tuple[dict, tuple[
     if notes:  # _exif_read found the main directory damaged
         return {}, notes
     try:
-        block = metadata.tiff_exif(image)
+        block = metadata.tiff_exif(image.getexif())
     except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error):
         return {}, ("its EXIF block is damaged; it is left out",)
     return ({"exif": block} if block else {}), ()
@@ -341,7 +373,8 @@ def _tiff_exif(image: Image.Image, notes: tuple[str, ...]) -> tuple[dict, tuple[
 def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
     import cv2
 
-    arr = planes_of(image, data) if image.format == "TIFF" else None  # RGB(A) order already
+    # a TIFF stored plane by plane, which OpenCV misreads; RGB(A) order already
+    arr = samples_16bit(dict(image.tag_v2), data) if image.format == "TIFF" and image.tag_v2.get(284) == 2 else None
     if arr is None:
         pixels_only = pixel_chunks(data) if image.format == "PNG" else data
         arr = cv2.imdecode(np.frombuffer(pixels_only, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -365,21 +398,22 @@ _EXTRA_SAMPLES = 338
 _UNSPECIFIED, _ASSOCIATED = 0, 1
 
 
-def _extra_samples(pixels: np.ndarray, kinds) -> np.ndarray:
-    """A 16-bit RGB TIFF's samples after the colour, as Pillow treats them at 8 bits: an extra of
-    unspecified meaning (Photoshop's saved selections and masks) is not transparency and is
-    dropped; premultiplied (associated) alpha is divided out. OpenCV took either as plain alpha,
-    so a mask made the picture transparent. Undeclared extras are alpha, as Pillow reads them."""
-    if pixels.shape[2] <= 3:
+def _extra_samples(pixels: np.ndarray, kinds, colour: int = 3) -> np.ndarray:
+    """A 16-bit TIFF's samples after its `colour` ones, as Pillow treats them at 8 bits: an extra
+    of unspecified meaning (Photoshop's saved selections and masks) is not transparency and is
+    dropped; premultiplied (associated) alpha is divided out; extras after the first are dropped.
+    OpenCV took either as plain alpha, so a mask made the picture transparent. Undeclared extras
+    are alpha, as Pillow reads them."""
+    if pixels.shape[2] <= colour:
         return pixels
     kind = int(np.atleast_1d(kinds)[0]) if kinds is not None and np.size(kinds) else None
     if kind == _UNSPECIFIED:
-        return np.ascontiguousarray(pixels[..., :3])
-    pixels = np.ascontiguousarray(pixels[..., :4])
+        return np.ascontiguousarray(pixels[..., :colour])
+    pixels = np.ascontiguousarray(pixels[..., : colour + 1])
     if kind == _ASSOCIATED:
-        alpha = pixels[..., 3:]
+        alpha = pixels[..., colour:]
         with np.errstate(divide="ignore", invalid="ignore"):
-            pixels[..., :3] = np.where(alpha > 0, np.clip(pixels[..., :3] / alpha, 0, 1), 0)
+            pixels[..., :colour] = np.where(alpha > 0, np.clip(pixels[..., :colour] / alpha, 0, 1), 0)
     return pixels
 
 

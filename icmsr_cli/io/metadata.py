@@ -71,11 +71,11 @@ _GPS_IFD, _INTEROP_IFD = 0x8825, 0xA005
 _TIFF_PHOTO_TAGS = (270, 271, 272, 305, 306, 315, 316, 33432, 0x4746, 0x4749, 0x9C9B, 0x9C9C, 0x9C9D, 0x9C9E, 0x9C9F)
 
 
-def tiff_exif(image: Image.Image) -> bytes | None:
-    """An EXIF block for a TIFF source: its main directory's photo tags and its Exif and GPS
-    sub-directories (exposure, date taken, lens, place), which a TIFF keeps among its own tags
-    rather than in a block of their own. None where it has none. (Every TIFF input lost them.)"""
-    source = image.getexif()
+def tiff_exif(source: Image.Exif) -> bytes | None:
+    """An EXIF block for a TIFF source, from its tags (`source`: the image's getexif()): its main
+    directory's photo tags and its Exif and GPS sub-directories (exposure, date taken, lens,
+    place), which a TIFF keeps among its own tags rather than in a block of their own. None where
+    it has none. (Every TIFF input lost them.)"""
     exif = Image.Exif()
     for tag in _TIFF_PHOTO_TAGS:
         if tag in source:

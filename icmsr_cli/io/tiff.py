@@ -1,5 +1,5 @@
 """TIFF encoding, 8 or 16 bits, with the source's ICC profile and EXIF, strips deflated on all cores;
-and the one TIFF layout neither Pillow nor OpenCV reads right, 16-bit planes (planes_of, at the end).
+and the 16-bit TIFF layouts neither Pillow nor OpenCV reads right: planes, gray + alpha (samples_16bit, at the end).
 
 Why: Pillow cannot write 16-bit colour TIFF, and OpenCV, which can, has no way to embed
 metadata, so a 16-bit scan or raw development lost its colour profile (its colours then display
@@ -125,46 +125,79 @@ def _merge_exif(ifd: TiffImagePlugin.ImageFileDirectory_v2, exif: bytes) -> None
 # ------------------------------------------------------------------------------------ reading
 
 
-def planes_of(image: Image.Image, data: bytes) -> np.ndarray | None:
-    """The samples (H x W x C uint16) of a 16-bit TIFF stored plane by plane (PlanarConfiguration 2,
-    Photoshop's "Per Channel" order); None for any other file.
+def tags_of(data: bytes) -> dict:
+    """A TIFF's first tag directory, read without Pillow's image plugin (which refuses layouts it
+    cannot decode); {} for anything else."""
+    if data[:4] not in (b"II*\0", b"MM\0*"):
+        return {}
+    try:
+        tags = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+        stream = io.BytesIO(data)
+        stream.seek(tags.next)
+        tags.load(stream)
+        return dict(tags)
+    except (KeyError, ValueError, TypeError, OSError, SyntaxError, struct.error):
+        return {}
 
-    Why: OpenCV reads such a file's second and third planes from the wrong places and Pillow cuts
-    it to 8 bits, both without a word (the colours came out wrong). Each plane is handed to Pillow
-    as a one-channel 16-bit TIFF of its own: a new tag directory, appended, over the file's own
-    compressed strips or tiles, so whatever libtiff decodes (LZW, deflate, PackBits, predictors)
-    is decoded here too."""
-    tags = image.tag_v2
-    bits, samples = tags.get(_BITS), int(tags.get(_SAMPLES, 1))
+
+def samples_16bit(tags: dict, data: bytes) -> np.ndarray | None:
+    """The samples (H x W x S uint16) of a 16-bit unsigned TIFF that Pillow and OpenCV misread or
+    refuse: stored plane by plane (Photoshop's "Per Channel" order), or pixel by pixel with a
+    sample count neither takes (gray + alpha, as GIMP and Photoshop save 16-bit gray with
+    transparency; colour with two extra channels). None for any other file.
+
+    Why: OpenCV reads a planar file's second and third planes from the wrong places and Pillow
+    cuts it to 8 bits, both without a word; gray + alpha neither opens. The file's own compressed
+    strips or tiles are handed to Pillow under a new tag directory, appended, as one-sample 16-bit
+    gray: each plane on its own, or all the samples of a row as one row S times as wide; whatever
+    libtiff decodes (LZW, deflate, PackBits) is decoded here too. Horizontal differencing
+    (predictor 2) of a wide row steps by S samples, so it is undone here rather than by libtiff."""
+    bits, samples = np.atleast_1d(tags.get(_BITS, 1)), int(tags.get(_SAMPLES, 1))
     unsigned = all(f == 1 for f in np.atleast_1d(tags.get(339, 1)))
-    if tags.get(_PLANAR) != 2 or not (isinstance(bits, tuple) and set(bits) == {16}) or samples < 2 or not unsigned:
+    if samples < 2 or len(bits) != samples or set(bits.tolist()) != {16} or not unsigned or _WIDTH not in tags or _LENGTH not in tags:
         return None
+    width, height = int(tags[_WIDTH]), int(tags[_LENGTH])
     tiled = 324 in tags
-    offsets, counts = (tags[324], tags[325]) if tiled else (tags[_STRIP_OFFSETS], tags[_STRIP_BYTE_COUNTS])
-    offsets, counts = np.atleast_1d(offsets), np.atleast_1d(counts)
-    if len(offsets) % samples or len(counts) != len(offsets):
+    offsets, counts = (tags.get(324), tags.get(325)) if tiled else (tags.get(_STRIP_OFFSETS), tags.get(_STRIP_BYTE_COUNTS))
+    if offsets is None or counts is None:
         return None
-    width, height = image.size
+    offsets, counts = np.atleast_1d(offsets), np.atleast_1d(counts)
+    predictor = int(tags.get(_PREDICTOR, 1))
     order = "<" if data[:2] == b"II" else ">"
-    per_plane = len(offsets) // samples
-    layout = [(322, 4, [int(tags[322])]), (323, 4, [int(tags[323])])] if tiled else [(_ROWS_PER_STRIP, 4, [int(tags.get(_ROWS_PER_STRIP, height))])]
+    if tags.get(_PLANAR) == 2:
+        if len(offsets) % samples:
+            return None
+        per_plane = len(offsets) // samples
+        parts = [(slice(p * per_plane, (p + 1) * per_plane), width, predictor) for p in range(samples)]
+    elif predictor in (1, 2):
+        parts = [(slice(None), width * samples, 1)]  # the wide row's differences are undone below
+    else:
+        return None
+    tile_width = int(tags.get(322, 0)) * (1 if tags.get(_PLANAR) == 2 else samples)
+    layout = [(322, 4, [tile_width]), (323, 4, [int(tags.get(323, 0))])] if tiled else [(_ROWS_PER_STRIP, 4, [int(tags.get(_ROWS_PER_STRIP, height))])]
     at = len(data) + len(data) % 2  # the new directory's offset (word-aligned), after everything the file holds
-    planes = []
-    for p in range(samples):
-        part = slice(p * per_plane, (p + 1) * per_plane)
-        entries = [(_WIDTH, 4, [width]), (_LENGTH, 4, [height]), (_BITS, 3, [16]), (_COMPRESSION, 3, [int(tags.get(_COMPRESSION, 1))]),
-                   (_PHOTOMETRIC, 3, [1]), (_SAMPLES, 3, [1]), (_PLANAR, 3, [1]), (_PREDICTOR, 3, [int(tags.get(_PREDICTOR, 1))]),
+    found = []
+    for part, wide, kept_predictor in parts:
+        entries = [(_WIDTH, 4, [wide]), (_LENGTH, 4, [height]), (_BITS, 3, [16]), (_COMPRESSION, 3, [int(tags.get(_COMPRESSION, 1))]),
+                   (_PHOTOMETRIC, 3, [1]), (_SAMPLES, 3, [1]), (_PLANAR, 3, [1]), (_PREDICTOR, 3, [kept_predictor]),
                    *layout, (324 if tiled else _STRIP_OFFSETS, 4, [int(v) for v in offsets[part]]),
                    (325 if tiled else _STRIP_BYTE_COUNTS, 4, [int(v) for v in counts[part]])]
         rebuilt = data[:4] + struct.pack(order + "I", at) + data[8:] + bytes(at - len(data)) + _directory(sorted(entries), at, order)
         try:
             with Image.open(io.BytesIO(rebuilt)) as plane:
-                planes.append(np.asarray(plane).astype(np.uint16))
+                found.append(np.asarray(plane).astype(np.uint16))
         except (OSError, ValueError, SyntaxError):
             return None
-        if planes[-1].shape != (height, width):
+        if found[-1].shape != (height, wide):
             return None
-    return np.stack(planes, axis=2)
+    if len(found) > 1:
+        return np.stack(found, axis=2)
+    arr = found[0].reshape(height, width, samples)
+    if predictor == 2:  # each row of each strip or tile starts afresh; sums wrap modulo 2^16 as the differences did
+        step = int(tags.get(322, width)) if tiled else width
+        for x in range(0, width, step):
+            np.cumsum(arr[:, x : x + step], axis=1, dtype=np.uint16, out=arr[:, x : x + step])
+    return arr
 
 
 def _directory(entries: list[tuple[int, int, list[int]]], at: int, order: str) -> bytes:
