@@ -105,7 +105,7 @@ def _check_host_memory(out: tuple[int, int], run_at: tuple[int, int]) -> None:
     need = max(out[0] * out[1], run_at[0] * run_at[1]) * HOST_BYTES_PER_PIXEL
     have = devices.available_memory(torch.device("cpu"))
     if need > have:
-        raise ImageError(f"a {out[0]}x{out[1]} output needs about {need / 2**30:.1f} GB of memory, "
+        raise ImageError(f"a {out[0]}x{out[1]} output needs about {need / 2**30:,.1f} GB of memory, "
                          f"{have / 2**30:.1f} GB is available; use a smaller --scale")
 
 
