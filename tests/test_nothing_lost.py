@@ -814,7 +814,7 @@ def test_dpi_goes_from_every_format_to_every_format(source, channels, bits):
     assert cv2.imdecode(np.frombuffer(tiff, np.uint8), cv2.IMREAD_UNCHANGED) is not None  # the tags keep the file readable
 
 
-def _camera_exif(order: str, orientation: int | None = None) -> bytes:
+def _camera_exif(order: str, orientation: int | None = None, orientation_type: int = 3) -> bytes:
     """An EXIF block laid out as a camera writes it, by hand: IFD0 (Make, the orientation if given,
     the Exif IFD's pointer), the Exif IFD (PixelX/YDimension as SHORTs, a MakerNote whose bytes
     hold offsets), the MakerNote's bytes, then IFD1 with its thumbnail's place."""
@@ -827,7 +827,7 @@ def _camera_exif(order: str, orientation: int | None = None) -> bytes:
     block = order.encode() + struct.pack(e + "HI", 42, ifd0)
     block += struct.pack(e + "H", n0) + struct.pack(e + "HHI4s", 0x010F, 2, 4, b"Cam\0")
     if orientation is not None:
-        block += struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0)
+        block += struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0) if orientation_type == 3 else struct.pack(e + "HHII", 0x0112, 4, 1, orientation)
     block += struct.pack(e + "HHII", 0x8769, 4, 1, exif_ifd) + struct.pack(e + "I", ifd1)
     block += struct.pack(e + "H", 3) + struct.pack(e + "HHIHH", 0xA002, 3, 1, 24, 0) + struct.pack(e + "HHIHH", 0xA003, 3, 1, 16, 0)
     block += struct.pack(e + "HHII", 0x927C, 7, 16, maker_at) + struct.pack(e + "I", 0)
@@ -867,15 +867,15 @@ def test_exif_pixel_dimensions_give_the_output_size(order):
     assert exif_with_size(b"Exif\0\0garbage", (96, 64)) == b"Exif\0\0garbage"  # what does not parse is kept as it was
 
 
-@pytest.mark.parametrize("order", ["II", "MM"])
-def test_a_photo_turned_upright_keeps_its_exif_byte_for_byte(order):
+@pytest.mark.parametrize("order, orientation_type", [("II", 3), ("MM", 3), ("MM", 4)])  # SHORT, as the standard has it, or LONG
+def test_a_photo_turned_upright_keeps_its_exif_byte_for_byte(order, orientation_type):
     """Where the orientation was applied, Pillow's exif_transpose rewrote the whole EXIF block (and
     the 16-bit path every block), moving a MakerNote away from what its inner offsets count on:
     a portrait from a Canon lost its lens and shot data to readers. The orientation is now set to 1
     in place, and the thumbnail's directory (the thumbnail still lies the old way) unlinked."""
     from icmsr_cli.io.images import encode_image, read_image
 
-    block = _camera_exif(order, orientation=6)
+    block = _camera_exif(order, orientation=6, orientation_type=orientation_type)
     jpeg = io.BytesIO()
     Image.fromarray(photo_like(24, 16)).save(jpeg, "JPEG", exif=b"Exif\0\0" + block)
     ok, png16 = cv2.imencode(".png", photo_like(24, 16).astype(np.uint16) * 257)
@@ -885,7 +885,7 @@ def test_a_photo_turned_upright_keeps_its_exif_byte_for_byte(order):
         kept = picture.info["exif"].removeprefix(b"Exif\0\0")
         assert len(kept) == len(block)
         # the orientation's value (IFD0's second entry) and the link to IFD1, nothing else
-        assert {i for i in range(len(block)) if block[i] != kept[i]} <= {30, 31, 46, 47, 48, 49}
+        assert {i for i in range(len(block)) if block[i] != kept[i]} <= {30, 31, 32, 33, 46, 47, 48, 49}
         parsed, original = Image.Exif(), Image.Exif()
         parsed.load(kept)
         original.load(block)

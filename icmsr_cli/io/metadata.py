@@ -151,8 +151,8 @@ def exif_upright(exif: bytes) -> bytes:
     first = block.first()
     entries = list(block.entries(first))
     for at, tag, kind in entries:
-        if tag == _ORIENTATION and kind == _SHORT and block.number(at + 4, 4) == 1:
-            block.put(at + 8, (1).to_bytes(2, block.order))
+        if tag == _ORIENTATION and kind in (_SHORT, _LONG) and block.number(at + 4, 4) == 1:  # LONG: some editors' (readers take it)
+            block.put(at + 8, (1).to_bytes(2 if kind == _SHORT else 4, block.order))
     if entries and block.number(first + 2 + 12 * len(entries), 4) is not None:
         block.put(first + 2 + 12 * len(entries), bytes(4))  # IFD1, the thumbnail's: no longer linked
     return bytes(block.out)
