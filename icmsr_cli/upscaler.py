@@ -15,7 +15,7 @@ from PIL import Image
 
 from .choices import COLOR_FIXES
 from .errors import ImageError
-from .io.images import Picture, picture_from_pil, picture_to_pil, quantise, resize_planes
+from .io.images import Picture, picture_from_pil, picture_to_pil, quantise, resize_planes, unquantised
 from .io.metadata import exif_with_size
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class Prepared:
 
 def prepare_picture(picture: Picture, options: UpscaleOptions = UpscaleOptions()) -> Prepared:
     """The model-free first half of an upscale (see Prepared); raises ImageError for an empty output."""
+    picture = picture.with_pixels(unquantised(picture.pixels))
     out = output_size(picture.size, options.scale)
     run_at = processing_size(out, options.min_side)
     _check_host_memory(out, run_at)
@@ -167,7 +168,7 @@ class Upscaler:
         """Upscale a Pillow image; keyword overrides replace fields of `options` for this call."""
         if not isinstance(image, Image.Image):  # an array failed deep inside, on a missing .info
             raise TypeError(f"upscale takes a PIL.Image.Image, not {type(image).__name__}; "
-                            "for arrays use upscale_picture(Picture(pixels))")
+                            "for arrays use upscale_picture(Picture(pixels)): H x W x C, floats in [0, 1] or uint8/uint16 samples")
         return upscale_image(self.pipe, image, _with(self.options, overrides))
 
     def upscale_picture(self, picture: Picture, **overrides) -> Picture:

@@ -40,6 +40,23 @@ def test_readme_example_runs(tmp_path, tiny_base, tiny_lora):
     assert out.dtype == np.uint16 and out.shape == (40, 48, 3)
 
 
+def test_integer_arrays_are_samples_not_floats(tiny_base, tiny_lora):
+    """`upscale` pointed array users to upscale_picture(Picture(pixels)); a uint8 array from OpenCV
+    or numpy was taken for floats in [0, 1] and clipped, so it came out nearly black and white.
+    uint8 and uint16 samples now give what their float planes give; other layouts say what fits."""
+    from icmsr_cli import Picture, load_upscaler
+
+    up = load_upscaler(base=str(tiny_base), lora=str(tiny_lora))
+    rgb = photo_like(24, 20)
+    for samples, top, bits in ((rgb, 255, 8), (rgb.astype(np.uint16) * 257, 65535, 16)):
+        from_floats = up.upscale_picture(Picture(samples.astype(np.float32) / top, bits), scale=2)
+        from_samples = up.upscale_picture(Picture(samples, bits), scale=2)
+        np.testing.assert_array_equal(from_samples.pixels, from_floats.pixels)
+    for bad, why in ((rgb[..., 0], "H x W x C"), (rgb.astype(np.int32), "uint8 or uint16")):
+        with pytest.raises(ValueError, match=why):
+            up.upscale_picture(Picture(bad))
+
+
 def test_a_pillow_image_keeps_its_profile_exif_and_dpi(tiny_base, tiny_lora):
     """`up.upscale(Image.open("photo.jpg"))` came back with an empty .info: the ICC profile (an
     iPhone's Display P3), the EXIF and the dpi were gone, even for callers who pass them on to

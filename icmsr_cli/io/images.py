@@ -454,6 +454,19 @@ def quantise(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
     return np.rint(np.clip(pixels, 0, 1) * scale).astype(dtype)
 
 
+def unquantised(pixels: np.ndarray) -> np.ndarray:
+    """quantise undone for the model path: uint8 or uint16 samples (an array from OpenCV or numpy,
+    or a result upscaled again) as float planes in [0, 1]; floats as they are. A uint8 array was
+    taken for floats and clipped, so it came out nearly black and white. Checks the layout too."""
+    if pixels.ndim != 3 or not 1 <= pixels.shape[2] <= 4:
+        raise ValueError(f"a Picture's pixels are H x W x C with C = 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA), got shape {pixels.shape}")
+    if pixels.dtype.kind == "f":
+        return pixels
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"a Picture's pixels are floats in [0, 1], or uint8 or uint16 samples, got {pixels.dtype}")
+    return pixels.astype(np.float32) / (255.0 if pixels.dtype == np.uint8 else 65535.0)
+
+
 def _at_depth(picture: Picture, bit_depth: int) -> np.ndarray:
     """The picture's integers at `bit_depth` (only float pictures change depth)."""
     if picture.pixels.dtype.kind in "ui" and picture.pixels.dtype.itemsize * 8 != bit_depth:
