@@ -134,6 +134,27 @@ def test_a_tiff_sources_camera_tags_reach_every_output(bits):
                 assert not set(out) & {256, 257, 258, 259, 262, 273, 277, 278, 279}, target
 
 
+def test_utf8_in_text_tags_survives_the_tiff_writer():
+    """Cameras and editors put UTF-8 in EXIF's text tags (an artist "Jörg", a lens "Café 50mm");
+    Pillow reads them as Latin-1 and writes them as ASCII, so a TIFF output, or any output of a
+    TIFF source, said "J??rg". The bytes now go out as they came in."""
+    artist, lens = "Jörg Müller".encode() + b"\0", "Café 50mm".encode() + b"\0"
+    exif_ifd = 8 + 2 + 2 * 12 + 4  # IFD0: Artist, the Exif IFD's pointer; then the Exif IFD: LensModel; then the strings
+    strings = exif_ifd + 2 + 12 + 4
+    block = (b"II*\0" + struct.pack("<I", 8)
+             + struct.pack("<HHHII", 2, 0x013B, 2, len(artist), strings) + struct.pack("<HHII", 0x8769, 4, 1, exif_ifd) + bytes(4)
+             + struct.pack("<HHHII", 1, 0xA434, 2, len(lens), strings + len(artist)) + bytes(4) + artist + lens)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(buf, "JPEG", exif=b"Exif\0\0" + block)
+    tif = encode_image(read_image(buf.getvalue()), "TIFF")
+    png = encode_image(read_image(tif), "PNG")  # a TIFF source's tags, as the output's EXIF block
+    for data in (tif, png):
+        with Image.open(io.BytesIO(data)) as im:
+            out = im.getexif()
+            assert out[0x013B].encode("latin-1") + b"\0" == artist
+            assert out.get_ifd(0x8769)[0xA434].encode("latin-1") + b"\0" == lens
+
+
 def test_bad_input_is_refused():
     for bad in (np.zeros((4, 4, 3), np.float32), np.zeros((4, 4, 2), np.uint16), np.zeros((4, 4), np.uint16),
                 np.zeros((4, 4, 5), np.uint8)):

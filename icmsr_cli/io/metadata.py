@@ -79,15 +79,36 @@ def tiff_exif(source: Image.Exif) -> bytes | None:
     exif = Image.Exif()
     for tag in _TIFF_PHOTO_TAGS:
         if tag in source:
-            exif[tag] = source[tag]
+            exif[tag] = as_written(source[tag])
     for pointer in (_EXIF_IFD, _GPS_IFD):
         sub = dict(source.get_ifd(pointer)) if pointer in source else {}
         if pointer == _EXIF_IFD and _INTEROP_IFD in sub:  # its pointer, as a number, would point into nothing
             interop = dict(source.get_ifd(_INTEROP_IFD))
             sub = {k: v for k, v in sub.items() if k != _INTEROP_IFD} | ({_INTEROP_IFD: interop} if interop else {})
         if sub:
-            exif[pointer] = sub  # assigned whole: Pillow 10 serialises no edits made through get_ifd
+            exif[pointer] = as_written(sub)  # assigned whole: Pillow 10 serialises no edits made through get_ifd
     return exif.tobytes() if len(exif) else None
+
+
+def as_written(value):
+    """A tag value Pillow parsed, made to serialise as it was read: Pillow decodes ASCII tags as
+    Latin-1 but encodes them as ASCII, so the UTF-8 that cameras and editors put there ("Jörg",
+    "Café") came out as "J??rg". Strings that are not plain ASCII go back as the bytes they were
+    read from; dictionaries (sub-directories) are walked."""
+    if isinstance(value, dict):
+        return {k: as_written(v) for k, v in value.items()}
+    if isinstance(value, str) and not value.isascii():
+        return _AsRead(value)
+    return value
+
+
+class _AsRead(str):
+    """A string that Pillow's tag writer encodes back to the bytes it decoded it from. It stays a
+    str so that Pillow still gives a tag it has no type for (LensModel, among others) the ASCII
+    type; bytes would make it UNDEFINED."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return str.encode(self, "latin-1", "replace")
 
 
 _SHORT, _LONG = 3, 4

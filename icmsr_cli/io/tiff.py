@@ -19,6 +19,7 @@ import zlib
 import numpy as np
 from PIL import Image, TiffImagePlugin, TiffTags
 
+from .metadata import as_written
 from .png import STRIP_BYTES, encoder_pool
 
 #: TIFF tags written here (baseline TIFF 6.0, XMLPacket and the ICC tag)
@@ -114,11 +115,11 @@ def _merge_exif(ifd: TiffImagePlugin.ImageFileDirectory_v2, exif: bytes) -> None
     parsed.load(exif)  # with or without the "Exif\0\0" prefix
     for tag in parsed:
         if tag not in _LAYOUT:
-            ifd[tag] = parsed.get_ifd(tag) if tag in TiffTags.TAGS_V2_GROUPS else parsed[tag]
+            ifd[tag] = as_written(dict(parsed.get_ifd(tag)) if tag in TiffTags.TAGS_V2_GROUPS else parsed[tag])
     if isinstance(ifd.get(_EXIF_IFD), dict) and _INTEROP_IFD in ifd[_EXIF_IFD]:
         # get_ifd gives the Interop directory's pointer as the number it was in the block: written
         # so, it pointed into this file's pixels
-        interop = dict(parsed.get_ifd(_INTEROP_IFD))
+        interop = as_written(dict(parsed.get_ifd(_INTEROP_IFD)))
         ifd[_EXIF_IFD] = {k: v for k, v in ifd[_EXIF_IFD].items() if k != _INTEROP_IFD} | ({_INTEROP_IFD: interop} if interop else {})
 
 
