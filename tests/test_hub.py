@@ -265,6 +265,30 @@ def test_shipped_loras_are_pinned_to_a_commit_and_a_blob():
         assert "/raw/fcc4f09c7ed66a9bc0ba9433940d76b343142426/" in lora.url and lora.git_blob_sha1 == blob
 
 
+@pytest.mark.parametrize("content, why", [
+    ('[models.x]\nbase = 5\n', 'models.x.base must be a list of { repo = "owner/name" } tables'),
+    ('[models.x]\nbase = [{repo = "a/b"}]\nlora = {url = "https://h/x.pkl", sha265 = "0"}\n', "models.x.lora: unknown key 'sha265'"),
+    ('[models.x]\nbase = [{repo = "a/b"}]\nlora = {repo = "a/b"}\n', "models.x.lora needs url, or repo and path"),
+    ('default = "y"\n[models.x]\nbase = [{repo = "a/b"}]\n', "default = 'y' names no model; known models: x"),
+    ('models = [', "not valid TOML"),
+])
+def test_a_hand_written_registry_says_what_is_wrong_where(tmp_path, content, why):
+    """ICMSR_REGISTRY points at a weights.toml users write by hand; a slip said "weights.toml is
+    malformed ('description')", naming neither their file nor the entry. It now names both; a
+    model needs only its base (and a LoRA to run), description and license being optional."""
+    from icmsr_cli.errors import SetupError
+    from icmsr_cli.weights.registry import load_registry
+
+    path = tmp_path / "mine.toml"
+    path.write_text(content)
+    with pytest.raises(SetupError) as caught:
+        load_registry(path)
+    assert str(caught.value).startswith(f"{path}: {why}")
+    path.write_text('[models.x]\nbase = [{repo = "a/b"}]\nlora = {url = "https://h/x.pkl"}\n')
+    registry = load_registry(path)
+    assert registry.default == "x" and registry.get("x").lora.url == "https://h/x.pkl"
+
+
 def test_offline_with_empty_cache_says_how_to_fetch(tmp_path, hub, env):
     env["HF_HUB_OFFLINE"] = "1"
     src = tmp_path / "in.png"
