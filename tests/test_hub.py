@@ -227,8 +227,17 @@ def test_an_unreachable_lora_url_is_one_line_naming_its_host(tmp_path, env):
     result = icmsr(env, "upscale", src, "-o", tmp_path / "out.png", "--lora", "http://127.0.0.1:9/osediff.pkl")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: osediff: cannot download http://127.0.0.1:9/osediff.pkl "
+        "error: --lora: cannot download http://127.0.0.1:9/osediff.pkl "
         "(cannot reach http://127.0.0.1:9 (ConnectionRefusedError: [Errno 111] Connection refused))"]
+    # offline, the advice for a registered model (`weights download osediff`) fetched osediff's
+    # weights, not these, and the next run failed the same way
+    env["HF_HUB_OFFLINE"] = "1"
+    for option, value, thing in (("--lora", "https://example.com/mine.pkl", "LoRA checkpoint https://example.com/mine.pkl"),
+                                 ("--lora", "hf://me/sr/mine.pkl", "LoRA checkpoint hf://me/sr/mine.pkl"),
+                                 ("--base", "me/sd21", "base model me/sd21")):
+        result = icmsr(env, "upscale", src, "-o", tmp_path / "out.png", option, value)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1] == f"error: {option}: {thing} not downloaded and HF_HUB_OFFLINE is set; unset it to download it"
 
 
 def test_sha256_mismatch_is_refused_and_deleted(tmp_path, hub, env):

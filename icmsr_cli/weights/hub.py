@@ -84,7 +84,7 @@ def fetch_base(sources: tuple[HubSource, ...], *, fp16: bool, what: str, notify:
         if folder := _cached_base(src, fp16):
             return folder
     if is_offline():
-        raise _offline(what, "base model")
+        raise _offline(what, f"base model {sources[0].repo}" if what.startswith("--") else "base model")  # --base names one repo
     reasons: dict[str, str] = {}  # repo: why it could not be used
     for i, src in enumerate(sources):
         then = "; trying the next mirror" if i + 1 < len(sources) else ""  # not said after the last one
@@ -129,7 +129,7 @@ def _fetch_hub_file(src: LoraSource, *, what: str, tqdm_class) -> Path:
     if cached := _cached_lora(src):
         return cached
     if is_offline():
-        raise _offline(what, "LoRA checkpoint")
+        raise _offline(what, f"LoRA checkpoint hf://{src.repo}/{src.path}")
     try:
         return Path(hf_hub_download(src.repo, src.path, revision=src.revision, tqdm_class=tqdm_class))
     except Exception as exc:
@@ -151,7 +151,7 @@ def _fetch_url(src: LoraSource, *, what: str, tqdm_class) -> Path:
         return cached
     path = url_cache_path(src)
     if is_offline():
-        raise _offline(what, "LoRA checkpoint")
+        raise _offline(what, f"LoRA checkpoint {src.url}")
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".incomplete")  # kept on failure: the next run resumes it
     try:
@@ -195,8 +195,11 @@ def _delete(path: Path) -> None:
 
 
 def _offline(what: str, thing: str) -> ModelNotFoundError:
+    """`what`: a registered model's name, or the option (--base, --lora) that named the source:
+    `weights download` fetches only registered models, so its advice there sent users in a loop."""
     # the advice holds for `weights download` too, which HF_HUB_OFFLINE stops as well
-    return ModelNotFoundError(f"{what}: {thing} not downloaded and HF_HUB_OFFLINE is set; unset it and run `icmsr weights download {what}`")
+    how = "to download it" if what.startswith("--") else f"and run `icmsr weights download {what}`"
+    return ModelNotFoundError(f"{what}: {thing} not downloaded and HF_HUB_OFFLINE is set; unset it {how}")
 
 
 def _reason(exc: Exception, url: str | None = None) -> str:
@@ -309,14 +312,14 @@ def resolve_weights(
             raise ModelNotFoundError(f"--base {base}: {why}")
         base_dir = base_ref
     else:
-        base_dir = fetch_base(base_ref, fp16=fp16, what=spec.name, notify=notify, tqdm_class=tqdm_class)
+        base_dir = fetch_base(base_ref, fp16=fp16, what="--base" if base else spec.name, notify=notify, tqdm_class=tqdm_class)
 
     if isinstance(lora_ref, Path):
         if not lora_ref.is_file():
             raise ModelNotFoundError(f"--lora {lora}: " + ("a folder, not a checkpoint file" if lora_ref.is_dir() else "no such file"))
         lora_path = lora_ref
     else:
-        lora_path = fetch_lora(lora_ref, what=spec.name, notify=notify, tqdm_class=tqdm_class)
+        lora_path = fetch_lora(lora_ref, what="--lora" if lora else spec.name, notify=notify, tqdm_class=tqdm_class)
     return ResolvedWeights(base=base_dir, lora=lora_path)
 
 
