@@ -923,6 +923,32 @@ def test_xmp_orientation_says_upright_once_applied():
             assert read_image(data).size == (16, 24), (description, target)
 
 
+def test_imagemagicks_exif_text_chunk_travels_as_exif():
+    """ImageMagick 6 keeps a PNG's EXIF in a text chunk ("Raw profile type exif", in hex). Pillow
+    reads its orientation, so the picture was turned upright, but the chunk went on to a PNG
+    output still saying 6 (Pillow and ImageMagick turned the output again), and JPEG, WebP and
+    TIFF outputs had no EXIF at all. It now travels as the EXIF block it is."""
+    from PIL import PngImagePlugin
+
+    from icmsr_cli.io.images import encode_image, read_image
+
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Phone"
+    block = exif.tobytes()  # with the "Exif\0\0" prefix, as ImageMagick stores the APP1 payload
+    hexed = block.hex()
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("Raw profile type exif", f"\nexif\n{len(block):8d}\n" + "\n".join(hexed[i : i + 72] for i in range(0, len(hexed), 72)) + "\n", zip=True)
+    meta.add_text("Comment", "kept")
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(24, 16)).save(buf, "PNG", pnginfo=meta)
+    picture = read_image(buf.getvalue())
+    assert picture.size == (16, 24) and picture.info["text"] == {"Comment": "kept"}
+    for target in ("PNG", "JPEG", "WEBP", "TIFF"):
+        with Image.open(io.BytesIO(encode_image(picture, target))) as im:
+            assert ImageOps.exif_transpose(im).size == im.size == (16, 24), target
+            assert im.getexif().get(0x010F) == "Phone", target
+
+
 def _xmp_text(packet: bytes):
     from PIL import PngImagePlugin
 

@@ -155,9 +155,6 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             turned = image.getexif().get(0x0112, 1) in _ORIENT  # from EXIF, or XMP where EXIF says nothing
             if image.format == "TIFF":  # its orientation is a layout tag, and its camera tags are its own
                 exif, damaged = _tiff_exif(image, damaged)
-            else:  # the block as it came: turned upright in place, so a MakerNote's offsets hold
-                block = image.info.get("exif")
-                exif = {"exif": metadata.exif_upright(block) if turned else block} if block else {}
             if _is_16bit_color(image, data):
                 picture = _read_16bit_color(image, data, name)
             else:
@@ -169,6 +166,9 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             picture = replace(picture, notes=(*picture.notes, *damaged))
             text = metadata.png_text(image)
             xmp = metadata.xmp(image, text)
+            if image.format != "TIFF":  # the block as it came: turned upright in place, so a MakerNote's offsets hold
+                block = image.info.get("exif") or (metadata.raw_profile_exif(text) if not damaged else None)
+                exif = {"exif": metadata.exif_upright(block) if turned else block} if block else {}
             xmp = metadata.xmp_upright(xmp) if xmp else None  # the pixels are upright now, whatever it said
             info = {**{k: v for k, v in picture.info.items() if k != "exif"}, **exif, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {}),
                     **({"webp_lossless": True} if image.format == "WEBP" and _webp_lossless(data) else {})}

@@ -42,6 +42,28 @@ def xmp(image: Image.Image, text: dict[str, str]) -> bytes | None:
     return found.encode("utf-8") if isinstance(found, str) else found or None
 
 
+RAW_PROFILE_EXIF = "Raw profile type exif"
+
+
+def raw_profile_exif(text: dict[str, str]) -> bytes | None:
+    """The EXIF block ImageMagick 6 writes into a PNG as a text chunk ("Raw profile type exif":
+    a name, the byte count, then hex), taken out of `text` (png_text's) so that it travels as EXIF
+    does: upright when the orientation is applied (left in the text, it still said 6 and readers
+    turned the upright output again) and into JPEG, WebP and TIFF outputs. None where there is none
+    or it does not parse (it then stays a text chunk)."""
+    profile = text.get(RAW_PROFILE_EXIF)
+    if profile is None:
+        return None
+    try:
+        block = bytes.fromhex("".join(profile.split("\n")[3:]))  # as Pillow's getexif reads it
+    except ValueError:
+        return None
+    if not block:
+        return None
+    del text[RAW_PROFILE_EXIF]
+    return block
+
+
 def png_text_with_xmp(info: dict) -> dict[str, str]:
     """The text chunks a PNG output carries: the source PNG's, and the XMP packet under its keyword."""
     packet = info.get("xmp")
