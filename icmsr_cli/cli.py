@@ -326,7 +326,8 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
                 upscaler = load_upscaler(
                     model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt, options=options,
                     reuse_freed_memory=True,  # this process is ours: see devices.freed_memory_reused
-                    notify=_notify, progress=_tile_progress(bar) if bar else None, tqdm_class=bars,
+                    notify=_notify, progress=_tile_progress(bar) if bar else None if quiet or console.is_terminal else _log_progress(tag),
+                    tqdm_class=bars,
                 )
             if ranks and ranks.local_rank == 0:
                 ranks.barrier()
@@ -401,6 +402,24 @@ class Interrupted(KeyboardInterrupt):
 
 def _interrupt(signum, frame):
     raise Interrupted(signum)
+
+
+_LOG_EVERY = 30.0  # seconds between progress lines in a log
+
+
+def _log_progress(tag: str):
+    """Off a terminal (a log, nohup, a scheduler's output file) no bars are drawn; a long image says
+    how far it has come, a line at most every _LOG_EVERY seconds. A 6000x4000 output took 13
+    minutes on a 2-core CPU with nothing in the log until its file was written."""
+    last = [time.monotonic()]
+
+    def update(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= _LOG_EVERY:
+            last[0] = now
+            console.print(f"{tag}  {stage}" + (f" tiles {done}/{total}" if total > 1 else (" done" if done else " running")))
+
+    return update
 
 
 def _tile_progress(bar):
