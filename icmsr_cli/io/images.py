@@ -283,14 +283,17 @@ def _read_16bit_tiff_samples(data: bytes, name: str, max_pixels: int) -> Picture
     pixels = _extra_samples(pixels, tags.get(_EXTRA_SAMPLES), colour)
     if int(tags.get(274, 1)) in _ORIENT:
         pixels = np.ascontiguousarray(_ORIENT[int(tags[274])](pixels))
-    camera = Image.Exif()
-    camera.load(data)  # a TIFF file is laid out as an EXIF block is: its directories, sub-directories and all
-    exif = metadata.tiff_exif(camera)
+    camera, notes = Image.Exif(), ()
+    try:
+        camera.load(data)  # a TIFF file is laid out as an EXIF block is: its directories, sub-directories and all
+        exif = metadata.tiff_exif(camera)
+    except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error):
+        exif, notes = None, ("its EXIF block is damaged; it is left out",)
     xmp = tags.get(metadata.XMP_TIFF_TAG)
     xmp = bytes(xmp) if isinstance(xmp, tuple) else xmp.encode("utf-8") if isinstance(xmp, str) else xmp
     info = {**({"icc_profile": tags[34675]} if tags.get(34675) else {}), **({"exif": exif} if exif else {}),
             **({"xmp": metadata.xmp_upright(xmp)} if xmp else {}), **_tiff_dpi(tags)}
-    return Picture(pixels, 16, info, format="TIFF")
+    return Picture(pixels, 16, info, format="TIFF", notes=notes)
 
 
 def _tiff_dpi(tags: dict) -> dict:

@@ -155,7 +155,8 @@ def samples_16bit(tags: dict, data: bytes) -> np.ndarray | None:
     (predictor 2) of a wide row steps by S samples, so it is undone here rather than by libtiff."""
     bits, samples = np.atleast_1d(tags.get(_BITS, 1)), int(tags.get(_SAMPLES, 1))
     unsigned = all(f == 1 for f in np.atleast_1d(tags.get(339, 1)))
-    if samples < 2 or len(bits) != samples or set(bits.tolist()) != {16} or not unsigned or _WIDTH not in tags or _LENGTH not in tags:
+    # (some writers give BitsPerSample once for all samples)
+    if samples < 2 or len(bits) not in (1, samples) or set(bits.tolist()) != {16} or not unsigned or _WIDTH not in tags or _LENGTH not in tags:
         return None
     width, height = int(tags[_WIDTH]), int(tags[_LENGTH])
     tiled = 324 in tags
