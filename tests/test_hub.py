@@ -232,7 +232,7 @@ def test_an_unreachable_lora_url_is_one_line_naming_its_host(tmp_path, env):
     # offline, the advice for a registered model (`weights download osediff`) fetched osediff's
     # weights, not these, and the next run failed the same way
     env["HF_HUB_OFFLINE"] = "1"
-    for option, value, thing in (("--lora", "https://example.com/mine.pkl", "LoRA checkpoint https://example.com/mine.pkl"),
+    for option, value, thing in (("--lora", "http://127.0.0.1:9/mine.pkl", "LoRA checkpoint http://127.0.0.1:9/mine.pkl"),
                                  ("--lora", "hf://me/sr/mine.pkl", "LoRA checkpoint hf://me/sr/mine.pkl"),
                                  ("--base", "me/sd21", "base model me/sd21")):
         result = icmsr(env, "upscale", src, "-o", tmp_path / "out.png", option, value)
@@ -276,7 +276,7 @@ def test_shipped_loras_are_pinned_to_a_commit_and_a_blob():
 
 @pytest.mark.parametrize("content, why", [
     ('[models.x]\nbase = 5\n', 'models.x.base must be a list of { repo = "owner/name" } tables'),
-    ('[models.x]\nbase = [{repo = "a/b"}]\nlora = {url = "https://h/x.pkl", sha265 = "0"}\n', "models.x.lora: unknown key 'sha265'"),
+    ('[models.x]\nbase = [{repo = "a/b"}]\nlora = {url = "http://127.0.0.1:9/x.pkl", sha265 = "0"}\n', "models.x.lora: unknown key 'sha265'"),
     ('[models.x]\nbase = [{repo = "a/b"}]\nlora = {repo = "a/b"}\n', "models.x.lora needs url, or repo and path"),
     ('default = "y"\n[models.x]\nbase = [{repo = "a/b"}]\n', "default = 'y' names no model; known models: x"),
     ('models = [', "not valid TOML"),
@@ -293,9 +293,9 @@ def test_a_hand_written_registry_says_what_is_wrong_where(tmp_path, content, why
     with pytest.raises(SetupError) as caught:
         load_registry(path)
     assert str(caught.value).startswith(f"{path}: {why}")
-    path.write_text('[models.x]\nbase = [{repo = "a/b"}]\nlora = {url = "https://h/x.pkl"}\n')
+    path.write_text('[models.x]\nbase = [{repo = "a/b"}]\nlora = {url = "http://127.0.0.1:9/x.pkl"}\n')
     registry = load_registry(path)
-    assert registry.default == "x" and registry.get("x").lora.url == "https://h/x.pkl"
+    assert registry.default == "x" and registry.get("x").lora.url == "http://127.0.0.1:9/x.pkl"
 
 
 def test_offline_with_empty_cache_says_how_to_fetch(tmp_path, hub, env):
