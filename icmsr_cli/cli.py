@@ -322,12 +322,15 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
             # map the cached weights instead of merging and writing the same cache at once
             if ranks and ranks.local_rank != 0:
                 ranks.barrier()
+            if bar:
+                progress = _tile_progress(bar)
+            else:  # ranks in a terminal share it: no progress; in a log, a line now and then
+                progress = None if quiet or console.is_terminal else _log_progress(tag)
             with _loading("loading model", quiet or not lead) as bars:
                 upscaler = load_upscaler(
                     model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt, options=options,
                     reuse_freed_memory=True,  # this process is ours: see devices.freed_memory_reused
-                    notify=_notify, progress=_tile_progress(bar) if bar else None if quiet or console.is_terminal else _log_progress(tag),
-                    tqdm_class=bars,
+                    notify=_notify, progress=progress, tqdm_class=bars,
                 )
             if ranks and ranks.local_rank == 0:
                 ranks.barrier()

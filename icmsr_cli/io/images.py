@@ -287,10 +287,9 @@ def _read_16bit_tiff_samples(data: bytes, name: str, max_pixels: int) -> Picture
     try:
         camera.load(data)  # a TIFF file is laid out as an EXIF block is: its directories, sub-directories and all
         exif = metadata.tiff_exif(camera)
-    except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error):
-        exif, notes = None, ("its EXIF block is damaged; it is left out",)
-    xmp = tags.get(metadata.XMP_TIFF_TAG)
-    xmp = bytes(xmp) if isinstance(xmp, tuple) else xmp.encode("utf-8") if isinstance(xmp, str) else xmp
+    except _EXIF_ERRORS:
+        exif, notes = None, (_DAMAGED_EXIF,)
+    xmp = metadata.packet_bytes(tags.get(metadata.XMP_TIFF_TAG))
     info = {**({"icc_profile": tags[34675]} if tags.get(34675) else {}), **({"exif": exif} if exif else {}),
             **({"xmp": metadata.xmp_upright(xmp)} if xmp else {}), **_tiff_dpi(tags)}
     return Picture(pixels, 16, info, format="TIFF", notes=notes)
@@ -348,6 +347,11 @@ _RAW_ADVICE = ("icmsr reads developed pictures, not camera raw data: export it a
 _DNG_VERSION, _NEW_SUBFILE_TYPE = 50706, 254
 
 
+#: what Pillow raises on a damaged EXIF block or TIFF directory, and the note that leaves it out
+_EXIF_ERRORS = (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error)
+_DAMAGED_EXIF = "its EXIF block is damaged; it is left out"
+
+
 def _exif_read(image: Image.Image) -> tuple[str, ...]:
     """Reads (and caches) the EXIF while the file is open (Pillow 10.0 lost a multi-page TIFF's
     after load()). A damaged block is left out, with a note: Pillow's parse of it failed the whole
@@ -355,10 +359,10 @@ def _exif_read(image: Image.Image) -> tuple[str, ...]:
     try:
         image.getexif()
         return ()
-    except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error):
+    except _EXIF_ERRORS:
         image.info.pop("exif", None)
         image.getexif()  # Pillow marks the block read before parsing it: an empty one from here on
-        return ("its EXIF block is damaged; it is left out",)
+        return (_DAMAGED_EXIF,)
 
 
 def _tiff_exif(image: Image.Image, notes: tuple[str, ...]) -> tuple[dict, tuple[str, ...]]:
@@ -368,8 +372,8 @@ def _tiff_exif(image: Image.Image, notes: tuple[str, ...]) -> tuple[dict, tuple[
         return {}, notes
     try:
         block = metadata.tiff_exif(image.getexif())
-    except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error):
-        return {}, ("its EXIF block is damaged; it is left out",)
+    except _EXIF_ERRORS:
+        return {}, (_DAMAGED_EXIF,)
     return ({"exif": block} if block else {}), ()
 
 

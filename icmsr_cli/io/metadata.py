@@ -37,7 +37,13 @@ def xmp(image: Image.Image, text: dict[str, str]) -> bytes | None:
         found = image.tag_v2.get(XMP_TIFF_TAG)
     else:
         found = None
-    if isinstance(found, tuple):  # a TIFF tag of BYTE type may come back as a tuple of ints
+    return packet_bytes(found)
+
+
+def packet_bytes(found) -> bytes | None:
+    """An XMP packet as bytes, however the reader handed it over: a TIFF tag of BYTE type may
+    come back as a tuple of ints, a text chunk as str."""
+    if isinstance(found, tuple):
         found = bytes(found)
     return found.encode("utf-8") if isinstance(found, str) else found or None
 
@@ -103,13 +109,21 @@ def tiff_exif(source: Image.Exif) -> bytes | None:
         if tag in source:
             exif[tag] = as_written(source[tag])
     for pointer in (_EXIF_IFD, _GPS_IFD):
-        sub = dict(source.get_ifd(pointer)) if pointer in source else {}
-        if pointer == _EXIF_IFD and _INTEROP_IFD in sub:  # its pointer, as a number, would point into nothing
-            interop = dict(source.get_ifd(_INTEROP_IFD))
-            sub = {k: v for k, v in sub.items() if k != _INTEROP_IFD} | ({_INTEROP_IFD: interop} if interop else {})
-        if sub:
-            exif[pointer] = as_written(sub)  # assigned whole: Pillow 10 serialises no edits made through get_ifd
+        if pointer in source and (sub := directory(source, pointer)):
+            exif[pointer] = sub  # assigned whole: Pillow 10 serialises no edits made through get_ifd
     return exif.tobytes() if len(exif) else None
+
+
+def directory(source: Image.Exif, pointer: int) -> dict:
+    """A sub-directory (Exif, GPS) of `source` as a dict Pillow writes back whole: its strings as
+    they were read (as_written), and the Exif directory's Interop pointer, which get_ifd gives as
+    the number it was in the source (written so, it pointed into the pixels), replaced by the
+    Interop directory itself."""
+    sub = dict(source.get_ifd(pointer))
+    if pointer == _EXIF_IFD and _INTEROP_IFD in sub:
+        interop = dict(source.get_ifd(_INTEROP_IFD))
+        sub = {k: v for k, v in sub.items() if k != _INTEROP_IFD} | ({_INTEROP_IFD: interop} if interop else {})
+    return as_written(sub)
 
 
 def as_written(value):

@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 from PIL import Image, TiffImagePlugin, TiffTags
 
-from .metadata import as_written
+from .metadata import as_written, directory
 from .png import STRIP_BYTES, encoder_pool
 
 #: TIFF tags written here (baseline TIFF 6.0, XMLPacket and the ICC tag)
@@ -28,7 +28,6 @@ _STRIP_OFFSETS, _SAMPLES, _ROWS_PER_STRIP, _STRIP_BYTE_COUNTS = 273, 277, 278, 2
 _PLANAR, _PREDICTOR, _XMP, _EXTRA_SAMPLES, _ICC = 284, 317, 700, 338, 34675
 _ADOBE_DEFLATE, _HORIZONTAL, _UNASSOCIATED_ALPHA = 8, 2, 2
 _X_RESOLUTION, _Y_RESOLUTION, _RESOLUTION_UNIT, _INCH = 282, 283, 296, 2
-_EXIF_IFD, _INTEROP_IFD = 0x8769, 0xA005
 #: the strip offsets go into Pillow's directory writer under this unused tag and are renamed in its
 #: output: Pillow moves real strip offsets to after the directory, and before 10.x refuses more than one.
 #: Orientation (274), the one tag between, is never written (orientation is applied at read).
@@ -115,12 +114,7 @@ def _merge_exif(ifd: TiffImagePlugin.ImageFileDirectory_v2, exif: bytes) -> None
     parsed.load(exif)  # with or without the "Exif\0\0" prefix
     for tag in parsed:
         if tag not in _LAYOUT:
-            ifd[tag] = as_written(dict(parsed.get_ifd(tag)) if tag in TiffTags.TAGS_V2_GROUPS else parsed[tag])
-    if isinstance(ifd.get(_EXIF_IFD), dict) and _INTEROP_IFD in ifd[_EXIF_IFD]:
-        # get_ifd gives the Interop directory's pointer as the number it was in the block: written
-        # so, it pointed into this file's pixels
-        interop = as_written(dict(parsed.get_ifd(_INTEROP_IFD)))
-        ifd[_EXIF_IFD] = {k: v for k, v in ifd[_EXIF_IFD].items() if k != _INTEROP_IFD} | ({_INTEROP_IFD: interop} if interop else {})
+            ifd[tag] = directory(parsed, tag) if tag in TiffTags.TAGS_V2_GROUPS else as_written(parsed[tag])
 
 
 # ------------------------------------------------------------------------------------ reading
