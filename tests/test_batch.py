@@ -636,3 +636,30 @@ def test_the_gpu_path_of_the_cli_resizes_in_the_reader_and_writes_the_same_files
     assert threads == ["icmsr-read"] * 4
     for name in ("rgb.png", "rgba.png", "gray.png", "rgb16.png"):
         assert (tmp_path / "gpu" / name).read_bytes() == (tmp_path / "cpu" / name).read_bytes(), name
+
+
+def test_an_output_name_too_long_for_the_file_system_fails_before_the_model(tmp_path):
+    """A 252-byte logo.gif beside a logo.png becomes logo.gif.png: 256 bytes, which no common file
+    system takes. It failed "File name too long" after the model had run on it; it fails before,
+    saying why, and the other files are written."""
+    from icmsr_cli.io import batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    stem = "a" * 248
+    for name in (f"{stem}.gif", f"{stem}.png", "b.png"):
+        Image.fromarray(photo_like(16, 16, seed=len(name))).save(src / name)
+    jobs, _ = batch.plan([str(src)], str(tmp_path / "out"))
+    calls = []
+
+    def upscale(picture):
+        calls.append(picture)
+        return picture
+
+    results = {Path(r.job.name).name: r for r in batch.run(batch.Reader(jobs, batch.BatchSettings()), upscale)}
+    failed = results[f"{stem}.gif"]
+    assert failed.status == "failed"
+    assert "is 256 bytes, over the 255 its file system allows" in failed.error
+    assert results[f"{stem}.png"].status == results["b.png"].status == "done"
+    assert len(calls) == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["b.png", f"{stem}.png"])

@@ -100,6 +100,20 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} KB"
 
 
+def name_too_long(path: Path) -> str | None:
+    """Why `path` cannot be created for its name's length, or None: a name derived from a long
+    one (logo.gif.png from a 252-byte logo.gif) failed "File name too long" after the model ran."""
+    limit = 255  # NAME_MAX of the common file systems, where the folder cannot say its own
+    try:
+        limit = os.pathconf(_existing_parent(path), "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or the folder will not say
+        pass
+    for part in Path(path).parts:
+        if (size := len(os.fsencode(part))) > limit:
+            return f"the name {part[:24]}...{part[-12:]} is {size} bytes, over the {limit} its file system allows"
+    return None
+
+
 def _existing_parent(path: Path) -> Path:
     path = Path(path)
     while not path.exists() and path.parent != path:

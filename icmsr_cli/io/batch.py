@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .atomic import is_no_space, no_space_error
+from .atomic import is_no_space, name_too_long, no_space_error
 from ..errors import DiskFullError, IcmsrError, ImageError, SetupError
 from ..choices import DEFAULT_MAX_PIXELS, FORMATS
 from .images import IMAGE_SUFFIXES, WRITABLE_FORMATS, Picture, check_output_size, encode_image, fit_to_format, format_for, read_image, write_bytes
@@ -466,6 +466,8 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
     picture itself)."""
     if _same_file(job):
         raise ImageError(f"{job.name}: the output would overwrite the input; choose another output")
+    if job.target is not None and (why := name_too_long(job.target)):
+        raise ImageError(f"{job.name}: its output cannot be written: {why}; rename the input or choose another output")
     source = read_stdin() if job.source is None else job.source
     picture = read_image(source, name=job.name, max_pixels=settings.max_pixels)
     if job.target is not None:
