@@ -12,7 +12,7 @@ import json
 import logging
 import math
 from contextlib import closing, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 import os
 import signal
@@ -344,6 +344,8 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
         raise
 
     def report(result: batch.JobResult) -> None:
+        if result.data is not None:  # delivered before it is said to be: a reader that ends early gets no "-> stdout"
+            result = _delivered(result)
         setattr(tally, result.status, getattr(tally, result.status) + 1)
         if result.status == "failed":
             _say(f"{tag}{result.error}", "error:", "red")
@@ -356,9 +358,6 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
         if json_lines:
             sys.stdout.write(json.dumps({**result.as_json(), **({"rank": ranks.rank} if ranks else {})}) + "\n")
             sys.stdout.flush()
-        if result.data is not None:
-            sys.stdout.buffer.write(result.data)
-            sys.stdout.buffer.flush()
 
     for arg in missing if lead else []:
         report(batch.JobResult(batch.Job(None, None, arg, missing=True), "failed", error=f"{arg}: no such file, folder or matching image"))
@@ -384,6 +383,22 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
         _say(str(tally), "stopped:", "red")
     elif not quiet and tally.total > 1:
         console.print(str(tally))
+
+
+def _delivered(result: batch.JobResult) -> batch.JobResult:
+    """The image written to standard output, or a failure where its reader ended first (`| head -c`,
+    a viewer closed): the run said "-> stdout" and exited 1 without a word."""
+    try:
+        sys.stdout.buffer.write(result.data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        # the rest of the buffer could never be flushed either: stdout goes nowhere from here on,
+        # so that the interpreter's own flush at exit does not print a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return replace(result, status="failed", data=None,
+                       error=f"{result.job.name}: standard output was closed before the whole image was written "
+                             "(the program reading it ended early)")
+    return result
 
 
 def _prepares_ahead(device: str) -> bool:

@@ -383,3 +383,27 @@ def test_standard_input_on_a_terminal_is_refused(tmp_path):
         os.close(terminal)
     assert proc.returncode == 2, proc.stderr.decode()
     assert b"standard input is a terminal" in proc.stderr
+
+
+def test_an_image_its_reader_never_took_is_a_failure(tmp_path, tiny_base, tiny_lora):
+    """`icmsr upscale x.png -o - | head -c 100`: the reader ended before the image was written, and
+    the run said "x.png -> stdout" and exited 1 without a word about it (click's handling of a
+    broken pipe). The file is named as failed, with why, and no traceback follows at exit."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(16, 16)).save(src)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader that has already gone
+    try:
+        proc = subprocess.run([sys.executable, "-m", "icmsr_cli", "upscale", str(src), "-o", "-", "--base", str(tiny_base),
+                               "--lora", str(tiny_lora)], stdout=write_end, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, timeout=300, env={**os.environ, "COLUMNS": "300"})
+    finally:
+        os.close(write_end)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert f"error: {src}: standard output was closed before the whole image was written" in err, err
+    assert "-> stdout" not in err and "Traceback" not in err and "Exception ignored" not in err, err
