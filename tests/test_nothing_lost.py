@@ -1077,3 +1077,27 @@ def test_xmp_survives_the_cli(tmp_path, model):
     from icmsr_cli.io.images import read_image
 
     assert read_image(tmp_path / "out.jpg").info.get("xmp") == XMP
+
+
+def test_a_multi_picture_jpeg_is_a_jpeg_with_its_xmp(tmp_path):
+    """Fujifilm, Nikon and Sony cameras (a large preview after the photo) and HDR gain-map JPEGs
+    write multi-picture JPEGs, which Pillow names "MPO". With -o - the output was a PNG instead of
+    the input's format, and every output lost the XMP (ratings, keywords, captions)."""
+    from icmsr_cli.io import batch
+
+    photo = Image.fromarray(photo_like(24, 16))
+    exif = Image.Exif()
+    exif[0x010F] = "FUJIFILM"
+    src = tmp_path / "DSCF0001.JPG"
+    photo.save(src, "MPO", save_all=True, append_images=[photo.resize((12, 8))], exif=exif, xmp=XMP)
+    with Image.open(src) as im:
+        assert im.format == "MPO"  # what Pillow makes of it: the case at hand
+    for output in ("-", str(tmp_path / "out.jpg")):
+        jobs, _ = batch.plan([str(src)], output)
+        [result] = batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture)
+        assert result.status == "done", result.error
+        data = result.data if output == "-" else Path(output).read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.format == "JPEG", output
+            assert im.getexif()[0x010F] == "FUJIFILM"
+            assert [c for m, c in im.applist if m == "APP1" and c.startswith(XMP_APP1_ID)] == [XMP_APP1_ID + XMP], output

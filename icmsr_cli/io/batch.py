@@ -488,7 +488,7 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
                          f"{min(run_at)} px)")
     notes = [*notes, *(f"{job.name}: {note}" for note in picture.notes)]
     if picture.frames > 1:  # said, not done silently: the other frames are not in the output
-        notes = [*notes, f"{job.name}: has {picture.frames} frames or pages; only the first is upscaled"]
+        notes = [*notes, f"{job.name}: has {picture.frames} frames, pages or pictures; only the first is upscaled"]
     if picture.clipped:  # float (HDR, scientific) or 32-bit samples beyond what any output here holds
         notes = [*notes, f"{job.name}: {100 * picture.clipped:.3g}% of its values lie outside 0-1 (float samples) or "
                          f"0-65535 (integer samples) and were clipped to that range"]

@@ -172,7 +172,10 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             xmp = metadata.xmp_upright(xmp) if xmp else None  # the pixels are upright now, whatever it said
             info = {**{k: v for k, v in picture.info.items() if k != "exif"}, **exif, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {}),
                     **({"webp_lossless": True} if image.format == "WEBP" and _webp_lossless(data) else {})}
-            return replace(picture, info=info, format=image.format, frames=frames)
+            # a multi-picture JPEG (Fujifilm, Nikon and Sony cameras, HDR gain maps) is a JPEG to write
+            # and to name: as "MPO" its -o - output was a PNG and its XMP was left out
+            fmt = "JPEG" if image.format == "MPO" else image.format
+            return replace(picture, info=info, format=fmt, frames=frames)
     except ImageError:
         raise
     except Image.UnidentifiedImageError:

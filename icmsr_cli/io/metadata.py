@@ -26,7 +26,7 @@ def png_text(image: Image.Image) -> dict[str, str]:
 def xmp(image: Image.Image, text: dict[str, str]) -> bytes | None:
     """The XMP packet of a JPEG, PNG, WebP or TIFF, as bytes; a PNG's is taken out of `text`
     (png_text's), so that it is written once."""
-    if image.format == "JPEG":
+    if image.format in ("JPEG", "MPO"):  # MPO: a JPEG with more pictures after it (a camera's preview, a gain map)
         found = next((content[len(XMP_JPEG_PREFIX):] for marker, content in getattr(image, "applist", [])
                       if marker == "APP1" and content.startswith(XMP_JPEG_PREFIX)), None)
     elif image.format == "PNG":
