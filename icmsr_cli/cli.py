@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -29,6 +29,9 @@ from rich.text import Text
 from . import __version__
 from .choices import COLOR_FIXES, DEFAULT_MAX_PIXELS, FORMATS
 from .errors import IcmsrError, RanksLostError, SetupError
+
+if TYPE_CHECKING:  # imported where used: the light commands do not pay for numpy and Pillow
+    from .io import batch
 
 console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # names print as they are
 

@@ -163,28 +163,29 @@ def test_bad_input_is_refused():
 
 
 def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflate: bool, photometric: int = 2,
-                 planar: bool = True, extra: int | None = 2, predictor: bool = False, signed: bool = False) -> bytes:
-    """A 16-bit TIFF stored plane by plane (PlanarConfiguration 2; one plane is just gray), or
+                 planar: bool = True, extra: int | None = 2, predictor: bool = False, signed: bool = False, bits: int = 16) -> bytes:
+    """A 16-bit (or `bits`-bit) TIFF stored plane by plane (PlanarConfiguration 2; one plane is just gray), or
     interleaved (`planar` False), built by hand from the TIFF 6.0 layout: every plane's strips, in
     plane order, then one tag directory. Samples after the colour ones are ExtraSamples of kind
     `extra`; `predictor` stores each sample as its difference from the same sample of the pixel to
-    its left (horizontal differencing, modulo 2^16)."""
+    its left (horizontal differencing, modulo 2^bits)."""
     import struct
     import zlib
 
     h, w, c = samples.shape
+    dtype = np.uint8 if bits == 8 else np.uint16
     body, offsets, counts = b"", [], []
     for p in range(c if planar else 1):
         for y in range(0, h, rows_per_strip):
-            rows = (samples[y : y + rows_per_strip, :, p] if planar else samples[y : y + rows_per_strip]).astype(np.uint16)
+            rows = (samples[y : y + rows_per_strip, :, p] if planar else samples[y : y + rows_per_strip]).astype(dtype)
             if predictor:
-                rows = np.concatenate([rows[:, :1], rows[:, 1:] - rows[:, :-1]], axis=1)  # uint16: wraps
-            strip = rows.astype(order + "u2").tobytes()
+                rows = np.concatenate([rows[:, :1], rows[:, 1:] - rows[:, :-1]], axis=1)  # unsigned: wraps
+            strip = rows.astype(order + f"u{bits // 8}").tobytes()
             strip = zlib.compress(strip) if deflate else strip
             offsets.append(8 + len(body))
             counts.append(len(strip))
             body += strip + bytes(len(strip) % 2)
-    entries = [(256, 4, [w]), (257, 4, [h]), (258, 3, [16] * c), (259, 3, [8 if deflate else 1]), (262, 3, [photometric]),
+    entries = [(256, 4, [w]), (257, 4, [h]), (258, 3, [bits] * c), (259, 3, [8 if deflate else 1]), (262, 3, [photometric]),
                (273, 4, offsets), (277, 3, [c]), (278, 4, [rows_per_strip]), (279, 4, counts), (284, 3, [2 if c > 1 and planar else 1])]
     colour = 3 if photometric == 2 else 1
     if c > colour and extra is not None:
@@ -279,6 +280,36 @@ def test_16bit_gray_alpha_and_colour_with_two_extras_read_exactly(order, planar,
     five = rng.integers(0, 65536, (9, 7, 5), dtype=np.uint16)  # RGB, alpha, a saved selection
     picture = read_image(_planar_tiff(five, order=order, rows_per_strip=4, deflate=deflate, planar=planar, predictor=predictor))
     np.testing.assert_array_equal(np.round(picture.pixels * 65535).astype(np.uint16), five[..., :4])
+
+
+@pytest.mark.parametrize("order, predictor, deflate", [("<", False, False), (">", True, True)])
+def test_8bit_tiffs_stored_plane_by_plane_with_extras_read_exactly(order, predictor, deflate):
+    """Photoshop's "Per Channel" order at 8 bits: Pillow opens gray + alpha, premultiplied alpha
+    and colour with two extras stored so, then fails to unpack them ("cannot read image (unknown
+    raw mode for given image mode)"), and refused colour with a saved selection. They are read as
+    their 16-bit counterparts are: exact samples, the extras as at every other depth."""
+    rng = np.random.default_rng(8)
+
+    def read(samples, extra):
+        picture = read_image(_planar_tiff(samples, order=order, rows_per_strip=5, deflate=deflate, photometric=1 if samples.shape[2] == 2 else 2,
+                                          extra=extra, predictor=predictor, bits=8), name="scan.tif")
+        assert picture.bit_depth == 8 and picture.format == "TIFF"
+        return picture.pixels
+
+    def as_samples(pixels):
+        return np.round(pixels * 255).astype(np.uint8)
+
+    gray_alpha = rng.integers(0, 256, (11, 9, 2), dtype=np.uint8)
+    np.testing.assert_array_equal(as_samples(read(gray_alpha, 2)), gray_alpha)
+    rgb_mask = rng.integers(0, 256, (11, 9, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(as_samples(read(rgb_mask, 0)), rgb_mask[..., :3])  # a saved selection, not transparency
+    five = rng.integers(0, 256, (11, 9, 5), dtype=np.uint8)  # RGB, alpha, a saved selection
+    np.testing.assert_array_equal(as_samples(read(five, 2)), five[..., :4])
+    alpha = rng.integers(1, 256, (11, 9, 1), dtype=np.uint8)
+    premultiplied = np.concatenate([np.round(rgb_mask[..., :3] * (alpha / 255)).astype(np.uint8), alpha], axis=2)
+    pixels = read(premultiplied, 1)
+    np.testing.assert_array_equal(as_samples(pixels[..., 3:]), alpha)
+    np.testing.assert_allclose(pixels[..., :3], np.clip(premultiplied[..., :3] / alpha.astype(np.float64), 0, 1), atol=1e-6)
 
 
 @pytest.mark.parametrize("tag, value", [(254, 1), (50706, b"\x01\x04\x00\x00")])

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from . import atomic, metadata
 from .png import encode_png, pixel_chunks
-from .tiff import encode_tiff, samples_16bit, tags_of
+from .tiff import encode_tiff, samples_of, tags_of
 from ..choices import DEFAULT_MAX_PIXELS
 from ..errors import DiskFullError, ImageError
 
@@ -151,6 +151,10 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 # the first image of a raw file (DNG, NEF, ARW) is its small preview: upscaled in silence
                 raise ImageError(f"{name}: its first image is a reduced-size preview ({w}x{h}), as in camera raw files; {_RAW_ADVICE}")
             frames = getattr(image, "n_frames", 1)
+            if image.format == "TIFF" and image.tag_v2.get(_PLANAR) == 2 and (picture := _read_tiff_samples(data, name, max_pixels)):
+                # stored plane by plane: Pillow cuts 16 bits to 8 and reads 8-bit gray + alpha with its alpha all 0
+                # (a transparent picture), or fails to unpack it, and OpenCV misplaces the planes, all without a word
+                return replace(picture, frames=frames)
             damaged = _exif_read(image)
             turned = image.getexif().get(0x0112, 1) in _ORIENT  # from EXIF, or XMP where EXIF says nothing
             if image.format == "TIFF":  # its orientation is a layout tag, and its camera tags are its own
@@ -179,7 +183,7 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
-        if picture := _read_16bit_tiff_samples(data, name, max_pixels) or _read_float_color_tiff(data, name, max_pixels):
+        if picture := _read_tiff_samples(data, name, max_pixels) or _read_float_color_tiff(data, name, max_pixels):
             return picture
         if _brands(data) & _AVIF_BRANDS:
             raise ImageError(f"{name}: this Pillow {Image.__version__} cannot read AVIF; Pillow 11.3 or later can") from None
@@ -188,6 +192,10 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                              "icmsr reads 8- and 16-bit gray, gray + alpha, RGB and RGBA, CMYK, and 32-bit float RGB") from None
         raise ImageError(f"{name}: cannot read image (not a recognised image format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # a TIFF Pillow opens but cannot unpack (8-bit planes with premultiplied alpha, gray + alpha
+        # or two extras: "unknown raw mode")
+        if picture := _read_tiff_samples(data, name, max_pixels):
+            return picture
         raise ImageError(f"{name}: cannot read image ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
@@ -267,20 +275,23 @@ def _within_limit(tags: dict, name: str, max_pixels: int) -> bool:
     return True
 
 
-def _read_16bit_tiff_samples(data: bytes, name: str, max_pixels: int) -> Picture | None:
-    """A 16-bit gray or colour TIFF with more samples than Pillow and OpenCV take (gray + alpha,
-    as GIMP and Photoshop save 16-bit gray with transparency; colour with two extra channels),
-    read through tiff.samples_16bit; its extras as at every other depth (_extra_samples), its
-    orientation applied, its ICC profile, camera tags, XMP and dpi kept. None for other files."""
+def _read_tiff_samples(data: bytes, name: str, max_pixels: int) -> Picture | None:
+    """An 8- or 16-bit gray or colour TIFF stored plane by plane, or with more samples a pixel than
+    Pillow and OpenCV take (16-bit gray + alpha, as GIMP and Photoshop save 16-bit gray with
+    transparency; colour with two extra channels), read through tiff.samples_of; its extras as at
+    every other depth (_extra_samples), its orientation applied, its ICC profile, camera tags, XMP
+    and dpi kept. None for other files."""
     tags = tags_of(data)
     photometric = int(tags.get(262, -1))
     colour = {0: 1, 1: 1, 2: 3}.get(photometric)
-    if colour is None or int(tags.get(277, 1)) <= colour or not _within_limit(tags, name, max_pixels):
+    planar = tags.get(_PLANAR) == 2
+    if colour is None or (int(tags.get(277, 1)) <= colour and not planar) or not _within_limit(tags, name, max_pixels):
         return None
-    arr = samples_16bit(tags, data)
+    arr = samples_of(tags, data)
     if arr is None:
         return None
-    pixels = arr.astype(np.float32) / 65535.0
+    bits = arr.dtype.itemsize * 8
+    pixels = arr.astype(np.float32) / np.float32(2**bits - 1)
     if photometric == 0:  # WhiteIsZero
         pixels[..., 0] = 1 - pixels[..., 0]
     pixels = _extra_samples(pixels, tags.get(_EXTRA_SAMPLES), colour)
@@ -295,7 +306,7 @@ def _read_16bit_tiff_samples(data: bytes, name: str, max_pixels: int) -> Picture
     xmp = metadata.packet_bytes(tags.get(metadata.XMP_TIFF_TAG))
     info = {**({"icc_profile": tags[34675]} if tags.get(34675) else {}), **({"exif": exif} if exif else {}),
             **({"xmp": metadata.xmp_upright(xmp)} if xmp else {}), **_tiff_dpi(tags)}
-    return Picture(pixels, 16, info, format="TIFF", notes=notes)
+    return Picture(pixels, bits, info, format="TIFF", notes=notes)
 
 
 def _tiff_dpi(tags: dict) -> dict:
@@ -383,17 +394,14 @@ def _tiff_exif(image: Image.Image, notes: tuple[str, ...]) -> tuple[dict, tuple[
 def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
     import cv2
 
-    # a TIFF stored plane by plane, which OpenCV misreads; RGB(A) order already
-    arr = samples_16bit(dict(image.tag_v2), data) if image.format == "TIFF" and image.tag_v2.get(284) == 2 else None
-    if arr is None:
-        pixels_only = pixel_chunks(data) if image.format == "PNG" else data
-        arr = cv2.imdecode(np.frombuffer(pixels_only, np.uint8), cv2.IMREAD_UNCHANGED)
-        if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
-            raise ImageError(f"{name}: cannot decode this 16-bit image")
-        if image.format == "PNG" and data[25] == 4:  # OpenCV expands gray + alpha to BGRA, gray thrice
-            arr = arr[..., [0, 3]]
-        else:
-            arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
+    pixels_only = pixel_chunks(data) if image.format == "PNG" else data
+    arr = cv2.imdecode(np.frombuffer(pixels_only, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
+        raise ImageError(f"{name}: cannot decode this 16-bit image")
+    if image.format == "PNG" and data[25] == 4:  # OpenCV expands gray + alpha to BGRA, gray thrice
+        arr = arr[..., [0, 3]]
+    else:
+        arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
     orientation = image.getexif().get(0x0112, 1)
     if orientation in _ORIENT:
         arr = _ORIENT[orientation](arr)
@@ -404,7 +412,7 @@ def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
     return Picture(pixels, 16, info)
 
 
-_EXTRA_SAMPLES = 338
+_EXTRA_SAMPLES, _PLANAR = 338, 284
 _UNSPECIFIED, _ASSOCIATED = 0, 1
 
 

@@ -1,5 +1,5 @@
 """TIFF encoding, 8 or 16 bits, with the source's ICC profile and EXIF, strips deflated on all cores;
-and the 16-bit TIFF layouts neither Pillow nor OpenCV reads right: planes, gray + alpha (samples_16bit, at the end).
+and the 8- and 16-bit TIFF layouts neither Pillow nor OpenCV reads right: planes, gray + alpha (samples_of, at the end).
 
 Why: Pillow cannot write 16-bit colour TIFF, and OpenCV, which can, has no way to embed
 metadata, so a 16-bit scan or raw development lost its colour profile (its colours then display
@@ -135,23 +135,28 @@ def tags_of(data: bytes) -> dict:
         return {}
 
 
-def samples_16bit(tags: dict, data: bytes) -> np.ndarray | None:
-    """The samples (H x W x S uint16) of a 16-bit unsigned TIFF that Pillow and OpenCV misread or
-    refuse: stored plane by plane (Photoshop's "Per Channel" order), or pixel by pixel with a
-    sample count neither takes (gray + alpha, as GIMP and Photoshop save 16-bit gray with
-    transparency; colour with two extra channels). None for any other file.
+def samples_of(tags: dict, data: bytes) -> np.ndarray | None:
+    """The samples (H x W x S, uint8 or uint16) of an 8- or 16-bit unsigned TIFF with more than
+    one sample per pixel, which Pillow and OpenCV misread or refuse: stored plane by plane
+    (Photoshop's "Per Channel" order), or pixel by pixel with a sample count neither takes at 16
+    bits (gray + alpha, as GIMP and Photoshop save 16-bit gray with transparency; colour with two
+    extra channels). None for any other file.
 
-    Why: OpenCV reads a planar file's second and third planes from the wrong places and Pillow
-    cuts it to 8 bits, both without a word; gray + alpha neither opens. The file's own compressed
-    strips or tiles are handed to Pillow under a new tag directory, appended, as one-sample 16-bit
-    gray: each plane on its own, or all the samples of a row as one row S times as wide; whatever
-    libtiff decodes (LZW, deflate, PackBits) is decoded here too. Horizontal differencing
-    (predictor 2) of a wide row steps by S samples, so it is undone here rather than by libtiff."""
+    Why: at 16 bits OpenCV reads a planar file's second and third planes from the wrong places and
+    Pillow cuts it to 8 bits, both without a word; gray + alpha neither opens. At 8 bits Pillow
+    cannot unpack planes of gray + alpha, premultiplied alpha or more than one extra ("unknown
+    raw mode"). The file's own compressed strips or tiles are handed to Pillow under a new tag
+    directory, appended, as one-sample gray: each plane on its own, or all the samples of a row as
+    one row S times as wide; whatever libtiff decodes (LZW, deflate, PackBits) is decoded here too.
+    Horizontal differencing (predictor 2) of a wide row steps by S samples, so it is undone here
+    rather than by libtiff."""
     bits, samples = np.atleast_1d(tags.get(_BITS, 1)), int(tags.get(_SAMPLES, 1))
     unsigned = all(f == 1 for f in np.atleast_1d(tags.get(339, 1)))
     # (some writers give BitsPerSample once for all samples)
-    if samples < 2 or len(bits) not in (1, samples) or set(bits.tolist()) != {16} or not unsigned or _WIDTH not in tags or _LENGTH not in tags:
+    depth = int(bits[0]) if len(bits) in (1, samples) and len(set(bits.tolist())) == 1 else 0
+    if samples < 2 or depth not in (8, 16) or not unsigned or _WIDTH not in tags or _LENGTH not in tags:
         return None
+    dtype = np.uint8 if depth == 8 else np.uint16
     width, height = int(tags[_WIDTH]), int(tags[_LENGTH])
     tiled = 324 in tags
     offsets, counts = (tags.get(324), tags.get(325)) if tiled else (tags.get(_STRIP_OFFSETS), tags.get(_STRIP_BYTE_COUNTS))
@@ -174,14 +179,14 @@ def samples_16bit(tags: dict, data: bytes) -> np.ndarray | None:
     at = len(data) + len(data) % 2  # the new directory's offset (word-aligned), after everything the file holds
     found = []
     for part, wide, kept_predictor in parts:
-        entries = [(_WIDTH, 4, [wide]), (_LENGTH, 4, [height]), (_BITS, 3, [16]), (_COMPRESSION, 3, [int(tags.get(_COMPRESSION, 1))]),
+        entries = [(_WIDTH, 4, [wide]), (_LENGTH, 4, [height]), (_BITS, 3, [depth]), (_COMPRESSION, 3, [int(tags.get(_COMPRESSION, 1))]),
                    (_PHOTOMETRIC, 3, [1]), (_SAMPLES, 3, [1]), (_PLANAR, 3, [1]), (_PREDICTOR, 3, [kept_predictor]),
                    *layout, (324 if tiled else _STRIP_OFFSETS, 4, [int(v) for v in offsets[part]]),
                    (325 if tiled else _STRIP_BYTE_COUNTS, 4, [int(v) for v in counts[part]])]
         rebuilt = data[:4] + struct.pack(order + "I", at) + data[8:] + bytes(at - len(data)) + _directory(sorted(entries), at, order)
         try:
             with Image.open(io.BytesIO(rebuilt)) as plane:
-                found.append(np.asarray(plane).astype(np.uint16))
+                found.append(np.asarray(plane).astype(dtype))
         except (OSError, ValueError, SyntaxError):
             return None
         if found[-1].shape != (height, wide):
@@ -189,10 +194,10 @@ def samples_16bit(tags: dict, data: bytes) -> np.ndarray | None:
     if len(found) > 1:
         return np.stack(found, axis=2)
     arr = found[0].reshape(height, width, samples)
-    if predictor == 2:  # each row of each strip or tile starts afresh; sums wrap modulo 2^16 as the differences did
+    if predictor == 2:  # each row of each strip or tile starts afresh; sums wrap modulo 2^depth as the differences did
         step = int(tags.get(322, width)) if tiled else width
         for x in range(0, width, step):
-            np.cumsum(arr[:, x : x + step], axis=1, dtype=np.uint16, out=arr[:, x : x + step])
+            np.cumsum(arr[:, x : x + step], axis=1, dtype=dtype, out=arr[:, x : x + step])
     return arr
 
 
