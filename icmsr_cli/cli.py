@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.text import Text
 
 from . import __version__
-from .choices import COLOR_FIXES, DEFAULT_MAX_PIXELS, FORMATS
+from .choices import COLOR_FIXES, DEFAULT_MAX_PIXELS, FORMATS, LEAST_TILE
 from .errors import IcmsrError, RanksLostError, SetupError
 
 if TYPE_CHECKING:  # imported where used: the light commands do not pay for numpy and Pillow
@@ -105,9 +105,9 @@ def _parse_tile(value: str) -> int | None | str:
     value = value.strip().lower()
     if value in ("auto", "off"):
         return None if value == "off" else value
-    if value.isdigit() and int(value) >= 8:
+    if value.isdigit() and int(value) >= LEAST_TILE:
         return int(value)
-    raise typer.BadParameter(f"{value!r}: expected auto, off, or a latent tile size of at least 8", param_hint="--tile")
+    raise typer.BadParameter(f"{value!r}: expected auto, off, or a latent tile size of at least {LEAST_TILE}", param_hint="--tile")
 
 
 def _parse_scale(value: str) -> float:

@@ -7,13 +7,14 @@ stay light."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from .choices import COLOR_FIXES
+from .choices import COLOR_FIXES, LEAST_TILE
 from .errors import ImageError
 from .io.images import Picture, picture_from_pil, picture_to_pil, quantise, resize_planes, unquantised
 from .io.metadata import exif_with_size
@@ -40,10 +41,23 @@ class UpscaleOptions:
     tile: int | str | None = "auto"  # latent tile size for all stages, None: whole image, "auto": from free memory
 
     def __post_init__(self) -> None:
-        if not (self.scale > 0 and np.isfinite(self.scale)):
-            raise ValueError(f"scale must be a positive number, got {self.scale}")
+        # checked here, as the CLI checks its flags: a tile of "off", 0 or 8.5 failed deep in the
+        # model with torch's words ("'>=' not supported", "must be tuple of ints"), and 3 ran
+        if not (_is_number(self.scale) and self.scale > 0 and np.isfinite(self.scale)):
+            raise ValueError(f"scale must be a positive number, got {self.scale!r}")
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"colour fix must be one of {', '.join(COLOR_FIXES)}, got {self.color_fix!r}")
+        if not (self.tile is None or self.tile == "auto" or (_is_number(self.tile, whole=True) and self.tile >= LEAST_TILE)):
+            raise ValueError(f"tile must be 'auto', None (the whole image at once) or a latent tile size of at least {LEAST_TILE}, "
+                             f"got {self.tile!r}")
+        if not (_is_number(self.min_side, whole=True) and self.min_side >= 1):
+            raise ValueError(f"min_side must be a whole number of pixels, at least 1, got {self.min_side!r}")
+
+
+def _is_number(value, *, whole: bool = False) -> bool:
+    """A real number (an integer with `whole`), numpy's included, and not a bool."""
+    kind = numbers.Integral if whole else numbers.Real
+    return isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
 
 
 def output_size(size: tuple[int, int], scale: float) -> tuple[int, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -102,3 +104,18 @@ def test_an_output_too_large_for_memory_is_refused_before_any_allocation(monkeyp
     with pytest.raises(ImageError, match=r"a 2400x1800 output needs about 0\.1 GB of memory, 0\.1 GB is available; use a smaller --scale"):
         prepare_picture(picture, UpscaleOptions(scale=60))
     assert prepare_picture(picture, UpscaleOptions(scale=59)).x.shape == (1770, 2360, 3)
+
+
+@pytest.mark.parametrize("field, value", [("tile", 3), ("tile", 0), ("tile", "off"), ("tile", 8.5), ("tile", True),
+                                          ("scale", "4"), ("scale", True), ("min_side", 0)])
+def test_options_the_cli_would_refuse_are_refused_when_made(field, value):
+    """UpscaleOptions(tile="off") (the CLI's word), tile=0 or tile=8.5 failed inside the model with
+    torch's words ("'>=' not supported between instances of 'str' and 'int'", "must be tuple of
+    ints"), after the encoder had run; tile=3, below the CLI's least, ran. Each is refused as
+    the options are made, naming the field."""
+    from icmsr_cli import UpscaleOptions
+
+    with pytest.raises(ValueError, match=rf"^{field} must be .*, got {re.escape(repr(value))}$"):
+        UpscaleOptions(**{field: value})
+    for fine in ({"tile": None}, {"tile": "auto"}, {"tile": 8}, {"scale": 2.5}, {"min_side": 1}):
+        UpscaleOptions(**fine)
