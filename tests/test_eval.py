@@ -184,8 +184,22 @@ def test_usage_errors_exit_2(tmp_path):
     assert result.exit_code == 2 and "missing.png: no such reference" in result.stderr
     result = run("eval", tmp_path / "a.png", "--ref", tmp_path / "a.png", "--metrics", "psnr,fid")
     assert result.exit_code == 2 and "unknown metric fid" in result.stderr
-    result = run("eval", tmp_path / "a.png", "--ref", tmp_path / "a.png", "--crop-border", "8")
+    write_rgb(tmp_path / "b.png", np.zeros((16, 16, 3), np.uint8))
+    result = run("eval", tmp_path / "a.png", "--ref", tmp_path / "b.png", "--crop-border", "8")
     assert result.exit_code == 1 and "nothing left after cropping 8" in result.stderr
+
+
+def test_the_sr_images_as_their_own_reference_are_refused(tmp_path):
+    """`icmsr eval out/ --ref out/` (a slip of the folder name) scored every image against itself
+    and printed a table of 80 dB and SSIM 1, exit 0."""
+    sr = tmp_path / "sr"
+    sr.mkdir()
+    write_rgb(sr / "0001.png", np.zeros((16, 16, 3), np.uint8))
+    for ref in (sr, tmp_path / "." / "sr" / "", sr / "0001.png"):
+        target = sr / "0001.png" if ref.suffix else sr
+        result = run("eval", target, "--ref", ref)
+        assert result.exit_code == 2, result.output
+        assert "is the SR " in result.stderr and "--ref takes the reference (ground-truth) images" in result.stderr
 
 
 def test_learned_metric_without_pyiqa_says_how_to_install(tmp_path):
@@ -194,7 +208,8 @@ def test_learned_metric_without_pyiqa_says_how_to_install(tmp_path):
     if importlib.util.find_spec("pyiqa") is not None:
         pytest.skip("pyiqa is installed here")
     write_rgb(tmp_path / "a.png", np.zeros((16, 16, 3), np.uint8))
-    result = run("eval", tmp_path / "a.png", "--ref", tmp_path / "a.png", "--metrics", "psnr,lpips")
+    write_rgb(tmp_path / "b.png", np.zeros((16, 16, 3), np.uint8))
+    result = run("eval", tmp_path / "a.png", "--ref", tmp_path / "b.png", "--metrics", "psnr,lpips")
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         "error: lpips needs pyiqa, which is not installed: pip install pyiqa (its licence is non-commercial; psnr and ssim need nothing)"]

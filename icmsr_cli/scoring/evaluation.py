@@ -77,6 +77,8 @@ def pair_files(sr: str | Path, ref: str | Path, *, suffix: str | None = None) ->
     for path, role in ((sr, "SR"), (ref, "reference")):
         if not path.exists():
             raise SetupError(f"{path}: no such {role} file or folder")
+    if sr.resolve() == ref.resolve():  # every image scored against itself: 80 dB and SSIM 1, a perfect-looking table
+        raise SetupError(f"{ref}: is the SR {'folder' if sr.is_dir() else 'image'} itself; --ref takes the reference (ground-truth) images")
     if sr.is_file() and ref.is_file():
         return [Pair(sr, ref)], []
     if sr.is_dir() and not ref.is_dir():
