@@ -63,7 +63,7 @@ def write_pairs(sr_dir: str, hr_dir: str) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) not in (2, 4):
+    if len(sys.argv) not in (2, 4) or sys.argv[1] in ("-h", "--help"):
         sys.exit(__doc__)
     psnr, ssim = import_pyiqa_metrics(sys.argv[1])
     with tempfile.TemporaryDirectory() as tmp:
