@@ -248,6 +248,9 @@ def test_out_of_memory_halves_the_tile_then_gives_up(tiny_base, tiny_lora, monke
     monkeypatch.setattr(pipe, "_graph", lambda x, tile: (_ for _ in ()).throw(RuntimeError("DefaultCPUAllocator: can't allocate memory")))
     with pytest.raises(ResourceError, match="out of memory on cpu even with 16-pixel tiles"):
         pipe(torch.rand(1, 3, 256, 320), "none", 32)
+    # an image too small to tile (a 200-px side is 25 latent px: halved, under the least tile) said "None-pixel tiles"
+    with pytest.raises(ResourceError, match=r"^out of memory on cpu even with the whole image; free memory or use a smaller --scale$"):
+        pipe(torch.rand(1, 3, 120, 200), "none", None)
 
 
 def test_tiled_vae_through_the_real_layout_matches_untiled(tiny_base, tiny_lora):

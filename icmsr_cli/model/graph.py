@@ -294,8 +294,10 @@ class OneStepSR:
                     raise
                 smaller = (tile or side // VAE_FACTOR) // 2 // 8 * 8
                 if smaller < MIN_TILE:
-                    raise ResourceError(f"out of memory on {self.device} even with {tile}-pixel tiles; free memory or use the CPU") from exc
-                self.notify(f"out of memory on {self.device} with {f'{tile}-pixel tiles' if tile else 'the whole image'}; retrying with {smaller}-pixel tiles")
+                    # (an image too small to tile, run whole, said "even with None-pixel tiles")
+                    advice = "free memory or use a smaller --scale" if self.device.type == "cpu" else "free memory or use the CPU"
+                    raise ResourceError(f"out of memory on {self.device} even with {_how(tile)}; {advice}") from exc
+                self.notify(f"out of memory on {self.device} with {_how(tile)}; retrying with {smaller}-pixel tiles")
                 tile, src = smaller, None  # the device copy goes with the rest
                 _release(self.device)
         if not bool(torch.isfinite(y).all()):
@@ -358,6 +360,10 @@ class OneStepSR:
 
 
 _STAGE_NAMES = {"encode": "the VAE encoder", "unet": "the UNet", "decode": "the VAE decoder"}
+
+
+def _how(tile: int | None) -> str:
+    return f"{tile}-pixel tiles" if tile else "the whole image"
 
 
 def _nan_advice(dtype: torch.dtype) -> str:
