@@ -224,7 +224,7 @@ def test_weights_convert_writes_like_every_output(tmp_path, tiny_lora):
 
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["upscale", "--help"], ["weights", "list"],
-                                  ["eval", "{png}", "--ref", "{png}", "--json"], ["upscale", "{png}", "-o", "{done}"]])
+                                  ["eval", "{png}", "--ref", "{ref}", "--json"], ["upscale", "{png}", "-o", "{done}"]])
 def test_light_commands_import_neither_torch_nor_diffusers(args, tmp_path):
     """--version, --help and weights list compute nothing, eval's psnr/ssim are numpy, and a resumed
     batch with every output done has nothing to compute: none may pay for torch (1.6 s on a CPU
@@ -237,10 +237,12 @@ def test_light_commands_import_neither_torch_nor_diffusers(args, tmp_path):
     probe = ("import json, sys\nfrom icmsr_cli.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
              "    code = e.code\nprint(json.dumps([code, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)]),"
              " file=sys.stderr)")
-    png, done = tmp_path / "a.png", tmp_path / "a_x4.png"
+    png, done, ref = tmp_path / "a.png", tmp_path / "a_x4.png", tmp_path / "hr" / "a.png"
     Image.fromarray(photo_like(16, 16)).save(png)
     Image.fromarray(photo_like(64, 64)).save(done)
-    args = [a.format(png=png, done=done) for a in args]
+    ref.parent.mkdir()
+    Image.fromarray(photo_like(16, 16, seed=1)).save(ref)
+    args = [a.format(png=png, done=done, ref=ref) for a in args]
     env = {**os.environ, "ICMSR_CACHE_DIR": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, timeout=120)
     code, heavy = json.loads(proc.stderr.strip().splitlines()[-1])
