@@ -308,7 +308,7 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
             ranks.check_same_plan([str(j.target) for j in jobs])
         tally.total = len(jobs) + len(missing)
         start = time.perf_counter()
-        upscaler = None
+        upscaler, progress = None, None
         bar = _progress() if not quiet and console.is_terminal and ranks is None else None  # ranks share a terminal
         pending = [j for j in jobs if batch.needs_model(j, overwrite)]
         work = bool(pending)
@@ -328,7 +328,7 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
             if bar:
                 progress = _tile_progress(bar)
             else:  # ranks in a terminal share it: no progress; in a log, a line now and then
-                progress = None if quiet or console.is_terminal else _log_progress(tag)
+                progress = None if quiet or console.is_terminal else _LogProgress(tag)
             with _loading("loading model", quiet or not lead) as bars:
                 upscaler = load_upscaler(
                     model, base=base, lora=lora, device=device, dtype=dtype, prompt=prompt, options=options,
@@ -369,7 +369,8 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
             task = bar.add_task("images", total=len(jobs)) if bar else None
             upscale = None if upscaler is None else upscaler.upscale_prepared if ahead else upscaler.upscale_picture
             # closing: an interrupt between files still has the writes in flight told (on_stopped)
-            with closing(batch.run(reader, upscale, notify=_notify, on_stopped=report)) as results:
+            started = progress.image if isinstance(progress, _LogProgress) else None
+            with closing(batch.run(reader, upscale, notify=_notify, on_stopped=report, started=started)) as results:
                 for result in results:
                     report(result)
                     if bar:
@@ -428,19 +429,24 @@ def _interrupt(signum, frame):
 _LOG_EVERY = 30.0  # seconds between progress lines in a log
 
 
-def _log_progress(tag: str):
+class _LogProgress:
     """Off a terminal (a log, nohup, a scheduler's output file) no bars are drawn; a long image says
-    how far it has come, a line at most every _LOG_EVERY seconds. A 6000x4000 output took 13
-    minutes on a 2-core CPU with nothing in the log until its file was written."""
-    last = [time.monotonic()]
+    how far it has come, a line at most every _LOG_EVERY seconds, naming the image (its own line
+    comes when it is written, after these). A 6000x4000 output took 13 minutes on a 2-core CPU with
+    nothing in the log until its file was written."""
 
-    def update(stage: str, done: int, total: int) -> None:
+    def __init__(self, tag: str):
+        self.tag, self.name, self.last = tag, "", time.monotonic()
+
+    def image(self, job: batch.Job) -> None:
+        """The image the model starts on (batch.run's `started`)."""
+        self.name = job.name
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
         now = time.monotonic()
-        if now - last[0] >= _LOG_EVERY:
-            last[0] = now
-            console.print(f"{tag}  {stage}" + (f" tiles {done}/{total}" if total > 1 else (" done" if done else " running")))
-
-    return update
+        if now - self.last >= _LOG_EVERY:
+            self.last = now
+            console.print(f"{self.tag}  {self.name}: {stage}" + (f" tiles {done}/{total}" if total > 1 else (" done" if done else " running")))
 
 
 def _tile_progress(bar):

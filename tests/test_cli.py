@@ -300,20 +300,23 @@ def test_format_takes_every_spelling_of_its_suffixes(tmp_path, given, suffix):
 def test_a_log_hears_how_far_a_long_image_has_come(tmp_path, tiny_base, tiny_lora, monkeypatch):
     """Off a terminal no bars are drawn, and a 6000x4000 output on a CPU (13 minutes) left nothing
     in a log until its file was written. A line now says each stage's tiles at most every 30 s
-    (here every time), and -q keeps the log to errors."""
+    (here every time), naming the image, and -q keeps the log to errors."""
     from icmsr_cli import cli
 
     monkeypatch.setattr(cli, "_LOG_EVERY", 0.0, raising=False)
     src = tmp_path / "in.png"
     Image.fromarray(photo_like(40, 24)).save(src)
+    Image.fromarray(photo_like(40, 24)).save(tmp_path / "out.png")  # with nothing to do, nothing is said either
+    assert run("upscale", src, "-o", tmp_path / "out.png").exit_code == 0
     args = ["upscale", src, "-o", tmp_path / "out.png", "-s", "2", "--base", tiny_base, "--lora", tiny_lora, "--overwrite"]
     whole = run(*args, "--tile", "off")
     assert whole.exit_code == 0, whole.output
     progress = [line for line in whole.stderr.splitlines() if line.startswith("  ")]
-    assert progress == [f"  {stage} {state}" for stage in ("encode", "unet", "decode") for state in ("running", "done")]
+    # each line names its image: in a batch they come between the line of the file before and this one's
+    assert progress == [f"  {src}: {stage} {state}" for stage in ("encode", "unet", "decode") for state in ("running", "done")]
     tiled = run(*args, "--tile", "48")
     assert tiled.exit_code == 0, tiled.output
-    assert "  decode tiles 1/" in tiled.stderr
+    assert f"  {src}: decode tiles 1/" in tiled.stderr
     assert not any(line.startswith("  ") for line in run(*args, "-q").stderr.splitlines())
 
 

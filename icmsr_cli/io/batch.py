@@ -294,6 +294,7 @@ def run(
     *,
     notify: Callable[[str], None] = lambda message: None,
     on_stopped: Callable[[JobResult], None] | None = None,
+    started: Callable[[Job], None] | None = None,
 ) -> Iterator[JobResult]:
     """Run the reader's jobs, yielding one result each in job order. The model works on one image
     while the reader decodes the next and a few writer threads encode and write finished ones.
@@ -303,7 +304,7 @@ def run(
     Conversions an output format forces (16 to 8 bits, ...) are told to `notify` once each.
     When the batch is stopped (an interrupt, or the generator's close()), the writes in flight
     still finish, and their results go to `on_stopped`, so that every file written is told.
-    The reader is closed at the end.
+    `started` is told each job whose model work begins. The reader is closed at the end.
     """
     settings = reader.settings
     told: set[str] = set()
@@ -342,6 +343,8 @@ def run(
                         if note not in told:
                             told.add(note)
                             notify(note)
+                    if started is not None:
+                        started(job)
                     try:
                         upscaled = upscale(work)
                     except IcmsrError as exc:
