@@ -108,6 +108,37 @@ def test_devices_pipes_and_dev_paths_are_refused_as_outputs(tmp_path, model):
         assert [job.target for job in jobs] == [Path("/dev/shm/icmsr-test.png")]
 
 
+@pytest.mark.parametrize("mode, bits", [("RGBA", 8), ("LA", 8), ("RGBA", 16)])
+def test_an_alpha_channel_opaque_everywhere_does_not_keep_a_photo_from_jpeg(tmp_path, mode, bits):
+    """Screenshots and many editors' PNG exports carry an alpha channel that is opaque everywhere:
+    --format jpg refused each as "has an alpha channel, which JPEG cannot store", though the alpha
+    held nothing to lose. It is left out; one transparent pixel is still refused."""
+    from icmsr_cli.errors import ImageError
+    from icmsr_cli.io import batch
+    from icmsr_cli.io.images import fit_to_format, read_image
+
+    top = 2**bits - 1
+    rgb = photo_like(20, 14).astype(np.uint16) * (257 if bits == 16 else 1)
+    samples = np.dstack([rgb[..., :1] if mode == "LA" else rgb, np.full((14, 20), top, rgb.dtype)])
+    src = tmp_path / "shot.png"
+    if bits == 16:
+        cv2.imwrite(str(src), samples[..., [2, 1, 0, 3]])
+    else:
+        Image.fromarray(samples.astype(np.uint8).squeeze(), mode).save(src)
+    jobs, _ = batch.plan([str(src)], f"{tmp_path / 'out'}/", fmt="jpg")
+    [result] = batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture)
+    assert result.status == "done", result.error
+    with Image.open(tmp_path / "out" / "shot.jpg") as im:
+        assert im.mode == ("L" if mode == "LA" else "RGB")
+        error = np.abs(np.asarray(im, np.float64) - samples[..., :-1].squeeze() / (257 if bits == 16 else 1))
+        assert error.mean() < 6, error.mean()  # the picture itself, as JPEG keeps a busy 20x14 one (3.2 levels)
+    picture = read_image(src)
+    pixels = picture.pixels.copy()
+    pixels[3, 5, -1] = 1 - 1 / top  # one pixel not quite opaque
+    with pytest.raises(ImageError, match="has an alpha channel, which JPEG cannot store"):
+        fit_to_format(picture.with_pixels(pixels), "JPEG")
+
+
 @pytest.mark.parametrize("fmt", ["png", "jpg", "webp", "tiff", "bmp"])
 @pytest.mark.parametrize("mode", ["LA", "RGBA"])
 def test_alpha_images_to_every_format(tmp_path, model, fmt, mode):

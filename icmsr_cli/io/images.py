@@ -518,7 +518,10 @@ def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Pic
     is refused (ImageError) rather than done: callers check inputs with this before any model work."""
     notes = []
     if fmt == "JPEG" and picture.has_alpha:
-        raise ImageError(f"{name}: has an alpha channel, which JPEG cannot store; use --format png, webp or tiff")
+        if not _opaque(picture):
+            raise ImageError(f"{name}: has an alpha channel, which JPEG cannot store; use --format png, webp or tiff")
+        # opaque everywhere (screenshots, many editors' PNG exports): the alpha holds nothing to lose
+        picture = picture.with_pixels(picture.pixels[..., :-1])
     if picture.bit_depth == 16 and fmt not in ("PNG", "TIFF"):
         picture = replace(picture, bit_depth=8)
         notes.append(f"{fmt} holds 8 bits per channel: 16-bit images are written with 8")
@@ -562,6 +565,14 @@ def check_output_size(fmt: str, size: tuple[int, int], channels: int, name: str 
     bits = {1: 8, 2: 32, 3: 24, 4: 32}[channels]  # what BMP writes: gray, gray + alpha as RGBA, RGB, RGBA
     if fmt == "BMP" and (w * bits + 31) // 32 * 4 * h + 138 > 2**32 - 1:  # its sizes are 32-bit fields
         raise ImageError(f"{name}: a {w}x{h} output is too large for BMP (4 GB at most); use --format png or tiff")
+
+
+def _opaque(picture: Picture) -> bool:
+    """Whether every alpha sample is written as full opacity at the picture's bit depth."""
+    alpha = picture.pixels[..., -1]
+    if alpha.dtype.kind in "ui":  # quantised: integers at the bit depth
+        return bool((alpha == 2**picture.bit_depth - 1).all())
+    return bool((alpha >= 1 - 0.5 / (2**picture.bit_depth - 1)).all())
 
 
 def _gray_alpha_as_rgba(picture: Picture) -> Picture:
