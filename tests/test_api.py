@@ -119,3 +119,19 @@ def test_options_the_cli_would_refuse_are_refused_when_made(field, value):
         UpscaleOptions(**{field: value})
     for fine in ({"tile": None}, {"tile": "auto"}, {"tile": 8}, {"scale": 2.5}, {"min_side": 1}):
         UpscaleOptions(**fine)
+
+
+def test_write_image_into_a_folder_that_is_not_there_says_so(tmp_path):
+    """write_image into a missing folder said "cannot write (No such file or directory)", which
+    named neither the folder nor that the folder was what was missing."""
+    from icmsr_cli import ImageError, Picture, write_image
+
+    picture = Picture(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ImageError, match=rf"^{re.escape(str(tmp_path / 'new' / 'x.png'))}: cannot write: its folder "
+                                         rf"{re.escape(str(tmp_path / 'new'))} does not exist$"):
+        write_image(picture, tmp_path / "new" / "x.png")
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(ImageError, match=r": cannot write: its folder .*f is a file, not a folder$"):
+        write_image(picture, tmp_path / "f" / "x.png")
+    write_image(picture, tmp_path / "x.png")
+    assert Image.open(tmp_path / "x.png").size == (4, 4)

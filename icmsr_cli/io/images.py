@@ -635,6 +635,10 @@ def write_bytes(data: bytes, path: str | Path) -> None:
     except DiskFullError:
         raise  # a full disk fails every later file too: the batch stops on it
     except OSError as exc:
+        folder = Path(path).parent
+        if not folder.is_dir():  # "(No such file or directory)" named neither the folder nor that it was the folder
+            why = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise ImageError(f"{path}: cannot write: its folder {folder} {why}") from None
         raise ImageError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
