@@ -406,7 +406,7 @@ def test_animated_and_multi_page_inputs_say_that_only_the_first_frame_is_upscale
     notes = []
     results = list(batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture, notify=notes.append))
     assert [r.status for r in results] == ["done"] * 4 and not missing
-    assert sorted(notes) == [f"{src / name}: has 2 frames, pages or pictures; only the first is upscaled"
+    assert sorted(notes) == [f"{src / name}: has 2 frames or pages; only the first is upscaled"
                              for name in ("anim.png", "anim.webp", "pages.tiff")]
     with Image.open(tmp_path / "out" / "pages.tiff") as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), first)

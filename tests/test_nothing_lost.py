@@ -1113,7 +1113,8 @@ def test_xmp_survives_the_cli(tmp_path, model):
 def test_a_multi_picture_jpeg_is_a_jpeg_with_its_xmp(tmp_path):
     """Fujifilm, Nikon and Sony cameras (a large preview after the photo) and HDR gain-map JPEGs
     write multi-picture JPEGs, which Pillow names "MPO". With -o - the output was a PNG instead of
-    the input's format, and every output lost the XMP (ratings, keywords, captions)."""
+    the input's format, and every output lost the XMP (ratings, keywords, captions). That the
+    other pictures are not upscaled is said once a run: a folder of camera JPEGs said it of each."""
     from icmsr_cli.io import batch
 
     photo = Image.fromarray(photo_like(24, 16))
@@ -1125,10 +1126,19 @@ def test_a_multi_picture_jpeg_is_a_jpeg_with_its_xmp(tmp_path):
         assert im.format == "MPO"  # what Pillow makes of it: the case at hand
     for output in ("-", str(tmp_path / "out.jpg")):
         jobs, _ = batch.plan([str(src)], output)
-        [result] = batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture)
+        notes = []
+        [result] = batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture, notify=notes.append)
+        assert notes == ["multi-picture JPEGs hold more pictures after the photo (a camera's preview, an HDR gain map, "
+                         "a stereo pair's other eye); only the photo is upscaled"]  # once a run, not once a photo
         assert result.status == "done", result.error
         data = result.data if output == "-" else Path(output).read_bytes()
         with Image.open(io.BytesIO(data)) as im:
             assert im.format == "JPEG", output
             assert im.getexif()[0x010F] == "FUJIFILM"
             assert [c for m, c in im.applist if m == "APP1" and c.startswith(XMP_APP1_ID)] == [XMP_APP1_ID + XMP], output
+    second = tmp_path / "DSCF0002.JPG"
+    second.write_bytes(src.read_bytes())
+    jobs, _ = batch.plan([str(src), str(second)], f"{tmp_path / 'both'}/")
+    notes = []
+    results = batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture, notify=notes.append)
+    assert [r.status for r in results] == ["done", "done"] and len(notes) == 1, notes

@@ -490,8 +490,11 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
                          f"{run_at[0] * run_at[1] / (size[0] * size[1]):.0f} times its pixels (the model's short side is at least "
                          f"{min(run_at)} px)")
     notes = [*notes, *(f"{job.name}: {note}" for note in picture.notes)]
-    if picture.frames > 1:  # said, not done silently: the other frames are not in the output
-        notes = [*notes, f"{job.name}: has {picture.frames} frames, pages or pictures; only the first is upscaled"]
+    if picture.frames > 1 and picture.format == "JPEG":  # a multi-picture JPEG: most cameras' own, so said once a run
+        notes = [*notes, "multi-picture JPEGs hold more pictures after the photo (a camera's preview, an HDR gain map, "
+                         "a stereo pair's other eye); only the photo is upscaled"]
+    elif picture.frames > 1:  # said, not done silently: the other frames are not in the output
+        notes = [*notes, f"{job.name}: has {picture.frames} frames or pages; only the first is upscaled"]
     if picture.clipped:  # float (HDR, scientific) or 32-bit samples beyond what any output here holds
         notes = [*notes, f"{job.name}: {100 * picture.clipped:.3g}% of its values lie outside 0-1 (float samples) or "
                          f"0-65535 (integer samples) and were clipped to that range"]
