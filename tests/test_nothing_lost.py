@@ -1142,3 +1142,36 @@ def test_a_multi_picture_jpeg_is_a_jpeg_with_its_xmp(tmp_path):
     notes = []
     results = batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture, notify=notes.append)
     assert [r.status for r in results] == ["done", "done"] and len(notes) == 1, notes
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_a_pngs_gamma_chromaticity_and_srgb_chunks_are_kept(tmp_path, bits):
+    """A PNG's gAMA, cHRM and sRGB chunks tell viewers without a colour profile how its samples
+    become colours (gAMA 1.0 in linear exports, 1/1.8 in old Mac files): every PNG output dropped
+    them, so the picture showed darker or lighter than its source. They are kept; an output format
+    with no place for a gamma other than sRGB's says it leaves it out."""
+    import struct
+
+    from icmsr_cli.io import batch
+
+    samples = photo_like(20, 14).astype(np.uint16) * (257 if bits == 16 else 1)
+    samples = samples.astype(np.uint8 if bits == 8 else np.uint16)
+    primaries = (31270, 32900, 64000, 33000, 30000, 60000, 15000, 6000)
+    (tmp_path / "in").mkdir()
+    png = cv2.imencode(".png", samples[..., ::-1])[1].tobytes()
+    (tmp_path / "in" / "described.png").write_bytes(_png_with_chunks(
+        png, (b"cHRM", struct.pack(">8I", *primaries)), (b"gAMA", struct.pack(">I", 45455)), (b"sRGB", b"\x01")))
+    (tmp_path / "in" / "linear.png").write_bytes(_png_with_chunks(png, (b"gAMA", struct.pack(">I", 100000))))
+    jobs, _ = batch.plan([str(tmp_path / "in")], str(tmp_path / "out"))
+    assert [r.status for r in batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture)] == ["done", "done"]
+    with Image.open(tmp_path / "out" / "described.png") as im:
+        assert im.info["gamma"] == 0.45455 and im.info["srgb"] == 1
+        assert im.info["chromaticity"] == tuple(v / 100000 for v in primaries)
+    with Image.open(tmp_path / "out" / "linear.png") as im:
+        assert im.info["gamma"] == 1.0 and "srgb" not in im.info and "chromaticity" not in im.info
+        assert np.array_equal(np.asarray(im)[..., :3] if bits == 8 else cv2.imread(str(tmp_path / "out" / "linear.png"), cv2.IMREAD_UNCHANGED)[..., ::-1], samples)
+    jobs, _ = batch.plan([str(tmp_path / "in")], str(tmp_path / "jpg"), fmt="jpg")
+    notes = []
+    assert [r.status for r in batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture, notify=notes.append)] == ["done", "done"]
+    assert [n for n in notes if "gamma" in n] == [
+        f"{tmp_path / 'in' / 'linear.png'}: JPEG has no place for its PNG gamma (1); left out, so it shows as sRGB would (png keeps it)"]

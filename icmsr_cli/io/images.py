@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from . import atomic, metadata
-from .png import encode_png, pixel_chunks
+from .png import COLOUR_KEYS, encode_png, pixel_chunks
 from .tiff import encode_tiff, samples_of, tags_of
 from ..choices import DEFAULT_MAX_PIXELS
 from ..errors import DiskFullError, ImageError
@@ -174,7 +174,9 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 block = image.info.get("exif") or (metadata.raw_profile_exif(text) if not damaged else None)
                 exif = {"exif": metadata.exif_upright(block) if turned else block} if block else {}
             xmp = metadata.xmp_upright(xmp) if xmp else None  # the pixels are upright now, whatever it said
+            colour = {k: image.info[k] for k in COLOUR_KEYS if image.format == "PNG" and image.info.get(k) is not None}
             info = {**{k: v for k, v in picture.info.items() if k != "exif"}, **exif, **({"text": text} if text else {}), **({"xmp": xmp} if xmp else {}),
+                    **colour,
                     **({"webp_lossless": True} if image.format == "WEBP" and _webp_lossless(data) else {})}
             # a multi-picture JPEG (Fujifilm, Nikon and Sony cameras, HDR gain maps) is a JPEG to write
             # and to name: as "MPO" its -o - output was a PNG and its XMP was left out
@@ -537,6 +539,11 @@ def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Pic
                 notes.append(f"{name}: its {what} ({round(len(picture.info[key]) / 1024)} KB) is more than a JPEG holds "
                              f"({round(room / 1024)} KB); it is left out (png, webp and tiff keep it)")
                 picture = replace(picture, info={k: v for k, v in picture.info.items() if k != key})
+    gamma = picture.info.get("gamma")
+    described = picture.info.get("srgb") is not None or picture.info.get("icc_profile")  # either overrides a gAMA
+    if fmt != "PNG" and gamma and abs(gamma - 1 / 2.2) > 0.01 and not described:
+        # other formats have no gAMA; viewers then take the samples as sRGB's (about 1/2.2)
+        notes.append(f"{name}: {fmt} has no place for its PNG gamma ({gamma:g}); left out, so it shows as sRGB would (png keeps it)")
     if fmt != "PNG" and picture.info.get("text"):  # prompts and workflows of Stable Diffusion front ends live there
         notes.append(f"{fmt} has no place for a PNG's text chunks (captions, prompts, workflows); left out (png keeps them)")
     if fmt == "BMP":  # no place for any of them: said, as every other format keeps them
@@ -593,7 +600,8 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
     if fmt == "PNG":
         info = picture.info
         return encode_png(_at_depth(picture, picture.bit_depth), level=png_compression, icc_profile=info.get("icc_profile"),
-                          exif=info.get("exif"), text=metadata.png_text_with_xmp(info), dpi=info.get("dpi"))
+                          exif=info.get("exif"), text=metadata.png_text_with_xmp(info), dpi=info.get("dpi"),
+                          colour={k: info[k] for k in COLOUR_KEYS if k in info})
     if fmt == "BMP" and picture.has_alpha:
         return _bmp_with_alpha(_at_depth(picture, 8), picture.info.get("dpi"))
     if fmt == "TIFF":  # Pillow cannot write 16-bit colour TIFF, nor a camera's EXIF through libtiff; OpenCV no metadata

@@ -54,12 +54,14 @@ def cpu_count() -> int:
 
 
 def encode_png(pixels: np.ndarray, *, level: int = 6, icc_profile: bytes | None = None, exif: bytes | None = None,
-               text: dict[str, str] | None = None, dpi: tuple[float, float] | None = None) -> bytes:
+               text: dict[str, str] | None = None, dpi: tuple[float, float] | None = None,
+               colour: dict | None = None) -> bytes:
     """PNG bytes of an H x W x C array (C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; uint8 or uint16
     for 8- or 16-bit samples), deflated at zlib `level` (0-9), strips of ~1 MB in parallel.
     `icc_profile` goes in an iCCP chunk, `exif` (with or without the "Exif\\0\\0" prefix JPEG files
-    carry) in an eXIf chunk, `text` in one text chunk per key (see _text_chunk), `dpi` in pHYs, all
-    before the image data, as Pillow writes them."""
+    carry) in an eXIf chunk, `text` in one text chunk per key (see _text_chunk), `dpi` in pHYs,
+    `colour` ({"gamma", "chromaticity", "srgb"} as Pillow reads them: COLOUR_KEYS) in gAMA, cHRM and
+    sRGB, all before the image data."""
     if pixels.ndim != 3 or pixels.shape[2] not in _COLOUR_TYPE or pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected H x W x 1-4 uint8 or uint16 samples, got {pixels.dtype} {pixels.shape}")
     if not 0 <= level <= 9:
@@ -71,6 +73,7 @@ def encode_png(pixels: np.ndarray, *, level: int = 6, icc_profile: bytes | None 
     parts = [SIGNATURE, _chunk(b"IHDR", header)]
     if dpi:  # pHYs: pixels per metre, unit 1
         parts.append(_chunk(b"pHYs", struct.pack(">IIB", *(round(d / 0.0254) for d in dpi), 1)))
+    parts += _colour_chunks(colour or {})
     if icc_profile:
         parts.append(_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(icc_profile)))
     if exif:
@@ -109,6 +112,24 @@ def _image_data(rows: np.ndarray, level: int) -> list[bytes]:
             tail = struct.pack(">I", adler)
             data, crc = data + tail, zlib.crc32(tail, crc)
         chunks.append(struct.pack(">I", len(data)) + b"IDAT" + data + struct.pack(">I", crc))
+    return chunks
+
+
+#: what Pillow's PNG reader names a file's gAMA, cHRM and sRGB chunks in .info: how a viewer
+#: without a colour profile turns its samples into colours (a gAMA of 1.0 or 1/1.8 shows darker
+#: or lighter than the sRGB guess); Pillow's writer drops them
+COLOUR_KEYS = ("gamma", "chromaticity", "srgb")
+
+
+def _colour_chunks(colour: dict) -> list[bytes]:
+    """gAMA, cHRM and sRGB as the source had them (values in units of 1/100000, as stored)."""
+    chunks = []
+    if colour.get("chromaticity") is not None:
+        chunks.append(_chunk(b"cHRM", struct.pack(">8I", *(round(v * 100000) for v in colour["chromaticity"]))))
+    if colour.get("gamma") is not None:
+        chunks.append(_chunk(b"gAMA", struct.pack(">I", round(colour["gamma"] * 100000))))
+    if colour.get("srgb") is not None:
+        chunks.append(_chunk(b"sRGB", bytes([int(colour["srgb"])])))
     return chunks
 
 
