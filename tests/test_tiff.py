@@ -73,6 +73,40 @@ def test_16bit_gray_alpha_to_tiff_is_16bit_rgba_with_a_note():
     np.testing.assert_array_equal(got, ga[..., [0, 0, 0, 1]])
 
 
+def _gray_icc() -> bytes:
+    """A minimal ICC v2 gray display profile (gamma 2.2), which lcms parses: header, desc, wtpt, kTRC."""
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    desc_text = b"Gray 2.2\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(desc_text)) + desc_text + bytes(78)
+    tags = [(b"desc", desc + bytes(-len(desc) % 4)), (b"wtpt", b"XYZ " + bytes(4) + s15(0.9642) + s15(1.0) + s15(0.8249)),
+            (b"kTRC", b"curv" + bytes(4) + struct.pack(">IH", 1, 0x0233) + bytes(2))]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = struct.pack(">I", len(tags)), b""
+    for sig, data in tags:
+        table += sig + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (struct.pack(">I", offset + len(body)) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrGRAYXYZ " + bytes(12)
+              + b"acsp" + bytes(28) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48))
+    return header + table + body
+
+
+def test_gray_alpha_written_as_rgba_leaves_a_gray_profile_out():
+    """16-bit gray + alpha goes to TIFF as RGBA; its gray colour profile went with it, into an RGB
+    file it cannot describe (Photoshop: "the embedded profile does not match"; other readers
+    reject or ignore it). An RGB profile would stay."""
+    from PIL import ImageCms
+
+    gray = _gray_icc()
+    assert ImageCms.ImageCmsProfile(io.BytesIO(gray)).profile.xcolor_space == "GRAY"  # a profile lcms takes
+    ga = np.random.default_rng(5).integers(0, 65536, (6, 9, 2), dtype=np.uint16)
+    picture = Picture(ga.astype(np.float32) / 65535, 16, {"icc_profile": gray})
+    back = read_image(encode_image(picture, "TIFF"))
+    assert back.pixels.shape[2] == 4 and "icc_profile" not in back.info
+    assert read_image(encode_image(Picture(ga[..., :1].astype(np.float32) / 65535, 16, {"icc_profile": gray}), "TIFF")).info["icc_profile"] == gray
+
+
 def test_8bit_gray_alpha_tiff_reads_back():
     ga = np.random.default_rng(4).integers(0, 256, (7, 5, 2), dtype=np.uint8)
     back = read_image(encode_image(Picture(ga.astype(np.float32) / 255, 8), "TIFF"))

@@ -583,8 +583,13 @@ def _opaque(picture: Picture) -> bool:
 
 
 def _gray_alpha_as_rgba(picture: Picture) -> Picture:
+    """Gray + alpha as RGBA. A gray colour profile is left out: it cannot describe RGB samples, and
+    readers reject it there or ignore it (Photoshop: "the embedded profile does not match")."""
     gray, alpha = picture.pixels[..., :1], picture.pixels[..., 1:]
-    return picture.with_pixels(np.concatenate([gray, gray, gray, alpha], axis=2))
+    info = picture.info
+    if (info.get("icc_profile") or b"")[16:20] == b"GRAY":  # the profile header's colour space
+        info = {k: v for k, v in info.items() if k != "icc_profile"}
+    return replace(picture, pixels=np.concatenate([gray, gray, gray, alpha], axis=2), info=info)
 
 
 def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compression: int = 6) -> bytes:
