@@ -92,10 +92,11 @@ def _gray_icc() -> bytes:
     return header + table + body
 
 
-def test_gray_alpha_written_as_rgba_leaves_a_gray_profile_out():
-    """16-bit gray + alpha goes to TIFF as RGBA; its gray colour profile went with it, into an RGB
-    file it cannot describe (Photoshop: "the embedded profile does not match"; other readers
-    reject or ignore it). An RGB profile would stay."""
+def test_gray_written_as_rgb_leaves_a_gray_profile_out():
+    """16-bit gray + alpha goes to TIFF as RGBA, and WebP, which has no gray, takes gray as RGB;
+    the gray colour profile went with them, into an RGB file it cannot describe (Photoshop: "the
+    embedded profile does not match"; other readers reject or ignore it). Where gray stays gray,
+    the profile stays."""
     from PIL import ImageCms
 
     gray = _gray_icc()
@@ -105,6 +106,9 @@ def test_gray_alpha_written_as_rgba_leaves_a_gray_profile_out():
     back = read_image(encode_image(picture, "TIFF"))
     assert back.pixels.shape[2] == 4 and "icc_profile" not in back.info
     assert read_image(encode_image(Picture(ga[..., :1].astype(np.float32) / 65535, 16, {"icc_profile": gray}), "TIFF")).info["icc_profile"] == gray
+    for channels in (1, 2):
+        with Image.open(io.BytesIO(encode_image(Picture(ga[..., :channels] / 65535, 8, {"icc_profile": gray}), "WEBP"))) as im:
+            assert im.mode in ("RGB", "RGBA") and "icc_profile" not in im.info
 
 
 def test_8bit_gray_alpha_tiff_reads_back():

@@ -530,6 +530,8 @@ def fit_to_format(picture: Picture, fmt: str, name: str = "output") -> tuple[Pic
     if fmt == "BMP" and picture.pixels.shape[2] == 2:  # Pillow's BMP writer has no gray + alpha mode
         picture = _gray_alpha_as_rgba(picture)
         notes.append("BMP cannot store gray with alpha: such images are written as RGBA")
+    if fmt == "WEBP" and picture.is_gray:  # WebP has no gray: Pillow's writer makes it RGB(A)
+        picture = _without_gray_profile(picture)
     if fmt == "TIFF" and picture.bit_depth == 16 and picture.pixels.shape[2] == 2:  # neither Pillow nor OpenCV reads it back
         picture = _gray_alpha_as_rgba(picture)
         notes.append("16-bit gray with alpha is written to TIFF as 16-bit RGBA, which readers take")
@@ -583,13 +585,17 @@ def _opaque(picture: Picture) -> bool:
 
 
 def _gray_alpha_as_rgba(picture: Picture) -> Picture:
-    """Gray + alpha as RGBA. A gray colour profile is left out: it cannot describe RGB samples, and
-    readers reject it there or ignore it (Photoshop: "the embedded profile does not match")."""
     gray, alpha = picture.pixels[..., :1], picture.pixels[..., 1:]
-    info = picture.info
-    if (info.get("icc_profile") or b"")[16:20] == b"GRAY":  # the profile header's colour space
-        info = {k: v for k, v in info.items() if k != "icc_profile"}
-    return replace(picture, pixels=np.concatenate([gray, gray, gray, alpha], axis=2), info=info)
+    return _without_gray_profile(picture.with_pixels(np.concatenate([gray, gray, gray, alpha], axis=2)))
+
+
+def _without_gray_profile(picture: Picture) -> Picture:
+    """The picture without a gray colour profile, for a file that stores gray as RGB: the profile
+    cannot describe RGB samples, and readers reject it there or ignore it (Photoshop: "the
+    embedded profile does not match")."""
+    if (picture.info.get("icc_profile") or b"")[16:20] != b"GRAY":  # the profile header's colour space
+        return picture
+    return replace(picture, info={k: v for k, v in picture.info.items() if k != "icc_profile"})
 
 
 def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compression: int = 6) -> bytes:
