@@ -1175,3 +1175,24 @@ def test_a_pngs_gamma_chromaticity_and_srgb_chunks_are_kept(tmp_path, bits):
     assert [r.status for r in batch.run(batch.Reader(jobs, batch.BatchSettings()), lambda picture: picture, notify=notes.append)] == ["done", "done"]
     assert [n for n in notes if "gamma" in n] == [
         f"{tmp_path / 'in' / 'linear.png'}: JPEG has no place for its PNG gamma (1); left out, so it shows as sRGB would (png keeps it)"]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_an_exif_block_pillow_cannot_write_back_does_not_lose_the_photo(fmt):
+    """A turned photo whose EXIF holds a tag stored with another type than Pillow knows it by
+    (T6Options, a LONG, written as text): Pillow reads the block, but its exif_transpose writes
+    the block back after turning the picture, and that raised struct.error, which ended the whole
+    batch as "a bug in icmsr" (found by fuzzing). The picture is turned; the block goes out as it
+    came, its orientation set to 1."""
+    from icmsr_cli.io.images import encode_image, read_image
+
+    entries = [(0x0112, 3, 1, struct.pack(">H", 6) + bytes(2)), (0x0125, 2, 4, b"+am\0")]
+    block = b"MM\0*" + struct.pack(">IH", 8, len(entries))
+    block += b"".join(struct.pack(">HHI", tag, kind, count) + value for tag, kind, count, value in entries) + bytes(4)
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(24, 16)).save(buf, fmt, exif=b"Exif\0\0" + block if fmt == "JPEG" else block)
+    picture = read_image(buf.getvalue(), name="odd-exif")
+    assert picture.size == (16, 24)  # turned upright
+    kept = picture.info["exif"].removeprefix(b"Exif\0\0")
+    assert kept == block.replace(struct.pack(">HHIH", 0x0112, 3, 1, 6), struct.pack(">HHIH", 0x0112, 3, 1, 1))
+    assert Image.open(io.BytesIO(encode_image(picture, "PNG"))).getexif()[0x0112] == 1

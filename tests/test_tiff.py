@@ -371,3 +371,23 @@ def test_a_raw_files_preview_is_not_taken_for_the_picture(tag, value):
     assert read_image(plain.getvalue(), name="plain.tif").pixels.shape == (16, 24, 3)
     with pytest.raises(ImageError, match=r"^IMG_0001\.NEF: icmsr reads developed pictures, not camera raw data"):
         read_image(plain.getvalue(), name="IMG_0001.NEF")
+
+
+def test_a_damaged_later_page_does_not_lose_the_first():
+    """Counting a TIFF's pages parses each page's directory: a second page without its width
+    raised TypeError ("Missing dimensions"), which ended the whole batch as "a bug in icmsr"
+    (found by fuzzing). The first page is read."""
+    from conftest import photo_like
+
+    first = photo_like(12, 8)
+    buf = io.BytesIO()
+    Image.fromarray(first).save(buf, "TIFF", save_all=True, append_images=[Image.fromarray(photo_like(6, 4, seed=1))])
+    data = bytearray(buf.getvalue())
+    order = "<" if data[:2] == b"II" else ">"
+    at = struct.unpack_from(order + "I", data, 4)[0]
+    at = struct.unpack_from(order + "I", data, at + 2 + 12 * struct.unpack_from(order + "H", data, at)[0])[0]  # the second page's
+    for k in range(struct.unpack_from(order + "H", data, at)[0]):
+        if struct.unpack_from(order + "H", data, at + 2 + 12 * k)[0] == 256:  # ImageWidth, renamed to a private tag
+            struct.pack_into(order + "H", data, at + 2 + 12 * k, 0xFFF0)
+    picture = read_image(bytes(data), name="scan.tif")
+    np.testing.assert_array_equal(np.round(picture.pixels * 255).astype(np.uint8), first)

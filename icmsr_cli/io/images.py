@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from . import atomic, metadata
 from .png import COLOUR_KEYS, encode_png, pixel_chunks
@@ -113,7 +113,10 @@ def _cmyk_to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
 # what folders yield: the formats icmsr writes (.jfif: how browsers on Windows save JPEGs), then
 # photo formats it only reads (their outputs default to PNG; an iPhone's HEIC needs pillow-heif)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".avif", ".heic", ".heif")
-_ORIENT = {  # EXIF orientation -> numpy ops that undo it (as ImageOps.exif_transpose does)
+#: EXIF orientation -> the Pillow transpose that undoes it (ImageOps.exif_transpose's table)
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_ORIENT = {  # EXIF orientation -> numpy ops that undo it (as _TRANSPOSE does)
     2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
     5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: np.rot90(a, 1),
 }
@@ -150,7 +153,7 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             if image.format == "TIFF" and (_DNG_VERSION in image.tag_v2 or int(image.tag_v2.get(_NEW_SUBFILE_TYPE, 0)) & 1):
                 # the first image of a raw file (DNG, NEF, ARW) is its small preview: upscaled in silence
                 raise ImageError(f"{name}: its first image is a reduced-size preview ({w}x{h}), as in camera raw files; {_RAW_ADVICE}")
-            frames = getattr(image, "n_frames", 1)
+            frames = _frame_count(data)
             if image.format == "TIFF" and image.tag_v2.get(_PLANAR) == 2 and (picture := _read_tiff_samples(data, name, max_pixels)):
                 # stored plane by plane: Pillow cuts 16 bits to 8 and reads 8-bit gray + alpha with its alpha all 0
                 # (a transparent picture), or fails to unpack it, and OpenCV misplaces the planes, all without a word
@@ -163,7 +166,7 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 picture = _read_16bit_color(image, data, name)
             else:
                 image.load()
-                picture = replace(picture_from_pil(ImageOps.exif_transpose(image)), notes=_narrowed(image))
+                picture = replace(picture_from_pil(_upright(image)), notes=_narrowed(image))
                 if image.format == "TIFF" and image.mode.startswith("I;16") and image.tag_v2.get(262) == 0:
                     # WhiteIsZero: Pillow inverts it at 8 bits but hands 16-bit samples over as stored
                     picture = picture.with_pixels(1 - picture.pixels)
@@ -264,6 +267,26 @@ def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture |
     outside = float(np.count_nonzero(~((arr >= 0) & (arr <= 1)))) / max(arr.size, 1)  # NaN counts as outside
     info = {"icc_profile": tags[34675]} if tags.get(34675) else {}
     return Picture(np.ascontiguousarray(np.clip(np.nan_to_num(arr), 0, 1)), 16, info, format="TIFF", clipped=outside)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its orientation (EXIF's, else XMP's) says. ImageOps.exif_transpose turns
+    it the same way and then re-serialises the EXIF block, which failed on a damaged one (a WebP
+    whose EXIF Pillow had read with a warning: struct.error, the file lost); the block goes out as
+    it came instead (metadata.exif_upright)."""
+    method = _TRANSPOSE.get(image.getexif().get(0x0112, 1))
+    return image.transpose(method) if method is not None else image
+
+
+def _frame_count(data: bytes) -> int:
+    """Frames or pages of a file, counted on an Image of its own: counting parses every page's
+    directory, and a damaged later page (Pillow: TypeError "Missing dimensions") failed the whole
+    file and left the open image on that page. The first page is read all the same."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return getattr(image, "n_frames", 1)
+    except Exception:  # noqa: BLE001 - only a count for a note: whatever a damaged page raises, it is one page
+        return 1
 
 
 def _within_limit(tags: dict, name: str, max_pixels: int) -> bool:
