@@ -394,9 +394,13 @@ _DAMAGED_EXIF = "its EXIF block is damaged; it is left out"
 def _exif_read(image: Image.Image) -> tuple[str, ...]:
     """Reads (and caches) the EXIF while the file is open (Pillow 10.0 lost a multi-page TIFF's
     after load()). A damaged block is left out, with a note: Pillow's parse of it failed the whole
-    PNG or WebP ("cannot read image (not a TIFF file ...)"), whose pixels are fine."""
+    PNG or WebP ("cannot read image (not a TIFF file ...)"), whose pixels are fine. Pillow's JPEG
+    reader hides such a block instead (an empty getexif()) and passes it on, and our TIFF writer's
+    parse of it failed after the model had run: it is parsed here on its own."""
     try:
         image.getexif()
+        if block := image.info.get("exif"):
+            Image.Exif().load(block)
         return ()
     except _EXIF_ERRORS:
         image.info.pop("exif", None)
@@ -643,7 +647,7 @@ def encode_image(picture: Picture, fmt: str, name: str = "output", *, png_compre
         try:
             return encode_tiff(_at_depth(picture, picture.bit_depth), icc_profile=info.get("icc_profile"), exif=info.get("exif"),
                                xmp=info.get("xmp"), dpi=info.get("dpi"))
-        except (ValueError, TypeError, struct.error) as exc:  # an EXIF entry Pillow's directory writer cannot lay out
+        except (ValueError, TypeError, SyntaxError, struct.error) as exc:  # an EXIF block Pillow's directory writer cannot parse or lay out
             raise ImageError(f"{name}: cannot encode as TIFF ({exc})") from None
     image = picture_to_pil(picture)
     out = io.BytesIO()
