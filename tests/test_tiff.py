@@ -391,3 +391,23 @@ def test_a_damaged_later_page_does_not_lose_the_first():
             struct.pack_into(order + "H", data, at + 2 + 12 * k, 0xFFF0)
     picture = read_image(bytes(data), name="scan.tif")
     np.testing.assert_array_equal(np.round(picture.pixels * 255).astype(np.uint8), first)
+
+
+def test_a_layout_tag_of_the_wrong_type_is_an_unreadable_file_not_a_crash():
+    """A TIFF whose PhotometricInterpretation is stored as text (a damaged file): Pillow will not
+    open it, and the readers that look at such files next failed on int('\\x02') with ValueError,
+    which ended the whole batch as "a bug in icmsr" (found by fuzzing). It is one file that
+    cannot be read, saying what it holds."""
+    from conftest import photo_like
+
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(12, 8)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    order = "<" if data[:2] == b"II" else ">"
+    at = struct.unpack_from(order + "I", data, 4)[0]
+    for k in range(struct.unpack_from(order + "H", data, at)[0]):
+        entry = at + 2 + 12 * k
+        if struct.unpack_from(order + "H", data, entry)[0] == 262:
+            struct.pack_into(order + "H", data, entry + 2, 2)  # SHORT -> ASCII: its value reads as "\x02"
+    with pytest.raises(ImageError, match=r"^scan\.tif: cannot read this kind of TIFF \(8-bit unsigned unknown colour, 3 samples per pixel\)"):
+        read_image(bytes(data), name="scan.tif")

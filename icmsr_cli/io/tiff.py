@@ -120,9 +120,16 @@ def _merge_exif(ifd: TiffImagePlugin.ImageFileDirectory_v2, exif: bytes) -> None
 # ------------------------------------------------------------------------------------ reading
 
 
+#: tags whose values the readers here take as whole numbers: the layout, orientation, resolution unit
+_WHOLE_NUMBERS = {_WIDTH, _LENGTH, _BITS, _COMPRESSION, _PHOTOMETRIC, _STRIP_OFFSETS, _ORIENTATION, _SAMPLES, _ROWS_PER_STRIP,
+                  _STRIP_BYTE_COUNTS, _PLANAR, _RESOLUTION_UNIT, _PREDICTOR, 322, 323, 324, 325, _EXTRA_SAMPLES, 339}
+
+
 def tags_of(data: bytes) -> dict:
     """A TIFF's first tag directory, read without Pillow's image plugin (which refuses layouts it
-    cannot decode); {} for anything else."""
+    cannot decode); {} for anything else. A tag of another type than its own (a damaged file: a
+    width given as text, a profile as numbers) is left out, as if the file had none: the readers
+    failed on it with ValueError, which ended the batch as "a bug in icmsr" (found by fuzzing)."""
     if data[:4] not in (b"II*\0", b"MM\0*"):
         return {}
     try:
@@ -130,9 +137,16 @@ def tags_of(data: bytes) -> dict:
         stream = io.BytesIO(data)
         stream.seek(tags.next)
         tags.load(stream)
-        return dict(tags)
+        tags = dict(tags)
     except (KeyError, ValueError, TypeError, OSError, SyntaxError, struct.error):
         return {}
+    for tag in _WHOLE_NUMBERS & tags.keys():
+        values = tags[tag] if isinstance(tags[tag], tuple) else (tags[tag],)
+        if not values or not all(isinstance(v, int) for v in values):
+            del tags[tag]
+    if _ICC in tags and not isinstance(tags[_ICC], bytes):
+        del tags[_ICC]
+    return tags
 
 
 def samples_of(tags: dict, data: bytes) -> np.ndarray | None:
