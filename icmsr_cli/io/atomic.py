@@ -29,9 +29,11 @@ TEMP_SUFFIX = ".icmsr-tmp"
 _STALE_AFTER = 24 * 3600  # a temporary of another machine (shared filesystem) is only presumed dead this late
 
 
-#: bytes of a file name on the common file systems (ext4, XFS, Btrfs, APFS), less what a temporary
-#: adds to the target's name: dots, a host name (at most 64 bytes), a pid, mkstemp's 8 letters, the suffix
-_NAME_ROOM = 255 - (2 + 64 + 1 + 10 + 1 + 8 + len(TEMP_SUFFIX))
+#: bytes of a file name on the common file systems (ext4, XFS, Btrfs, APFS): NAME_MAX
+_NAME_MAX = 255
+#: what a temporary leaves of that for the target's name: it adds dots, a host name (at most 64
+#: bytes), a pid, mkstemp's 8 letters, the suffix
+_NAME_ROOM = _NAME_MAX - (2 + 64 + 1 + 10 + 1 + 8 + len(TEMP_SUFFIX))
 
 
 def temp_prefix(path: Path) -> str:
@@ -103,7 +105,7 @@ def _mb(n: int) -> str:
 def name_too_long(path: Path) -> str | None:
     """Why `path` cannot be created for its name's length, or None: a name derived from a long
     one (logo.gif.png from a 252-byte logo.gif) failed "File name too long" after the model ran."""
-    limit = 255  # NAME_MAX of the common file systems, where the folder cannot say its own
+    limit = _NAME_MAX  # where the folder cannot say its own
     try:
         limit = os.pathconf(_existing_parent(path), "PC_NAME_MAX")
     except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or the folder will not say
