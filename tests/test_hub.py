@@ -340,6 +340,27 @@ def test_hub_lora_reference_and_token(tmp_path, hub, env):
     assert not any(r.path.startswith("/files/") for r in hub.log), "--lora overrides the registry's LoRA"
 
 
+def test_hub_references_at_a_revision(tmp_path, hub, env):
+    """`hf://owner/repo@rev/path` (huggingface_hub's own form) fetches that revision, and messages
+    name it; a bare '@' was taken as revision "" and fetched whatever the server gave for it."""
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(16, 16)).save(src)
+    result = icmsr(env, "upscale", src, "-o", tmp_path / "out.png", "--lora", "hf://someone/osediff-lora@v1.0/osediff.pkl", "--tile", "off")
+    assert result.returncode == 0, result.stderr
+    assert "/someone/osediff-lora/resolve/v1.0/osediff.pkl" in hub.downloaded()
+    env["HF_HUB_OFFLINE"] = "1"
+    result = icmsr(env, "upscale", src, "-o", tmp_path / "again.png", "--lora", "hf://me/sr@v2/mine.pkl")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --lora: LoRA checkpoint hf://me/sr@v2/mine.pkl not downloaded and HF_HUB_OFFLINE is set; unset it to download it")
+    del env["HF_HUB_OFFLINE"]
+    for option, value in (("--lora", "hf://someone/osediff-lora@/osediff.pkl"), ("--base", f"{MIRROR}@")):
+        before = len(hub.log)
+        result = icmsr(env, "upscale", src, "-o", tmp_path / "again.png", option, value)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"error: {option} {value}: no revision after '@' (a branch, tag or commit)"]
+        assert len(hub.log) == before and not (tmp_path / "again.png").exists()
+
+
 def test_download_bars_take_what_every_hub_release_hands_them(monkeypatch):
     """huggingface_hub releases before its PR 4056 (our floor among them) build a custom bar with
     name= and disable=None, later ones with neither. On a terminal both must draw: the old bar raised

@@ -129,11 +129,17 @@ def _fetch_hub_file(src: LoraSource, *, what: str, tqdm_class) -> Path:
     if cached := _cached_lora(src):
         return cached
     if is_offline():
-        raise _offline(what, f"LoRA checkpoint hf://{src.repo}/{src.path}")
+        raise _offline(what, f"LoRA checkpoint {_hub_ref(src)}")
     try:
         return Path(hf_hub_download(src.repo, src.path, revision=src.revision, tqdm_class=tqdm_class))
     except Exception as exc:
-        raise ModelNotFoundError(f"{what}: cannot download hf://{src.repo}/{src.path} ({_reason(exc)})") from exc
+        raise ModelNotFoundError(f"{what}: cannot download {_hub_ref(src)} ({_reason(exc)})") from exc
+
+
+def _hub_ref(src: LoraSource) -> str:
+    """The hf:// form a user types, naming the revision when it is not the default branch."""
+    at = "" if src.revision == "main" else f"@{src.revision}"
+    return f"hf://{src.repo}{at}/{src.path}"
 
 
 def url_cache_path(src: LoraSource) -> Path:
@@ -267,16 +273,16 @@ class ResolvedWeights:
 
 
 def parse_lora_ref(ref: str) -> LoraSource | Path:
-    """`--lora`: a local file, `hf://owner/repo/path/in/repo[@revision]`, or an https URL."""
+    """`--lora`: a local file, `hf://owner/repo[@revision]/path/in/repo` (huggingface_hub's own
+    hf:// form, so a file name may hold '@'), or an https URL."""
     if ref.startswith("hf://"):
         parts = ref[5:].split("/", 2)
         if len(parts) < 3 or not all(parts):
-            raise SetupError(f"--lora {ref}: expected hf://owner/repo/path/to/file")
-        repo, path = "/".join(parts[:2]), parts[2]
-        revision = "main"
-        if "@" in repo:
-            repo, revision = repo.split("@", 1)
-        return LoraSource(repo=repo, path=path, revision=revision)
+            raise SetupError(f"--lora {ref}: expected hf://owner/repo/path/to/file or hf://owner/repo@revision/path/to/file")
+        repo, _, revision = "/".join(parts[:2]).partition("@")
+        if "@" in parts[1] and not revision:
+            raise SetupError(f"--lora {ref}: no revision after '@' (a branch, tag or commit)")
+        return LoraSource(repo=repo, path=parts[2], revision=revision or "main")
     if ref.startswith("https://") or ref.startswith("http://"):
         return LoraSource(url=ref)
     return Path(ref).expanduser()
@@ -287,7 +293,9 @@ def parse_base_ref(ref: str) -> tuple[HubSource, ...] | Path:
     path = Path(ref).expanduser()
     if path.exists() or not _REPO_ID.match(ref.split("@")[0]):
         return path
-    repo, _, revision = ref.partition("@")
+    repo, at, revision = ref.partition("@")
+    if at and not revision:
+        raise SetupError(f"--base {ref}: no revision after '@' (a branch, tag or commit)")
     return (HubSource(repo, revision or "main"),)
 
 
