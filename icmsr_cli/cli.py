@@ -314,13 +314,16 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
         work = bool(pending)
         batch.check_writable(pending)
         ahead = work and _prepares_ahead(device)  # (torch is imported only when there is work)
-        # reading starts now: the first file is decoded (and resized) while the model loads
+        # reading starts now; the next file is decoded (and resized) while the model loads
         reader = batch.Reader(jobs if ranks is None else claims.claimed(jobs, ranks.next_index), settings,
                               prepare=partial(prepare_picture, options=options) if ahead else None)
     except IcmsrError as exc:
         _fail(exc)
     try:
-        if work:
+        # the model waits for an input that reads: inputs that all fail (an HEIC without pillow-heif,
+        # damaged files) fail at once, not after a load or a multi-gigabyte download. Under a
+        # launcher the ranks meet around the load, so every rank loads
+        if work and (ranks is not None or reader.any_readable()):
             # under a launcher, each machine's first rank loads (and merges and caches) first, then the rest
             # map the cached weights instead of merging and writing the same cache at once
             if ranks and ranks.local_rank != 0:

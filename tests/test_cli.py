@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +81,29 @@ def test_missing_input_is_one_line_and_exit_1(tmp_path, tiny_base, tiny_lora):
     record = json.loads(result.stdout)
     assert result.exit_code == 1 and record["status"] == "failed"
     assert record["output"] is None  # it said "-", which names standard output
+
+
+def test_the_model_loads_only_for_an_input_that_reads(tmp_path, tiny_base, tiny_lora):
+    """An input that cannot be read (an iPhone's HEIC without pillow-heif, a damaged file) failed
+    only after the model had loaded, or after its weights had downloaded on a first run; with a
+    --base that does not exist the run ended on the model's error and never named the file."""
+    heic = tmp_path / "IMG_0001.HEIC"
+    heic.write_bytes(b"\0\0\0\x1cftypheic\0\0\0\0mif1heicmiaf" + bytes(64))
+    result = run("upscale", heic, "-o", tmp_path / "o.png", "--base", tmp_path / "no-model", "--lora", tiny_lora)
+    assert result.exit_code == 1, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {heic}: HEIC/HEIF photos need the pillow-heif package")
+    # a file that reads after files that do not: the model loads for it, and each file is told in order
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    (folder / "b.heic").write_bytes(heic.read_bytes())
+    Image.fromarray(photo_like(16, 12)).save(folder / "c.png")
+    result = run("upscale", folder, "-o", tmp_path / "out", "--base", tiny_base, "--lora", tiny_lora, "--tile", "off", "--json")
+    assert result.exit_code == 1, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(Path(r["input"]).name, r["status"]) for r in records] == [("a.png", "failed"), ("b.heic", "failed"), ("c.png", "done")]
+    assert Image.open(tmp_path / "out" / "c.png").size == (64, 48)
 
 
 def test_setup_errors_exit_2_without_traceback(tmp_path, tiny_base, tiny_lora):

@@ -1,7 +1,7 @@
 """Many images through one loaded model: finding inputs, planning outputs, running the batch.
 
 Reading the next image and encoding finished ones overlap with the model's work on the current
-one, and reading the first overlaps the model's loading. Every job ends in a JobResult (done, skipped or failed with a one-line reason); one bad file
+one, and the model loads only once an input has been read. Every job ends in a JobResult (done, skipped or failed with a one-line reason); one bad file
 never stops the batch, a full disk does.
 """
 
@@ -225,8 +225,8 @@ class BatchSettings:
 class Reader:
     """Inputs decoded one job ahead, on a thread of their own, for run().
 
-    Reading starts when the Reader is made: the CLI makes it before it loads the model, so the
-    first file's decode (and its resize, with `prepare`) overlaps the load instead of following it.
+    Reading starts when the Reader is made: the CLI makes it, waits for a file that reads
+    (any_readable), then loads the model while the next file is decoded.
     With `prepare`, the thread also passes each picture through it, and run's `upscale` gets what
     it returns instead of the picture: work that needs no model (upscaler.prepare_picture's resize)
     then overlaps the model's work on the previous file.
@@ -245,19 +245,40 @@ class Reader:
         # a daemon: a read blocked on a pipe (standard input whose writer is slow) must never hold
         # up the exit after Ctrl-C or SIGTERM; it only reads, so stopping it mid-way loses nothing
         threading.Thread(target=self._work, name="icmsr-read", daemon=True).start()
-        self._ahead = self._pull()
+        # jobs taken from the stream, in order: one read ahead, or more after any_readable()
+        self._ahead: deque[tuple[Job, Future | None]] = deque()
+        self._pull()
 
     def next(self) -> tuple[Job, Future | None] | None:
         """The next job and its read (None for the read: skipped), the one after it started; None at the end."""
-        current = self._ahead
-        self._ahead = self._pull() if current is not None else None
+        if not self._ahead:
+            return None
+        current = self._ahead.popleft()
+        if not self._ahead:
+            self._pull()
         return current
 
+    def any_readable(self) -> bool:
+        """Whether a job still to come reads, waiting for the reads it takes to know: jobs skipped or
+        failed on the way are held, in order, for next(). Asked before the model loads, so that a
+        batch none of whose files can be read (one HEIC without pillow-heif, a folder of damaged
+        files) fails at once instead of after loading the model, or downloading it first. Standard
+        input counts as readable unread: its bytes come when their producer sends them (a download
+        piped in), and the model loads meanwhile."""
+        while self._ahead:
+            job, future = self._ahead[-1]
+            if future is not None and (job.source is None or not future.exception()):
+                return True
+            if not self._pull():
+                return False
+        return False
+
     def close(self) -> None:
-        """Stop: a read not yet started is dropped; one in progress is left to end on its own."""
-        if self._ahead is not None and self._ahead[1] is not None:
-            self._ahead[1].cancel()
-        self._ahead = None
+        """Stop: reads not yet started are dropped; one in progress is left to end on its own."""
+        for _, future in self._ahead:
+            if future is not None:
+                future.cancel()
+        self._ahead.clear()
         self._tasks.put(None)
 
     def __enter__(self) -> Reader:
@@ -266,15 +287,17 @@ class Reader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _pull(self) -> tuple[Job, Future | None] | None:
+    def _pull(self) -> bool:
+        """Take the stream's next job (starting its read); False at the end of the stream."""
         job = next(self._stream, None)
         if job is None:
-            return None
-        if is_skipped(job, self.settings.overwrite):
-            return job, None
-        future: Future = Future()
-        self._tasks.put((future, job))
-        return job, future
+            return False
+        future: Future | None = None
+        if not is_skipped(job, self.settings.overwrite):
+            future = Future()
+            self._tasks.put((future, job))
+        self._ahead.append((job, future))
+        return True
 
     def _work(self) -> None:
         """The reader thread: reads in job order, one at a time, until close()."""
