@@ -185,7 +185,7 @@ def _loading(label: str, quiet: bool = False):
 
 @_command(app)
 def upscale(
-    inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Image files, directories, globs, or - for standard input."),
+    inputs: list[str] = typer.Argument(..., metavar="INPUT", help="Image files, directories, globs, or - for standard input."),
     output: str = typer.Option(..., "-o", "--output", metavar="PATH", help="Output file, directory (mirrors the input tree; always one for several inputs, a folder or a glob), or - for standard output."),
     scale: str = typer.Option("4", "-s", "--scale", metavar="FACTOR", help="Scale factor (4, 2.5; 4x reads as 4); the output is exactly round(W*s) x round(H*s)."),
     model: Optional[str] = typer.Option(None, "--model", metavar="NAME", help="Model name from weights.toml (see `icmsr weights list`)."),

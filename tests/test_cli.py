@@ -30,6 +30,9 @@ def test_help_explains_every_flag():
     result = run("upscale", "--help")
     for flag in ("--output", "--scale", "--model", "--base", "--lora", "--prompt", "--color-fix", "--device", "--dtype", "--tile"):
         assert flag in result.stdout
+    # Typer 0.29 adds its own "..." after a metavar that already had them: "{INPUT...}..."
+    usage = next(line for line in result.stdout.splitlines() if "Usage:" in line)
+    assert "INPUT" in usage and "...}" not in usage and "......" not in usage, usage
     # each value is named for what it is (Typer 0.2x showed <str>, and <bool> beside flags, which take none)
     for command in (["upscale"], ["eval"], ["weights", "download"], ["weights", "convert"], []):
         for line in CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).stdout.splitlines():
