@@ -28,7 +28,7 @@ from rich.text import Text
 
 from . import __version__
 from .choices import COLOR_FIXES, DEFAULT_MAX_PIXELS, FORMATS, LEAST_TILE
-from .errors import IcmsrError, RanksLostError, SetupError
+from .errors import IcmsrError, RanksLostError, SetupError, unexpected
 
 if TYPE_CHECKING:  # imported where used: the light commands do not pay for numpy and Pillow
     from .io import batch
@@ -286,6 +286,7 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
     lead = ranks is None or ranks.rank == 0  # says what is said once: missing inputs, the summary
     tag = f"[rank {ranks.rank}] " if ranks else ""
     settings = batch.BatchSettings(overwrite=overwrite, max_pixels=max_pixels, png_compression=png_compression,
+                                   contain_bugs=not _debugging(),
                                    stdout_format=format_for("stdout" + FORMATS[fmt]) if fmt else None,
                                    output_size=partial(output_size, scale=options.scale),
                                    run_size=partial(processing_size, min_side=options.min_side))
@@ -684,7 +685,5 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the edge of the program: a bug still gets one line
         if _debugging():
             raise
-        line = (str(exc).strip().splitlines() or [""])[0]
-        _say(f"unexpected {type(exc).__name__}{': ' + line if line else ''} "
-             "(this is a bug in icmsr; rerun with --debug for the traceback and report it)", "error:", "red")
+        _say(unexpected(exc), "error:", "red")
         sys.exit(EXIT_INTERNAL)

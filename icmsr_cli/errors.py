@@ -6,6 +6,14 @@ The CLI turns them into a line on stderr and an exit code; library callers catch
 from __future__ import annotations
 
 
+def unexpected(exc: BaseException, doing: str = "") -> str:
+    """How an exception nobody raised on purpose is said: one line (what, and while `doing` what), asking for a report."""
+    line = (str(exc).strip().splitlines() or [""])[0]
+    kind = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"  # struct.error, not "error"
+    return (f"unexpected {kind}{' while ' + doing if doing else ''}{': ' + line if line else ''} "
+            "(this is a bug in icmsr; rerun with --debug for the traceback and report it)")
+
+
 class IcmsrError(Exception):
     """Base of every error icmsr raises on purpose."""
 

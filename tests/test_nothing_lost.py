@@ -666,6 +666,49 @@ def test_unexpected_exception_is_one_line_with_a_debug_hint(tmp_path, monkeypatc
         cli.main(args + ["--debug"])  # anywhere on the line
 
 
+def test_a_bug_met_on_one_file_fails_that_file_and_the_batch_goes_on(tmp_path, model, monkeypatch, capsys):
+    """An exception nobody raised on purpose, met reading or writing one file (a decoder's own
+    TypeError on data no fuzz run made), ended the whole batch with exit 3; the rerun skipped the
+    finished files and ended at the same file again, so no run ever got past it. It now fails that
+    file, said as a bug, and the others are done; --debug still raises it for the traceback."""
+    import struct
+
+    from icmsr_cli import cli
+    from icmsr_cli.io import batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(photo_like(16, 12, seed=ord(name))).save(src / f"{name}.png")
+    read, encode = batch.read_image, batch.encode_image
+
+    def read_image(source, **kwargs):
+        if kwargs["name"].endswith("a.png"):
+            raise TypeError("'NoneType' object is not subscriptable")
+        return read(source, **kwargs)
+
+    def encode_image(picture, fmt, name, **kwargs):
+        if name.endswith("b.png"):
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return encode(picture, fmt, name, **kwargs)
+
+    monkeypatch.setattr(batch, "read_image", read_image)
+    monkeypatch.setattr(batch, "encode_image", encode_image)
+    monkeypatch.setenv("ICMSR_DEBUG", "")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["upscale", str(src), "-o", str(out), "-q", *model])
+    assert exited.value.code == 1
+    hint = "(this is a bug in icmsr; rerun with --debug for the traceback and report it)"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {src / 'a.png'}: unexpected TypeError while reading it: 'NoneType' object is not subscriptable {hint}",
+        f"error: {src / 'b.png'}: unexpected struct.error while writing its output: unpack requires a buffer of 4 bytes {hint}",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["c.png"]
+    with pytest.raises(TypeError, match="not subscriptable"):
+        cli.main(["upscale", str(src), "-o", str(out), "-q", "--debug", *model])
+
+
 # ------------------------------------------------------------------------------------ machines
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .atomic import is_no_space, name_too_long, no_space_error
-from ..errors import DiskFullError, IcmsrError, ImageError, SetupError
+from ..errors import DiskFullError, IcmsrError, ImageError, SetupError, unexpected
 from ..choices import DEFAULT_MAX_PIXELS, FORMATS
 from .images import IMAGE_SUFFIXES, WRITABLE_FORMATS, Picture, check_output_size, encode_image, fit_to_format, format_for, read_image, write_bytes
 
@@ -214,6 +214,10 @@ class BatchSettings:
     stdout_format: str | None = None  # Pillow format for -o - (--format; default: the input's, else PNG)
     png_compression: int = 1  # zlib level of PNG outputs: 1 encodes a photo ~4x faster than 6 for ~4% more bytes (benchmarks/encode.py)
     writers: int = 2  # threads encoding and writing finished images while the model runs (a PNG's strips use every core: io/png.py)
+    #: an unexpected exception (a bug) reading or writing one file fails that file, said as a bug, and
+    #: the batch goes on: a file that trips it would otherwise end every rerun at the same place.
+    #: False raises it (the CLI's --debug, for the traceback)
+    contain_bugs: bool = True
     #: the output size of an input size (upscaler.output_size at the run's scale), to refuse outputs
     #: their format cannot hold before the model runs; None: not checked
     output_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None
@@ -339,7 +343,7 @@ def run(
         def settle(job: Job, t0: float, item: Future | JobResult) -> JobResult | None:
             """The entry's result (waiting for its write), or None for a full disk already told."""
             nonlocal stopped
-            result = item if isinstance(item, JobResult) else _written(job, t0, item)
+            result = item if isinstance(item, JobResult) else _written(job, t0, item, settings.contain_bugs)
             if result.error_kind == "disk-full":
                 if stopped:
                     return None  # a write that was in flight: said once, counted as not started
@@ -361,7 +365,7 @@ def run(
                     continue
                 t0 = time.perf_counter()
                 try:
-                    picture, fmt, notes, work = future.result()
+                    picture, fmt, notes, work = _read_result(future, job, settings.contain_bugs)
                     for note in notes:
                         if note not in told:
                             told.add(note)
@@ -415,7 +419,19 @@ def _failure(job: Job, t0: float, exc: IcmsrError) -> JobResult:
     return JobResult(job, "failed", time.perf_counter() - t0, error=str(exc), error_kind=kind)
 
 
-def _written(job: Job, t0: float, future: Future) -> JobResult:
+def _read_result(future: Future, job: Job, contain_bugs: bool):
+    """What the reader thread made of the job (see BatchSettings.contain_bugs)."""
+    try:
+        return future.result()
+    except IcmsrError:
+        raise
+    except Exception as exc:
+        if not contain_bugs:
+            raise
+        raise ImageError(f"{job.name}: {unexpected(exc, 'reading it')}") from exc
+
+
+def _written(job: Job, t0: float, future: Future, contain_bugs: bool) -> JobResult:
     try:
         return future.result()
     except IcmsrError as exc:
@@ -424,6 +440,10 @@ def _written(job: Job, t0: float, future: Future) -> JobResult:
         if is_no_space(exc):
             return _failure(job, t0, no_space_error(job.target))
         return _failure(job, t0, ImageError(f"{job.target}: cannot write ({exc.strerror or exc})"))
+    except Exception as exc:  # see BatchSettings.contain_bugs
+        if not contain_bugs:
+            raise
+        return _failure(job, t0, ImageError(f"{job.name}: {unexpected(exc, 'writing its output')}"))
 
 
 def _write(job: Job, t0: float, picture: Picture, fmt: str, in_size, png_compression: int) -> JobResult:
