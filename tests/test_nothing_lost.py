@@ -151,10 +151,10 @@ def test_alpha_images_to_every_format(tmp_path, model, fmt, mode):
     result = invoke("upscale", src, "-o", f"{out}/", "--format", fmt, "-s", "2", *model)
     target = out / f"in.{fmt}"
     assert "Traceback" not in result.output
-    if fmt == "jpg":  # JPEG cannot hold alpha: refused with the reason, before the model ran
+    if fmt == "jpg":  # JPEG cannot hold alpha: refused with the reason, before the model loaded
         assert result.exit_code == 1
         assert errors(result) == [f"error: {src}: has an alpha channel, which JPEG cannot store; use --format png, webp or tiff"]
-        assert "model ready" in result.stderr and "->" not in result.stderr
+        assert "model ready" not in result.stderr and "->" not in result.stderr
         assert not target.exists()
         return
     assert result.exit_code == 0, result.output
@@ -1035,6 +1035,52 @@ def _png_with_chunks(data: bytes, *chunks: tuple[bytes, bytes]) -> bytes:
     """The PNG with `chunks` (kind, data) put after its IHDR."""
     made = b"".join(struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body)) for kind, body in chunks)
     return data[:33] + made + data[33:]
+
+
+def _wide_16bit_tiff() -> bytes:
+    from icmsr_cli.io.tiff import encode_tiff
+
+    return encode_tiff(np.zeros((1, (1 << 20) + 1, 3), np.uint16))  # one over OpenCV's limit, a tiny file all the same
+
+
+def _tiff_with_a_number_for_its_description() -> bytes:
+    from PIL import TiffImagePlugin
+
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[270], tags.tagtype[270] = 1.5, 11  # ImageDescription, which is text, stored as a FLOAT
+    out = io.BytesIO()
+    Image.fromarray(photo_like(8, 6)).save(out, "TIFF", tiffinfo=tags, dpi=(300, 300))
+    return out.getvalue()
+
+
+def _png_cut_short_after_its_pixels() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(photo_like(8, 6)).convert("LA").save(out, "PNG")
+    data = out.getvalue()
+    return data[:-12] + struct.pack(">I", 1000) + b"tEXtComment\0cut off"  # a text chunk 1000 bytes long, the file ends 19 in
+
+
+@pytest.mark.parametrize("make, expected", [
+    (_wide_16bit_tiff, "wide.tif: cannot decode this 16-bit image (OpenCV, its reader, takes at most 1,048,576 pixels a row)"),
+    (_tiff_with_a_number_for_its_description, None),
+    (_png_cut_short_after_its_pixels, "cut.png: cannot read image (Truncated File Read)"),
+])
+def test_files_that_tripped_a_reader_fail_as_files(make, expected):
+    """Found by fuzzing; each raised something other than ImageError, "a bug in icmsr", which ended
+    the batch: OpenCV asserted on a row over its limit (cv2.error); Pillow's EXIF writer called
+    .encode() on a number in a text tag (AttributeError); a PNG whose last chunk was cut short was
+    taken for damaged EXIF, which left its text unread, and Pillow's text property asserted."""
+    from icmsr_cli.errors import ImageError
+    from icmsr_cli.io.images import read_image
+
+    if expected is None:  # the tag spoils the camera tags, not the picture
+        picture = read_image(make(), name="number.tif")
+        assert picture.size == (8, 6) and picture.notes == ("its EXIF block is damaged; it is left out",)
+        assert picture.info["dpi"] == pytest.approx((300, 300)) and "exif" not in picture.info
+        return
+    with pytest.raises(ImageError) as raised:
+        read_image(make(), name=expected.split(":")[0])
+    assert str(raised.value) == expected
 
 
 @pytest.mark.parametrize("kind", ["png8", "png16", "webp", "jpeg"])

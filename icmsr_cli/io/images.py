@@ -250,6 +250,20 @@ def _register_heif_reader(data: bytes, name: str) -> None:
     pillow_heif.register_heif_opener()
 
 
+_CV2_MAX_WIDTH = 1 << 20  # OpenCV's CV_IO_MAX_IMAGE_WIDTH
+
+
+def _cv2_decode(data: bytes) -> np.ndarray | None:
+    """OpenCV's decode of `data` as stored; None where it cannot, including what it refuses by
+    assertion rather than by returning None (a width over its 2^20-pixel limit raised cv2.error)."""
+    import cv2
+
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
+
+
 def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture | None:
     """A colour TIFF of float samples (an HDR merge, scientific data: IEEE float, or LogLuv as
     OpenCV before 4.9 wrote float images), which Pillow cannot open, decoded by OpenCV: values
@@ -258,9 +272,7 @@ def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture |
     tags = tags_of(data)
     if not _within_limit(tags, name, max_pixels):
         return None
-    import cv2
-
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    arr = _cv2_decode(data)
     if arr is None or arr.dtype.kind != "f" or arr.ndim != 3 or arr.shape[2] not in (3, 4):
         return None
     arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]].astype(np.float32)  # BGR(A) -> RGB(A)
@@ -387,7 +399,9 @@ _DNG_VERSION, _NEW_SUBFILE_TYPE = 50706, 254
 
 
 #: what Pillow raises on a damaged EXIF block or TIFF directory, and the note that leaves it out
-_EXIF_ERRORS = (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error)
+#: what Pillow raises on a block that does not parse, or one it cannot write back (AttributeError: a
+#: text tag stored as a number, which its writer tries to .encode())
+_EXIF_ERRORS = (SyntaxError, ValueError, TypeError, KeyError, IndexError, AttributeError, OSError, struct.error)
 _DAMAGED_EXIF = "its EXIF block is damaged; it is left out"
 
 
@@ -397,6 +411,11 @@ def _exif_read(image: Image.Image) -> tuple[str, ...]:
     PNG or WebP ("cannot read image (not a TIFF file ...)"), whose pixels are fine. Pillow's JPEG
     reader hides such a block instead (an empty getexif()) and passes it on, and our TIFF writer's
     parse of it failed after the model had run: it is parsed here on its own."""
+    if image.format == "PNG":
+        # its eXIf chunk may follow the pixels, so getexif() loads them: an error there (a chunk
+        # cut short after the pixels) is the file's, not the EXIF's; taken for the EXIF's, it left
+        # the text chunks unread and Pillow's text property failed on an assert
+        image.load()
     try:
         image.getexif()
         if block := image.info.get("exif"):
@@ -421,12 +440,11 @@ def _tiff_exif(image: Image.Image, notes: tuple[str, ...]) -> tuple[dict, tuple[
 
 
 def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
-    import cv2
-
     pixels_only = pixel_chunks(data) if image.format == "PNG" else data
-    arr = cv2.imdecode(np.frombuffer(pixels_only, np.uint8), cv2.IMREAD_UNCHANGED)
+    arr = _cv2_decode(pixels_only)
     if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
-        raise ImageError(f"{name}: cannot decode this 16-bit image")
+        wide = f" (OpenCV, its reader, takes at most {_CV2_MAX_WIDTH:,} pixels a row)" if image.width > _CV2_MAX_WIDTH else ""
+        raise ImageError(f"{name}: cannot decode this 16-bit image{wide}")
     if image.format == "PNG" and data[25] == 4:  # OpenCV expands gray + alpha to BGRA, gray thrice
         arr = arr[..., [0, 3]]
     else:
