@@ -587,7 +587,7 @@ def weights_list() -> None:
 
 @_command(weights_app, "download")
 def weights_download(
-    name: Optional[str] = typer.Argument(None, help="Model name from weights.toml (default: the registry's default)."),
+    name: Optional[str] = typer.Argument(None, metavar="NAME", help="Model name from weights.toml (default: the registry's default)."),
     dtype: str = typer.Option("auto", "--dtype", metavar="auto|fp32|fp16", help="Which weights: fp32, or fp16 (also used for bf16); auto: fp16 when CUDA is present."),
 ) -> None:
     """Download a model's base weights and LoRA checkpoint into the Hugging Face cache."""
@@ -610,7 +610,7 @@ def weights_download(
 
 
 @_command(weights_app, "verify")
-def weights_verify(name: Optional[str] = typer.Argument(None, help="Model name; default: every cached model.")) -> None:
+def weights_verify(name: Optional[str] = typer.Argument(None, metavar="NAME", help="Model name; default: every cached model.")) -> None:
     """Re-hash cached weights (Hub blobs against their sha256 names, the LoRA against its pin). Offline.
 
     A corrupt file is removed, so that `icmsr weights download` fetches it again."""
@@ -632,8 +632,8 @@ def weights_verify(name: Optional[str] = typer.Argument(None, help="Model name; 
 
 @_command(weights_app, "convert")
 def weights_convert(
-    source: Path = typer.Argument(..., help="OSEDiff-format .pkl checkpoint."),
-    target: Path = typer.Argument(..., help="Output .safetensors file (same tensors; ranks and module lists in metadata); its folder is made if needed."),
+    source: Path = typer.Argument(..., metavar="SOURCE", help="OSEDiff-format .pkl checkpoint."),
+    target: Path = typer.Argument(..., metavar="TARGET", help="Output .safetensors file (same tensors; ranks and module lists in metadata); its folder is made if needed."),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace an existing TARGET (default: keep it and skip)."),
 ) -> None:
     """Convert an OSEDiff .pkl LoRA checkpoint to safetensors (loads without unpickling)."""

@@ -38,6 +38,9 @@ def test_help_explains_every_flag():
         for line in CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).stdout.splitlines():
             if " --" in line and "--help" not in line:
                 assert not any(kind in line for kind in ("<str>", "<bool>", "<float>", "<int")), line
+            if "Usage:" in line:  # arguments are named as the help's prose names them: TARGET, not {target}
+                arguments = line.split("[OPTIONS]")[-1]
+                assert arguments == arguments.upper(), line
 
 
 @pytest.mark.parametrize("command", [["upscale"], ["eval"], ["weights", "list"], ["weights", "verify"]])
