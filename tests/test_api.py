@@ -59,6 +59,26 @@ def test_integer_arrays_are_samples_not_floats(tiny_base, tiny_lora):
             up.upscale_picture(Picture(bad))
 
 
+def test_floats_past_the_unit_range_are_cut_not_wrapped(tiny_base, tiny_lora):
+    """Float planes a little past [0, 1] (a resize's overshoot, a colour conversion's rounding)
+    wrapped around in the 8-bit resize: 1.002 became 0, so white came out black, -0.003 white.
+    They now give what the values cut to [0, 1] give, at 8 and 16 bits; NaN is refused."""
+    from icmsr_cli import Picture, load_upscaler
+
+    up = load_upscaler(base=str(tiny_base), lora=str(tiny_lora))
+    inside = photo_like(24, 20).astype(np.float32) / 255
+    past = inside.copy()
+    past[inside >= 250 / 255] = 1.002
+    past[inside <= 5 / 255] = -0.003
+    assert (past > 1).any() and (past < 0).any()
+    for bits in (8, 16):
+        cut = up.upscale_picture(Picture(np.clip(past, 0, 1), bits), scale=2)
+        np.testing.assert_array_equal(up.upscale_picture(Picture(past, bits), scale=2).pixels, cut.pixels)
+    past[3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match="must be finite; 1 are NaN or infinite"):
+        up.upscale_picture(Picture(past))
+
+
 def test_a_pillow_image_keeps_its_profile_exif_and_dpi(tiny_base, tiny_lora):
     """`up.upscale(Image.open("photo.jpg"))` came back with an empty .info: the ICC profile (an
     iPhone's Display P3), the EXIF and the dpi were gone, even for callers who pass them on to

@@ -521,12 +521,21 @@ def quantise(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
 
 def unquantised(pixels: np.ndarray) -> np.ndarray:
     """quantise undone for the model path: uint8 or uint16 samples (an array from OpenCV or numpy,
-    or a result upscaled again) as float planes in [0, 1]; floats as they are. A uint8 array was
-    taken for floats and clipped, so it came out nearly black and white. Checks the layout too."""
+    or a result upscaled again) as float planes in [0, 1]; floats cut to [0, 1]. A uint8 array was
+    taken for floats and clipped, so it came out nearly black and white. Checks the layout too.
+
+    Floats a little past [0, 1] (a resize's overshoot, a colour conversion's rounding) wrapped
+    around in the 8-bit resize: 1.002 became 0, white became black. NaN or infinity is refused:
+    no value stands for it."""
     if pixels.ndim != 3 or not 1 <= pixels.shape[2] <= 4:
         raise ValueError(f"a Picture's pixels are H x W x C with C = 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA), got shape {pixels.shape}")
     if pixels.dtype.kind == "f":
-        return pixels
+        if not pixels.size:
+            return pixels
+        lo, hi = pixels.min(), pixels.max()  # NaN in the array makes them NaN
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(f"a Picture's float pixels must be finite; {np.count_nonzero(~np.isfinite(pixels)):,} are NaN or infinite")
+        return np.clip(pixels, 0, 1) if lo < 0 or hi > 1 else pixels
     if pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"a Picture's pixels are floats in [0, 1], or uint8 or uint16 samples, got {pixels.dtype}")
     return pixels.astype(np.float32) / (255.0 if pixels.dtype == np.uint8 else 65535.0)
