@@ -33,7 +33,25 @@ from .errors import IcmsrError, RanksLostError, SetupError, unexpected
 if TYPE_CHECKING:  # imported where used: the light commands do not pay for numpy and Pillow
     from .io import batch
 
-console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # names print as they are
+#: control characters as escapes (\n, \x1b): a file name holding a newline split its message in
+#: two, and one holding ESC sequences recoloured or rewrote the user's terminal. C1 too (0x9b is a
+#: CSI to some terminals). --json keeps names exact.
+_CONTROLS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09}
+
+
+def _shown(text: str) -> str:
+    """`text` safe to print on a terminal or a log line (see _CONTROLS)."""
+    return text.translate(_CONTROLS)
+
+
+class _Console(Console):
+    """rich's Console, printing strings through _shown; and names as they are (no markup)."""
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*(_shown(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+console = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 app = typer.Typer(
     name="icmsr",
@@ -86,7 +104,7 @@ def root(
 def _say(text: str, label: str, style: str) -> None:
     """A labelled line on stderr ("error: ..."); the text is never read as rich markup, so a file
     named like a style tag ("[bold].png") prints as it is."""
-    console.print(Text.assemble((label, style), " " if text else "", text))
+    console.print(Text.assemble((label, style), " " if text else "", _shown(text)))
 
 
 def _notify(message: str) -> None:
@@ -544,7 +562,7 @@ def _score_table(scored, names: list[str], mean: dict[str, float]) -> None:
     for name in names:
         table.add_column(name.upper() if name in ("psnr", "ssim") else name, justify="right")
     for result in scored:
-        table.add_row(Text(str(result.pair.sr)), Text(str(result.pair.ref)), *(f"{result.scores[n]:.4f}" for n in names))
+        table.add_row(Text(_shown(str(result.pair.sr))), Text(_shown(str(result.pair.ref))), *(f"{result.scores[n]:.4f}" for n in names))
     if mean:
         table.add_row(f"mean of {len(scored)}", "", *(f"{mean[n]:.4f}" for n in names), style="bold")
     Console(highlight=False, soft_wrap=True).print(table)

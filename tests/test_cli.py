@@ -314,6 +314,25 @@ def test_names_that_look_like_markup_print_as_they_are(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: no such file, folder or matching image"
 
 
+def test_control_characters_in_names_print_as_escapes(tmp_path):
+    """A file name holding a newline split its error in two lines of a log, and one holding ESC
+    sequences reached the terminal raw (recolouring it, or worse). Messages show them escaped, as
+    ls does; --json keeps the name exact, for scripts to find the file."""
+    names = ["new\nline.png", "esc\x1b[2Jcleared.png", "c1\x9bcsi.png"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"not an image")
+    result = run("upscale", *(tmp_path / n for n in names), "-o", tmp_path / "out", "--base", tmp_path / "no-model")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/new\\nline.png: cannot read image (not a recognised image format)",
+        f"error: {tmp_path}/esc\\x1b[2Jcleared.png: cannot read image (not a recognised image format)",
+        f"error: {tmp_path}/c1\\x9bcsi.png: cannot read image (not a recognised image format)",
+        "0 done, 0 skipped, 3 failed",
+    ]
+    result = run("upscale", *(tmp_path / n for n in names), "-o", tmp_path / "out", "--base", tmp_path / "no-model", "--json")
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [str(tmp_path / n) for n in names]
+
+
 @pytest.mark.parametrize("given, suffix", [("jpeg", ".jpeg"), ("tif", ".tif"), (".PNG", ".png"), ("JPG", ".jpg")])
 def test_format_takes_every_spelling_of_its_suffixes(tmp_path, given, suffix):
     """Inputs may be .jpeg or .tif, and --format jpeg or tif was a usage error."""
