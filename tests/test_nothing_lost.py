@@ -1151,6 +1151,28 @@ def test_exif_or_xmp_too_long_for_a_jpeg_is_left_out_before_the_model_and_said(t
         assert im.getexif()[0x010F] == "Cam" and len(im.info["exif"]) > 70000
 
 
+def test_a_bmp_whose_fourth_byte_is_alpha_keeps_it():
+    """Pillow writes RGBA as a 32-bit BMP without bit masks, its fourth byte the alpha, which
+    browsers show; Pillow reads such a file back as RGB, so every transparent pixel of a logo came
+    out opaque. Rows stored top-down (a negative height) too; a fourth byte zero throughout is the
+    format's "unused", and the picture stays RGB."""
+    from icmsr_cli.io.images import read_image
+
+    rgb = photo_like(8, 6)
+    alpha = np.linspace(0, 255, 48).reshape(6, 8).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(out, "BMP")
+    bottom_up = out.getvalue()
+    offset = int.from_bytes(bottom_up[10:14], "little")
+    rows = np.frombuffer(bottom_up[offset:], np.uint8).reshape(6, 8 * 4)
+    top_down = bottom_up[:22] + struct.pack("<i", -6) + bottom_up[26:offset] + rows[::-1].tobytes()
+    for data in (bottom_up, top_down):
+        picture = read_image(data, name="logo.bmp")
+        np.testing.assert_array_equal(np.rint(picture.pixels * 255), np.dstack([rgb, alpha]))
+    unused = bottom_up[:offset] + np.dstack([rows.reshape(6, 8, 4)[..., :3], np.zeros((6, 8, 1), np.uint8)]).tobytes()
+    np.testing.assert_array_equal(np.rint(read_image(unused, name="plain.bmp").pixels * 255), rgb)
+
+
 def test_what_a_bmp_cannot_hold_is_said():
     """A photo's colour profile (Adobe RGB, Display P3), EXIF and XMP vanished into a BMP without a
     word, and its colours then show as sRGB; every other output format keeps them."""

@@ -167,6 +167,8 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             else:
                 image.load()
                 picture = replace(picture_from_pil(_upright(image)), notes=_narrowed(image))
+                if image.format == "BMP" and image.mode == "RGB" and (alpha := _bmp_alpha(data)) is not None:
+                    picture = picture.with_pixels(np.concatenate([picture.pixels, alpha[..., None] / np.float32(255)], axis=2))
                 if image.format == "TIFF" and image.mode.startswith("I;16") and image.tag_v2.get(262) == 0:
                     # WhiteIsZero: Pillow inverts it at 8 bits but hands 16-bit samples over as stored
                     picture = picture.with_pixels(1 - picture.pixels)
@@ -204,6 +206,25 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
         raise ImageError(f"{name}: cannot read image ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _bmp_alpha(data: bytes) -> np.ndarray | None:
+    """The fourth byte of a 32-bit BMP stored without bit masks (BI_RGB), as alpha. The format
+    calls that byte unused and Pillow reads such files as RGB, but Pillow's own writer (and
+    others) store RGBA so, and browsers show it as alpha wherever it is not zero throughout:
+    every transparent pixel of such a logo came out opaque. None where it is zero throughout, or
+    the file is no such BMP."""
+    if len(data) < 54 or data[:2] != b"BM" or int.from_bytes(data[14:18], "little") < 40:  # BITMAPINFOHEADER or later
+        return None
+    width, height = struct.unpack_from("<ii", data, 18)
+    bits, compression = struct.unpack_from("<HI", data, 28)
+    offset, rows = int.from_bytes(data[10:14], "little"), abs(height)
+    if bits != 32 or compression != 0 or width <= 0 or offset + width * rows * 4 > len(data):
+        return None
+    alpha = np.frombuffer(data, np.uint8, width * rows * 4, offset).reshape(rows, width, 4)[..., 3]
+    if not alpha.any():
+        return None
+    return alpha[::-1] if height > 0 else alpha  # rows run bottom-up unless the height is negative
 
 
 def _webp_lossless(data: bytes) -> bool:
