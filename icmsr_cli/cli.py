@@ -35,8 +35,10 @@ if TYPE_CHECKING:  # imported where used: the light commands do not pay for nump
 
 #: control characters as escapes (\n, \x1b): a file name holding a newline split its message in
 #: two, and one holding ESC sequences recoloured or rewrote the user's terminal. C1 too (0x9b is a
-#: CSI to some terminals). --json keeps names exact.
-_CONTROLS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09}
+#: CSI to some terminals). A name's bytes that are not UTF-8 (Python holds them as surrogates, which
+#: printed as \udce9) show as the byte, \xe9. --json keeps names exact.
+_CONTROLS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09} | {
+    0xDC00 + b: f"\\x{b:02x}" for b in range(0x80, 0x100)}
 
 
 def _shown(text: str) -> str:

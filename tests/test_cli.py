@@ -317,8 +317,9 @@ def test_names_that_look_like_markup_print_as_they_are(tmp_path):
 def test_control_characters_in_names_print_as_escapes(tmp_path):
     """A file name holding a newline split its error in two lines of a log, and one holding ESC
     sequences reached the terminal raw (recolouring it, or worse). Messages show them escaped, as
-    ls does; --json keeps the name exact, for scripts to find the file."""
-    names = ["new\nline.png", "esc\x1b[2Jcleared.png", "c1\x9bcsi.png"]
+    ls does, and a byte that is not UTF-8 as that byte; --json keeps the name exact, for scripts to
+    find the file."""
+    names = ["new\nline.png", "esc\x1b[2Jcleared.png", "c1\x9bcsi.png", os.fsdecode(b"caf\xe9.png")]  # the last not UTF-8
     for name in names:
         (tmp_path / name).write_bytes(b"not an image")
     result = run("upscale", *(tmp_path / n for n in names), "-o", tmp_path / "out", "--base", tmp_path / "no-model")
@@ -327,7 +328,8 @@ def test_control_characters_in_names_print_as_escapes(tmp_path):
         f"error: {tmp_path}/new\\nline.png: cannot read image (not a recognised image format)",
         f"error: {tmp_path}/esc\\x1b[2Jcleared.png: cannot read image (not a recognised image format)",
         f"error: {tmp_path}/c1\\x9bcsi.png: cannot read image (not a recognised image format)",
-        "0 done, 0 skipped, 3 failed",
+        f"error: {tmp_path}/caf\\xe9.png: cannot read image (not a recognised image format)",  # it printed caf\udce9.png
+        "0 done, 0 skipped, 4 failed",
     ]
     result = run("upscale", *(tmp_path / n for n in names), "-o", tmp_path / "out", "--base", tmp_path / "no-model", "--json")
     assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [str(tmp_path / n) for n in names]
