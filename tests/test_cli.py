@@ -314,6 +314,21 @@ def test_names_that_look_like_markup_print_as_they_are(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: no such file, folder or matching image"
 
 
+def test_an_empty_input_or_output_is_refused(tmp_path, monkeypatch):
+    """`icmsr upscale "$IN" -o "$OUT"` with a variable unset: an empty input read as the current
+    folder (every image in it, "several inputs need an output directory"), an empty output as the
+    current folder too (outputs mirrored into it: "the output would overwrite the input")."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(photo_like(16, 12)).save(tmp_path / "a.png")
+    Image.fromarray(photo_like(16, 12, seed=1)).save(tmp_path / "b.png")
+    for args, why in ((["a.png", "-o", ""], "the output is empty; name a file or folder, or - for standard output"),
+                      (["", "-o", "out.png"], "an input is empty; name a file, folder or glob (. for the current folder)"),
+                      (["a.png", "", "-o", "out/"], "an input is empty; name a file, folder or glob (. for the current folder)")):
+        result = run("upscale", *args, "--base", tmp_path / "no-model")
+        assert result.exit_code == 2 and result.stderr.strip().splitlines() == [f"error: {why}"], result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+
+
 def test_control_characters_in_names_print_as_escapes(tmp_path):
     """A file name holding a newline split its error in two lines of a log, and one holding ESC
     sequences reached the terminal raw (recolouring it, or worse). Messages show them escaped, as

@@ -200,6 +200,14 @@ def test_the_sr_images_as_their_own_reference_are_refused(tmp_path):
         result = run("eval", target, "--ref", ref)
         assert result.exit_code == 2, result.output
         assert "is the SR " in result.stderr and "--ref takes the reference (ground-truth) images" in result.stderr
+    # the image's own folder as --ref, or an empty --ref ("$REF" unset: the current folder), paired it with itself
+    result = run("eval", sr / "0001.png", "--ref", sr)
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        f"error: {sr / '0001.png'}: its reference would be the image itself ({sr / '0001.png'}); "
+        "--ref takes the reference (ground-truth) images"]
+    for args in ((sr / "0001.png", "--ref", ""), ("", "--ref", sr)):
+        result = run("eval", *args)
+        assert result.exit_code == 2 and "path is empty; name an image or a folder of them" in result.stderr, result.output
 
 
 def test_learned_metric_without_pyiqa_says_how_to_install(tmp_path):

@@ -110,6 +110,12 @@ def discover(inputs: list[str], *, recursive: bool, exclude: Path | None = None)
 def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | None = None) -> tuple[list[Job], list[str]]:
     """Jobs for the inputs; a folder output mirrors the input tree with the same names (and formats
     unless `fmt` says otherwise). Raises SetupError for contradictions no file can fix."""
+    # an unset shell variable ("$IN", "$OUT") reads as the current folder: every image in it upscaled,
+    # or outputs mirrored into it ("the output would overwrite the input")
+    if not output:
+        raise SetupError("the output is empty; name a file or folder, or - for standard output")
+    if any(not arg for arg in inputs):
+        raise SetupError("an input is empty; name a file, folder or glob (. for the current folder)")
     to_stdout = output == STDIO
     out = Path(output).expanduser()
     if not to_stdout and (why := _not_for_files(out)):

@@ -73,6 +73,8 @@ def pair_files(sr: str | Path, ref: str | Path, *, suffix: str | None = None) ->
     separator and anything (0001 with 0001_x4), or with --suffix the SR stem minus that suffix.
 
     Returns the pairs and the files left without a partner (both sides are checked)."""
+    if "" in (sr, ref):  # an unset shell variable: Path("") is the current folder, where the SR image was its own reference
+        raise SetupError(f"the {'SR' if sr == '' else 'reference'} path is empty; name an image or a folder of them")
     sr, ref = Path(sr), Path(ref)
     for path, role in ((sr, "SR"), (ref, "reference")):
         if not path.exists():
@@ -89,6 +91,9 @@ def pair_files(sr: str | Path, ref: str | Path, *, suffix: str | None = None) ->
         partner, why = _partner(path.stem, refs, suffix)
         if partner is None:
             problems.append(Unpaired(path, None, why))
+        elif partner.resolve() == path.resolve():  # --ref names the SR image's own folder: 80 dB, SSIM 1
+            problems.append(Unpaired(path, None, f"its reference would be the image itself ({partner}); "
+                                                 "--ref takes the reference (ground-truth) images"))
         elif partner in taken:
             problems.append(Unpaired(path, None, f"pairs with {partner}, already paired with {taken[partner]}; name the SR suffix with --suffix"))
         else:
