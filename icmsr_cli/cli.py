@@ -113,6 +113,14 @@ def _notify(message: str) -> None:
     _say(message, "note:", "yellow")
 
 
+def _given(value: str | None, hint: str) -> str | None:
+    """`value`, refused where empty: an unset shell variable ("--base $BASE") was taken for the
+    option left out, and fetched the registry's model (or, for --shard, took every file)."""
+    if value == "":
+        raise typer.BadParameter("is empty; give a value, or leave it out", param_hint=hint)
+    return value
+
+
 def _fail(exc: IcmsrError) -> None:
     if _debugging():
         raise exc
@@ -243,6 +251,8 @@ def upscale(
     from .io import batch
     from .upscaler import UpscaleOptions
 
+    for value, flag in ((model, "--model"), (base, "--base"), (lora, "--lora"), (shard, "--shard")):
+        _given(value, flag)
     tile_size = _parse_tile(tile)
     color_fix = color_fix.strip().lower()  # as --format, --device and --dtype take any case
     if color_fix not in COLOR_FIXES:
@@ -611,6 +621,7 @@ def weights_download(
     dtype: str = typer.Option("auto", "--dtype", metavar="auto|fp32|fp16", help="Which weights: fp32, or fp16 (also used for bf16); auto: fp16 when CUDA is present."),
 ) -> None:
     """Download a model's base weights and LoRA checkpoint into the Hugging Face cache."""
+    name = _given(name, "NAME")
     import torch
 
     from .model.devices import resolve_device, resolve_dtype
@@ -634,6 +645,7 @@ def weights_verify(name: Optional[str] = typer.Argument(None, metavar="NAME", he
     """Re-hash cached weights (Hub blobs against their sha256 names, the LoRA against its pin). Offline.
 
     A corrupt file is removed, so that `icmsr weights download` fetches it again."""
+    name = _given(name, "NAME")
     from .weights.hub import cache_state, verify_cached
     from .weights.registry import load_registry
 

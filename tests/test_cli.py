@@ -314,10 +314,11 @@ def test_names_that_look_like_markup_print_as_they_are(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: no such file, folder or matching image"
 
 
-def test_an_empty_input_or_output_is_refused(tmp_path, monkeypatch):
+def test_an_empty_value_is_refused_not_taken_for_a_default(tmp_path, monkeypatch):
     """`icmsr upscale "$IN" -o "$OUT"` with a variable unset: an empty input read as the current
     folder (every image in it, "several inputs need an output directory"), an empty output as the
-    current folder too (outputs mirrored into it: "the output would overwrite the input")."""
+    current folder too (outputs mirrored into it: "the output would overwrite the input"); an
+    empty option value was taken for the option left out."""
     monkeypatch.chdir(tmp_path)
     Image.fromarray(photo_like(16, 12)).save(tmp_path / "a.png")
     Image.fromarray(photo_like(16, 12, seed=1)).save(tmp_path / "b.png")
@@ -327,6 +328,14 @@ def test_an_empty_input_or_output_is_refused(tmp_path, monkeypatch):
         result = run("upscale", *args, "--base", tmp_path / "no-model")
         assert result.exit_code == 2 and result.stderr.strip().splitlines() == [f"error: {why}"], result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+    # "--base $BASE" unset was taken for --base left out: the registry's model was fetched (5 GB)
+    for args, hint in ((["upscale", "a.png", "-o", "out.png", "--base", ""], "--base"),
+                       (["upscale", "a.png", "-o", "out.png", "--lora", ""], "--lora"),
+                       (["upscale", "a.png", "-o", "out.png", "--model", ""], "--model"),
+                       (["upscale", "a.png", "-o", "out/", "--shard", ""], "--shard"),
+                       (["weights", "download", ""], "NAME"), (["weights", "verify", ""], "NAME")):
+        result = CliRunner().invoke(app, args, env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+        assert result.exit_code == 2 and f"Invalid value for {hint}: is empty; give a value, or leave it out" in result.stderr, result.output
 
 
 def test_control_characters_in_names_print_as_escapes(tmp_path):
