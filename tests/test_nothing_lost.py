@@ -266,6 +266,26 @@ def test_png_transparency_key_becomes_alpha(dtype, channels):
     np.testing.assert_allclose(picture.pixels[..., :channels], samples / top, atol=1e-7)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_a_low_bit_gray_pngs_transparency_key_becomes_alpha(bits):
+    """optipng and pngcrush store gray icons at 1, 2 or 4 bits with one value transparent (tRNS).
+    Pillow compared that key, at the file's depth, with samples already widened to 8 bits: at 2
+    and 4 bits nothing matched, and every transparent pixel came out opaque."""
+    from icmsr_cli.io.images import read_image
+
+    top = 2**bits - 1
+    values = np.random.default_rng(bits).integers(0, top + 1, (5, 8))
+    key = top // 2
+    packed = np.packbits(np.unpackbits(values.astype(np.uint8)[..., None], axis=2)[..., 8 - bits:].reshape(5, -1), axis=1)
+    raw = np.concatenate([np.zeros((5, 1), np.uint8), packed], axis=1).tobytes()
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 5, bits, 0, 0, 0, 0))
+            + _png_chunk(b"tRNS", struct.pack(">H", key)) + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""))
+    picture = read_image(data, name="icon.png")
+    assert picture.pixels.shape == (5, 8, 2) and (values == key).any()
+    np.testing.assert_array_equal(picture.pixels[..., 1], (values != key).astype(np.float32))
+    np.testing.assert_array_equal(np.rint(picture.pixels[..., 0] * 255), values * (255 // top))
+
+
 def test_16bit_gray_alpha_png_keeps_its_16_bits_and_stays_gray(tmp_path, model):
     from icmsr_cli.io.images import read_image
 

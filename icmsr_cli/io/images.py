@@ -166,6 +166,7 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 picture = _read_16bit_color(image, data, name)
             else:
                 image.load()
+                _widen_png_gray_key(image, data)
                 picture = replace(picture_from_pil(_upright(image)), notes=_narrowed(image))
                 if image.format == "BMP" and image.mode == "RGB" and (alpha := _bmp_alpha(data)) is not None:
                     picture = picture.with_pixels(np.concatenate([picture.pixels, alpha[..., None] / np.float32(255)], axis=2))
@@ -206,6 +207,16 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
         raise ImageError(f"{name}: cannot read image ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _widen_png_gray_key(image: Image.Image, data: bytes) -> None:
+    """A 2- or 4-bit gray PNG's transparent value (tRNS) at the 8 bits Pillow widens its samples
+    to: Pillow compares the key, at the file's depth, with the widened samples, so nothing matched
+    and every transparent pixel came out opaque (optipng and pngcrush make such files of gray
+    icons). A key already widened (above the file's largest value) is left as it is."""
+    bits, key = data[24], image.info.get("transparency")
+    if image.format == "PNG" and data[25] == 0 and bits in (2, 4) and isinstance(key, int) and key < 2**bits:
+        image.info["transparency"] = key * (255 // (2**bits - 1))
 
 
 def _bmp_alpha(data: bytes) -> np.ndarray | None:
