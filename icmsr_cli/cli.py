@@ -539,7 +539,7 @@ def evaluate(
             _say(str(problem), "error:", "red")
             if json_lines:
                 sys.stdout.write(json.dumps(problem.as_json()) + "\n")
-        scoring = evaluation.score_pairs(pairs, names, crop_border=crop_border, device=device)
+        scoring = evaluation.score_pairs(pairs, names, crop_border=crop_border, device=device, contain_bugs=not _debugging())
         results = []
         bar = _progress() if console.is_terminal and len(pairs) > 1 else None
         with bar or nullcontext():

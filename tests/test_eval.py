@@ -210,6 +210,36 @@ def test_the_sr_images_as_their_own_reference_are_refused(tmp_path):
         assert result.exit_code == 2 and "path is empty; name an image or a folder of them" in result.stderr, result.output
 
 
+def test_a_bug_met_reading_one_pair_fails_that_pair(tmp_path, monkeypatch):
+    """As in a batch: an exception nobody raised on purpose, met reading one pair's files, ended
+    the whole evaluation (exit 3, no table); it is now that pair's error, said as a bug, and the
+    other pairs are scored. --debug still raises it."""
+    from icmsr_cli.scoring import evaluation
+
+    sr, ref = tmp_path / "sr", tmp_path / "ref"
+    sr.mkdir(), ref.mkdir()
+    for name in ("a", "b"):
+        write_rgb(sr / f"{name}.png", np.full((16, 16, 3), 100, np.uint8))
+        write_rgb(ref / f"{name}.png", np.full((16, 16, 3), 110, np.uint8))
+    read = evaluation.read_image
+
+    def read_image(path, **kwargs):
+        if path.name == "a.png" and path.parent == ref:
+            raise KeyError(274)
+        return read(path, **kwargs)
+
+    monkeypatch.setattr(evaluation, "read_image", read_image)
+    monkeypatch.setenv("ICMSR_DEBUG", "")
+    result = run("eval", sr, "--ref", ref, "--json")
+    assert result.exit_code == 1, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert records[0]["error"] == (f"{sr / 'a.png'}: unexpected KeyError while reading it or its reference: 274 "
+                                   "(this is a bug in icmsr; rerun with --debug for the traceback and report it)")
+    assert "error" not in records[1] and records[1]["psnr"] == pytest.approx(20 * math.log10(255 / (10 * 219 / 255)), abs=1e-3)  # Y moves 219/255 of the step
+    with pytest.raises(KeyError):
+        CliRunner().invoke(app, ["--debug", "eval", str(sr), "--ref", str(ref)], catch_exceptions=False)
+
+
 def test_learned_metric_without_pyiqa_says_how_to_install(tmp_path):
     import importlib.util
 

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from . import metrics
-from ..errors import ImageError, SetupError
+from ..errors import ImageError, SetupError, unexpected
 from ..io.images import IMAGE_SUFFIXES, read_image
 
 OWN_METRICS = {"psnr": metrics.psnr_y, "ssim": metrics.ssim_y}
@@ -148,8 +148,11 @@ class LearnedMetrics:
             return {n: float(net(x, y) if net.metric_mode == "FR" else net(x)) for n, net in self.nets.items()}
 
 
-def score_pairs(pairs: list[Pair], names: list[str], *, crop_border: int = 0, device: str = "auto") -> Iterator[Scored]:
-    """Score each pair in order; a pair that cannot be scored yields its one-line error and the rest go on."""
+def score_pairs(pairs: list[Pair], names: list[str], *, crop_border: int = 0, device: str = "auto",
+                contain_bugs: bool = True) -> Iterator[Scored]:
+    """Score each pair in order; a pair that cannot be scored yields its one-line error and the rest go on.
+    As in a batch (batch.BatchSettings.contain_bugs), an unexpected exception reading a pair's files
+    is that pair's error, said as a bug, unless `contain_bugs` is False."""
     learned = [n for n in names if n in LEARNED_METRICS]
     nets = LearnedMetrics(learned, device) if learned else None
     for pair in pairs:
@@ -157,6 +160,11 @@ def score_pairs(pairs: list[Pair], names: list[str], *, crop_border: int = 0, de
             sr, ref = read_image(pair.sr).pixels, read_image(pair.ref).pixels
         except ImageError as exc:
             yield Scored(pair, error=str(exc))
+            continue
+        except Exception as exc:
+            if not contain_bugs:
+                raise
+            yield Scored(pair, error=f"{pair.sr}: {unexpected(exc, 'reading it or its reference')}")
             continue
         if sr.shape[:2] != ref.shape[:2]:
             yield Scored(pair, error=f"{pair.sr}: {sr.shape[1]}x{sr.shape[0]}, but the reference {pair.ref} is {ref.shape[1]}x{ref.shape[0]}")
