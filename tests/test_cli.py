@@ -314,6 +314,17 @@ def test_names_that_look_like_markup_print_as_they_are(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: no such file, folder or matching image"
 
 
+def test_an_output_without_a_suffix_says_how_to_name_a_folder(tmp_path, monkeypatch):
+    """`-o results` for one image: a folder was meant as often as a file, and the message named
+    only the suffixes."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(photo_like(16, 12)).save(tmp_path / "a.png")
+    result = run("upscale", "a.png", "-o", "results", "--base", tmp_path / "no-model")
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        "error: results: cannot write files without a suffix; use .png, .jpg, .webp, .tiff or .bmp, "
+        "or end it with / for a folder named results")
+
+
 def test_an_empty_value_is_refused_not_taken_for_a_default(tmp_path, monkeypatch):
     """`icmsr upscale "$IN" -o "$OUT"` with a variable unset: an empty input read as the current
     folder (every image in it, "several inputs need an output directory"), an empty output as the

@@ -151,7 +151,9 @@ def plan(inputs: list[str], output: str, *, recursive: bool = False, fmt: str | 
         try:
             format_for(out if not suffix else out.with_suffix(suffix))
         except ImageError as exc:  # the whole run's output, not one file's: a usage error
-            raise SetupError(str(exc)) from exc
+            # `-o results` for one image: a folder was meant as often as a file
+            folder_hint = f", or end it with / for a folder named {out.name}" if not out.suffix else ""
+            raise SetupError(f"{exc}{folder_hint}") from exc
     jobs = []
     mirrored = {os.path.normcase(out / rel) for _, rel in found}  # the names a folder output gives as they are
     for source, rel in found:
