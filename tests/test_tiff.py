@@ -211,7 +211,7 @@ def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflat
     import zlib
 
     h, w, c = samples.shape
-    dtype = np.uint8 if bits == 8 else np.uint16
+    dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]
     body, offsets, counts = b"", [], []
     for p in range(c if planar else 1):
         for y in range(0, h, rows_per_strip):
@@ -411,3 +411,14 @@ def test_a_layout_tag_of_the_wrong_type_is_an_unreadable_file_not_a_crash():
             struct.pack_into(order + "H", data, entry + 2, 2)  # SHORT -> ASCII: its value reads as "\x02"
     with pytest.raises(ImageError, match=r"^scan\.tif: cannot read this kind of TIFF \(8-bit unsigned unknown colour, 3 samples per pixel\)"):
         read_image(bytes(data), name="scan.tif")
+
+
+def test_unsigned_32_bit_gray_over_half_its_range_is_white_not_black():
+    """32-bit integer samples are read as 0-65535 and what lies above is cut, with a note; but
+    Pillow holds unsigned 32-bit samples as signed, so values of 2^31 and up read as negative and
+    were cut to black, under a note saying they were cut to the range's top."""
+    values = np.array([[0, 30000, 65535, 2**31 - 1, 2**31, 2**32 - 1]], np.uint32)[..., None]
+    data = _planar_tiff(values, order="<", rows_per_strip=1, deflate=False, photometric=1, planar=False, bits=32)
+    picture = read_image(data, name="counts.tif")
+    np.testing.assert_allclose(picture.pixels[0, :, 0], [0, 30000 / 65535, 1, 1, 1, 1], rtol=1e-6)
+    assert picture.bit_depth == 16 and picture.clipped == pytest.approx(3 / 6)

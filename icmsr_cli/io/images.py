@@ -58,6 +58,10 @@ def picture_from_pil(image: Image.Image) -> Picture:
         # 16-bit grayscale (Pillow opens 16-bit gray PNG/TIFF as I;16 or I), 32-bit integer or float
         # samples: read as 0-65535, or 0-1 for floats; what lies outside is cut, and counted
         raw = np.asarray(image)
+        if mode == "I" and image.format == "TIFF" and [int(np.atleast_1d(image.tag_v2.get(t, d))[0]) for t, d in ((258, 1), (339, 1))] == [32, 1]:
+            # unsigned 32-bit samples, which Pillow holds as signed: 2^31 and up read as negative,
+            # cut to black where the note said they were cut to white
+            raw = raw.view(np.uint32)
         arr = raw.astype(np.float64) / (1.0 if mode == "F" else 65535.0)
         outside = float(np.count_nonzero((arr < 0) | (arr > 1))) / max(arr.size, 1)
         planes = [np.clip(arr, 0, 1).astype(np.float32)]
