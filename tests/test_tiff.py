@@ -201,12 +201,14 @@ def test_bad_input_is_refused():
 
 
 def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflate: bool, photometric: int = 2,
-                 planar: bool = True, extra: int | None = 2, predictor: bool = False, signed: bool = False, bits: int = 16) -> bytes:
+                 planar: bool = True, extra: int | None = 2, predictor: bool = False, signed: bool = False, bits: int = 16,
+                 xz: bool = False) -> bytes:
     """A 16-bit (or `bits`-bit) TIFF stored plane by plane (PlanarConfiguration 2; one plane is just gray), or
     interleaved (`planar` False), built by hand from the TIFF 6.0 layout: every plane's strips, in
     plane order, then one tag directory. Samples after the colour ones are ExtraSamples of kind
     `extra`; `predictor` stores each sample as its difference from the same sample of the pixel to
     its left (horizontal differencing, modulo 2^bits)."""
+    import lzma
     import struct
     import zlib
 
@@ -219,11 +221,11 @@ def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflat
             if predictor:
                 rows = np.concatenate([rows[:, :1], rows[:, 1:] - rows[:, :-1]], axis=1)  # unsigned: wraps
             strip = rows.astype(order + f"u{bits // 8}").tobytes()
-            strip = zlib.compress(strip) if deflate else strip
+            strip = zlib.compress(strip) if deflate else lzma.compress(strip) if xz else strip
             offsets.append(8 + len(body))
             counts.append(len(strip))
             body += strip + bytes(len(strip) % 2)
-    entries = [(256, 4, [w]), (257, 4, [h]), (258, 3, [bits] * c), (259, 3, [8 if deflate else 1]), (262, 3, [photometric]),
+    entries = [(256, 4, [w]), (257, 4, [h]), (258, 3, [bits] * c), (259, 3, [8 if deflate else 34925 if xz else 1]), (262, 3, [photometric]),
                (273, 4, offsets), (277, 3, [c]), (278, 4, [rows_per_strip]), (279, 4, counts), (284, 3, [2 if c > 1 and planar else 1])]
     colour = 3 if photometric == 2 else 1
     if c > colour and extra is not None:
@@ -422,3 +424,17 @@ def test_unsigned_32_bit_gray_over_half_its_range_is_white_not_black():
     picture = read_image(data, name="counts.tif")
     np.testing.assert_allclose(picture.pixels[0, :, 0], [0, 30000 / 65535, 1, 1, 1, 1], rtol=1e-6)
     assert picture.bit_depth == 16 and picture.clipped == pytest.approx(3 / 6)
+
+
+def test_a_16_bit_tiff_opencv_cannot_decode_is_read_at_8_bits_and_said():
+    """An LZMA (or zstd) TIFF, as GDAL writes: OpenCV's libtiff decodes neither, and 16-bit colour
+    is read through OpenCV, so the file was refused ("cannot decode this 16-bit image") though
+    Pillow's libtiff reads it, at 8 bits. It is now read so, and said."""
+    from conftest import photo_like
+
+    rgba = np.dstack([photo_like(12, 8), np.linspace(0, 255, 96).reshape(8, 12)]).astype(np.uint16) * 257
+    data = _planar_tiff(rgba, order="<", rows_per_strip=8, deflate=False, planar=False, xz=True)
+    picture = read_image(data, name="gdal.tif")
+    assert picture.bit_depth == 8 and picture.notes == (
+        "16-bit colour with LZMA compression, which OpenCV does not decode, is read at 8 bits per channel, so the output is 8-bit",)
+    np.testing.assert_array_equal(np.rint(picture.pixels * 255), rgba >> 8)

@@ -166,12 +166,11 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             turned = image.getexif().get(0x0112, 1) in _ORIENT  # from EXIF, or XMP where EXIF says nothing
             if image.format == "TIFF":  # its orientation is a layout tag, and its camera tags are its own
                 exif, damaged = _tiff_exif(image, damaged)
-            if _is_16bit_color(image, data):
-                picture = _read_16bit_color(image, data, name)
-            else:
+            picture = _read_16bit_color(image, data, name) if _is_16bit_color(image, data) else None
+            if picture is None:
                 image.load()
                 _widen_png_gray_key(image, data)
-                picture = replace(picture_from_pil(_upright(image)), notes=_narrowed(image))
+                picture = replace(picture_from_pil(_upright(image)), notes=_narrowed(image, data))
                 if image.format == "BMP" and image.mode == "RGB" and (alpha := _bmp_alpha(data)) is not None:
                     picture = picture.with_pixels(np.concatenate([picture.pixels, alpha[..., None] / np.float32(255)], axis=2))
                 if image.format == "TIFF" and image.mode.startswith("I;16") and image.tag_v2.get(262) == 0:
@@ -418,12 +417,29 @@ def _is_16bit_color(image: Image.Image, data: bytes) -> bool:
     return False
 
 
-def _narrowed(image: Image.Image) -> tuple[str, ...]:
-    """A note when Pillow, the one reader here that decodes it, reads a 16-bit CMYK TIFF at 8 bits."""
+def _narrowed(image: Image.Image, data: bytes) -> tuple[str, ...]:
+    """A note when Pillow, the one reader here that decodes it, reads 16 bits at 8: a 16-bit CMYK
+    TIFF, or 16-bit colour that OpenCV could not decode (_read_16bit_color; Pillow's libtiff reads
+    zstd and LZMA TIFFs, which were refused)."""
     bits = image.tag_v2.get(258) if image.format == "TIFF" else None
     if image.mode == "CMYK" and isinstance(bits, tuple) and bits[0] == 16:
         return ("16-bit CMYK is read at 8 bits per channel, so the output is 8-bit",)
+    if _is_16bit_color(image, data) and (why := _beyond_opencv(image)):
+        return (f"16-bit colour with {why} is read at 8 bits per channel, so the output is 8-bit",)
     return ()
+
+
+#: TIFF compressions Pillow's libtiff decodes and OpenCV's does not (GDAL writes both)
+_BEYOND_OPENCV = {34925: "LZMA", 50000: "zstd"}
+
+
+def _beyond_opencv(image: Image.Image) -> str | None:
+    """Why OpenCV, the 16-bit colour reader here, cannot read a file Pillow reads (at 8 bits), if so."""
+    if image.width > _CV2_MAX_WIDTH:
+        return f"rows over OpenCV's {_CV2_MAX_WIDTH:,} pixels"
+    if image.format == "TIFF" and (kind := _BEYOND_OPENCV.get(image.tag_v2.get(259))):
+        return f"{kind} compression, which OpenCV does not decode,"
+    return None
 
 
 #: camera raw files: sensor data to develop, not pictures; those built on TIFF open as their preview
@@ -475,12 +491,16 @@ def _tiff_exif(image: Image.Image, notes: tuple[str, ...]) -> tuple[dict, tuple[
     return ({"exif": block} if block else {}), ()
 
 
-def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture:
+def _read_16bit_color(image: Image.Image, data: bytes, name: str) -> Picture | None:
+    """16-bit colour PNG or TIFF at 16 bits, through OpenCV; None where OpenCV cannot read what
+    Pillow can (then Pillow reads it at 8 bits, with a note: _narrowed). A damaged file stays an
+    error: Pillow's libtiff would print its own lines before failing too."""
     pixels_only = pixel_chunks(data) if image.format == "PNG" else data
     arr = _cv2_decode(pixels_only)
     if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
-        wide = f" (OpenCV, its reader, takes at most {_CV2_MAX_WIDTH:,} pixels a row)" if image.width > _CV2_MAX_WIDTH else ""
-        raise ImageError(f"{name}: cannot decode this 16-bit image{wide}")
+        if _beyond_opencv(image):
+            return None
+        raise ImageError(f"{name}: cannot decode this 16-bit image")
     if image.format == "PNG" and data[25] == 4:  # OpenCV expands gray + alpha to BGRA, gray thrice
         arr = arr[..., [0, 3]]
     else:
