@@ -1057,6 +1057,14 @@ def _png_with_chunks(data: bytes, *chunks: tuple[bytes, bytes]) -> bytes:
     return data[:33] + made + data[33:]
 
 
+def test_a_file_shorter_than_a_png_header_reads():
+    """A netpbm bitmap can be 8 bytes; a PNG check that read byte 24 of every file failed it."""
+    from icmsr_cli.io.images import read_image
+
+    picture = read_image(b"P1\n2 1\n01\n", name="tiny.pbm")
+    np.testing.assert_array_equal(picture.pixels[..., 0], [[1, 0]])  # P1: 1 is black
+
+
 def _wide_16bit_tiff() -> bytes:
     from icmsr_cli.io.tiff import encode_tiff
 

@@ -217,8 +217,10 @@ def _widen_png_gray_key(image: Image.Image, data: bytes) -> None:
     to: Pillow compares the key, at the file's depth, with the widened samples, so nothing matched
     and every transparent pixel came out opaque (optipng and pngcrush make such files of gray
     icons). A key already widened (above the file's largest value) is left as it is."""
-    bits, key = data[24], image.info.get("transparency")
-    if image.format == "PNG" and data[25] == 0 and bits in (2, 4) and isinstance(key, int) and key < 2**bits:
+    if image.format != "PNG":
+        return
+    bits, key = data[24], image.info.get("transparency")  # IHDR: bit depth, then colour type (0: gray)
+    if data[25] == 0 and bits in (2, 4) and isinstance(key, int) and key < 2**bits:
         image.info["transparency"] = key * (255 // (2**bits - 1))
 
 
@@ -450,9 +452,9 @@ _RAW_ADVICE = ("icmsr reads developed pictures, not camera raw data: export it a
 _DNG_VERSION, _NEW_SUBFILE_TYPE = 50706, 254
 
 
-#: what Pillow raises on a damaged EXIF block or TIFF directory, and the note that leaves it out
-#: what Pillow raises on a block that does not parse, or one it cannot write back (AttributeError: a
-#: text tag stored as a number, which its writer tries to .encode())
+#: what Pillow raises on a damaged EXIF block or TIFF directory, one that does not parse or one it
+#: cannot write back (AttributeError: a text tag stored as a number, which its writer tries to
+#: .encode()), and the note that leaves it out
 _EXIF_ERRORS = (SyntaxError, ValueError, TypeError, KeyError, IndexError, AttributeError, OSError, struct.error)
 _DAMAGED_EXIF = "its EXIF block is damaged; it is left out"
 
