@@ -275,6 +275,32 @@ def test_sigterm_while_standard_input_is_still_coming_exits_at_once(tmp_path, ti
     assert not (tmp_path / "out.png").exists()
 
 
+def test_a_pipe_named_as_input_is_awaited_while_the_model_loads(tmp_path, tiny_base, tiny_lora):
+    """bash's `<(curl -s URL)` hands icmsr a pipe by name (/dev/fd/63). The model waits for an
+    input that reads, so that unreadable files fail before it loads; a pipe's bytes come when its
+    producer sends them, and the model waited for the whole download before loading."""
+    import select
+
+    fifo = tmp_path / "download.png"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(_cli("upscale", fifo, "-o", tmp_path / "out.png", "--base", tiny_base, "--lora", tiny_lora, "--tile", "off"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        said = select.select([proc.stderr], [], [], 90)[0]
+        assert said, "nothing was said while the pipe had no writer: the model waited for it"
+        assert "model ready" in proc.stderr.readline().decode()
+        data = io.BytesIO()
+        Image.fromarray(photo_like(16, 12)).save(data, "PNG")
+        with open(fifo, "wb") as producer:
+            producer.write(data.getvalue())
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+        assert Image.open(tmp_path / "out.png").size == (64, 48)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_killed_batch_leaves_no_partial_file_and_rerun_completes(tmp_path, tiny_base, tiny_lora):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

@@ -274,12 +274,12 @@ class Reader:
         """Whether a job still to come reads, waiting for the reads it takes to know: jobs skipped or
         failed on the way are held, in order, for next(). Asked before the model loads, so that a
         batch none of whose files can be read (one HEIC without pillow-heif, a folder of damaged
-        files) fails at once instead of after loading the model, or downloading it first. Standard
-        input counts as readable unread: its bytes come when their producer sends them (a download
-        piped in), and the model loads meanwhile."""
+        files) fails at once instead of after loading the model, or downloading it first. A
+        stream (standard input, a pipe such as bash's `<(curl ...)`) counts as readable unread: its
+        bytes come when their producer sends them, and the model loads meanwhile."""
         while self._ahead:
             job, future = self._ahead[-1]
-            if future is not None and (job.source is None or not future.exception()):
+            if future is not None and (_streamed(job) or not future.exception()):
                 return True
             if not self._pull():
                 return False
@@ -395,6 +395,11 @@ def run(
                 if (result := settle(*in_flight.popleft())) is not None:
                     on_stopped(result)
             raise
+
+
+def _streamed(job: Job) -> bool:
+    """Whether the input is a stream (standard input, a pipe), not a file read at once."""
+    return job.source is None or (job.source.exists() and not job.source.is_file())
 
 
 def _stdin_bytes() -> bytes:
