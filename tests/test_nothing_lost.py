@@ -83,6 +83,21 @@ def test_output_folder_inside_the_input_is_not_read_back(tmp_path, model):
 
 
 @pytest.mark.skipif(os.name == "nt", reason="named pipes and /dev are POSIX")
+def test_a_device_named_as_input_is_refused_before_the_model(tmp_path):
+    """`icmsr upscale /dev/zero` (or a disk, /dev/sda) read the device whole: memory filled until
+    the system killed the run. Refused at once, before the model loads (the --base here does not
+    exist); the subprocess's memory is capped, so that the old code fails rather than fills this
+    machine's."""
+    import resource
+
+    def capped():
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    proc = subprocess.run(_cli("upscale", "/dev/zero", "-o", tmp_path / "out.png", "--base", tmp_path / "no-model"),
+                          capture_output=True, text=True, timeout=120, preexec_fn=capped)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["error: /dev/zero: is a device, not an image file"], proc.stderr
+
+
 def test_devices_pipes_and_dev_paths_are_refused_as_outputs(tmp_path, model):
     """-o on a named pipe said "exists, skipped" (and with --overwrite replaced the pipe by a
     file); -o /dev/null --format png wrote /dev/null.png; -o /dev/stdout with its output in a file

@@ -399,7 +399,12 @@ def run(
 
 def _streamed(job: Job) -> bool:
     """Whether the input is a stream (standard input, a pipe), not a file read at once."""
-    return job.source is None or (job.source.exists() and not job.source.is_file())
+    if job.source is None:
+        return True
+    try:
+        return stat.S_ISFIFO(os.stat(job.source).st_mode)
+    except OSError:
+        return False
 
 
 def _stdin_bytes() -> bytes:

@@ -7,6 +7,8 @@ Pixels travel as float32 arrays H x W x C in [0, 1] with C = 1 (gray), 2 (gray +
 from __future__ import annotations
 
 import io
+import os
+import stat
 import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -135,6 +137,9 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
     """
     name = name or str(source)
     try:
+        if not isinstance(source, bytes) and (stat.S_ISCHR(mode := os.stat(source).st_mode) or stat.S_ISBLK(mode)):
+            # read whole, /dev/zero or a disk (/dev/sda) filled the memory until the system killed the run
+            raise ImageError(f"{name}: is a device, not an image file")
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
