@@ -345,7 +345,7 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
         work = bool(pending)
         batch.check_writable(pending)
         ahead = work and _prepares_ahead(device)  # (torch is imported only when there is work)
-        # reading starts now; the next file is decoded (and resized) while the model loads
+        # reading starts now; the model loads once a file has read (Reader.any_readable)
         reader = batch.Reader(jobs if ranks is None else claims.claimed(jobs, ranks.next_index), settings,
                               prepare=partial(prepare_picture, options=options) if ahead else None)
     except IcmsrError as exc:

@@ -238,7 +238,7 @@ class Reader:
     """Inputs decoded one job ahead, on a thread of their own, for run().
 
     Reading starts when the Reader is made: the CLI makes it, waits for a file that reads
-    (any_readable), then loads the model while the next file is decoded.
+    (any_readable; a stream counts at once), then loads the model.
     With `prepare`, the thread also passes each picture through it, and run's `upscale` gets what
     it returns instead of the picture: work that needs no model (upscaler.prepare_picture's resize)
     then overlaps the model's work on the previous file.
