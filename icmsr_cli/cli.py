@@ -229,7 +229,7 @@ def upscale(
     png_compression: int = typer.Option(1, "--png-compression", min=0, max=9, metavar="N",
                                         help="zlib level of PNG outputs, 0-9: 1 (default) is fast, 9 the smallest files."),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace existing outputs (default: skip them, so a rerun resumes)."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, metavar="N", help="Refuse inputs with more pixels than this (decompression-bomb guard)."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, metavar="N", help="Refuse inputs with more pixels than this (decompression-bomb guard), and files or streams over 16 bytes a pixel of it plus 64 MiB."),
     json_lines: bool = typer.Option(False, "--json", metavar="", help="One JSON line per file on stdout (input, output, sizes, seconds, status, error; rank under torchrun)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", metavar="", help="Print only errors."),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help="I/N: upscale only shard I (0-based) of N, split by relative path: "
@@ -707,6 +707,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")  # likewise OpenCV's decoder errors: we name the file and why
     if "--debug" in argv:  # a root option, accepted anywhere: users append it to the failing line
         argv = ["--debug", *(a for a in argv if a != "--debug")]
+    elif not _debugging():  # likewise libtiff's lines on a damaged TIFF; --debug keeps them, as detail
+        from .io import libtiff
+
+        libtiff.mute()
     try:
         app(args=argv, prog_name="icmsr")
     except SystemExit:

@@ -98,6 +98,63 @@ def test_a_device_named_as_input_is_refused_before_the_model(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["error: /dev/zero: is a device, not an image file"], proc.stderr
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Pillow links libtiff into itself on Windows, out of reach")
+@pytest.mark.parametrize("compression", ["tiff_lzw", "tiff_deflate"])
+def test_a_damaged_tiff_fails_in_one_line_without_libtiffs_own(tmp_path, compression):
+    """Pillow's libtiff printed its own lines first ("tempfile.tif: Using code not yet in table.",
+    naming no file of the user's; "ZIPDecode: Decoding error at scanline 0, ..."), and the error
+    then said "decoder error -2". One line now, naming the file and what is wrong with it."""
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(64, 64)).save(buf, "TIFF", compression=compression)
+    data = bytearray(buf.getvalue())
+    data[8:4008] = b"\xff" * 4000  # the strip's compressed bytes (Pillow puts the directory after them)
+    src = tmp_path / "scan.tif"
+    src.write_bytes(data)
+    proc = subprocess.run(_cli("upscale", src, "-o", tmp_path / "out.png", "--base", tmp_path / "no-model"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [f"error: {src}: cannot read image (damaged or truncated data)"], proc.stderr
+
+
+@pytest.mark.skipif(os.name == "nt", reason="named pipes and /dev are POSIX")
+@pytest.mark.parametrize("kind", ["stdin", "pipe", "file"])
+def test_an_input_larger_than_any_image_within_the_pixel_limit_is_refused(tmp_path, model, kind):
+    """`cat /dev/zero | icmsr upscale -` (or an endless download through bash's <(curl ...)) was
+    read until memory ran out, and a file was read whole however large. A stream is read up to the
+    most bytes an image within --max-pixels needs (images.byte_limit) and refused there; a larger
+    file is refused unread. Memory is capped, so that the old code fails rather than fills this
+    machine's."""
+    import resource
+
+    from icmsr_cli.io.images import byte_limit
+
+    def capped():
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    limit, writer, stdin = byte_limit(1000), None, subprocess.DEVNULL
+    if kind == "stdin":
+        source, name, stdin = "-", "<stdin>", open("/dev/zero", "rb")
+    elif kind == "pipe":
+        source = name = tmp_path / "download"
+        os.mkfifo(source)
+        writer = subprocess.Popen(["sh", "-c", f"cat /dev/zero > '{source}'"], stderr=subprocess.DEVNULL)
+    else:
+        source = name = tmp_path / "huge.tif"
+        with open(source, "wb") as f:
+            f.truncate(limit + 1)  # sparse: no disk taken
+    try:
+        proc = subprocess.run(_cli("upscale", source, "-o", tmp_path / "out.png", "--max-pixels", 1000, *model),
+                              stdin=stdin, capture_output=True, text=True, timeout=300, preexec_fn=capped)
+    finally:
+        if writer is not None:
+            writer.kill()
+            writer.wait()
+        if stdin is not subprocess.DEVNULL:
+            stdin.close()
+    assert proc.returncode == 1 and errors(proc) == [
+        f"error: {name}: over {limit:,} bytes, more than any image within the pixel limit (1,000) needs; raise --max-pixels to allow it"], proc.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_devices_pipes_and_dev_paths_are_refused_as_outputs(tmp_path, model):
     """-o on a named pipe said "exists, skipped" (and with --overwrite replaced the pipe by a
     file); -o /dev/null --format png wrote /dev/null.png; -o /dev/stdout with its output in a file

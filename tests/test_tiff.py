@@ -202,7 +202,7 @@ def test_bad_input_is_refused():
 
 def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflate: bool, photometric: int = 2,
                  planar: bool = True, extra: int | None = 2, predictor: bool = False, signed: bool = False, bits: int = 16,
-                 xz: bool = False) -> bytes:
+                 xz: bool = False, orientation: int | None = None) -> bytes:
     """A 16-bit (or `bits`-bit) TIFF stored plane by plane (PlanarConfiguration 2; one plane is just gray), or
     interleaved (`planar` False), built by hand from the TIFF 6.0 layout: every plane's strips, in
     plane order, then one tag directory. Samples after the colour ones are ExtraSamples of kind
@@ -234,6 +234,8 @@ def _planar_tiff(samples: np.ndarray, *, order: str, rows_per_strip: int, deflat
         entries.append((317, 3, [2]))
     if signed:
         entries.append((339, 3, [2] * c))
+    if orientation is not None:
+        entries.append((274, 3, [orientation]))
     entries.sort()
     at = 8 + len(body)
     extra_at, head, tail = at + 2 + 12 * len(entries) + 4, struct.pack(order + "H", len(entries)), b""
@@ -424,6 +426,17 @@ def test_unsigned_32_bit_gray_over_half_its_range_is_white_not_black():
     picture = read_image(data, name="counts.tif")
     np.testing.assert_allclose(picture.pixels[0, :, 0], [0, 30000 / 65535, 1, 1, 1, 1], rtol=1e-6)
     assert picture.bit_depth == 16 and picture.clipped == pytest.approx(3 / 6)
+
+
+def test_unsigned_32_bit_gray_turned_upright_keeps_its_top_half_white():
+    """The same samples in a file whose orientation turns them. Pillow turns a TIFF as it loads it,
+    before the unsigned reading: a turn made afterwards, on a copy without the file's format and
+    tags, would skip that reading and send 2^31 and up to black again."""
+    values = np.array([[0, 30000, 65535, 2**31 - 1, 2**31, 2**32 - 1]], np.uint32)[..., None]
+    data = _planar_tiff(values, order="<", rows_per_strip=1, deflate=False, photometric=1, planar=False, bits=32, orientation=3)
+    picture = read_image(data, name="counts.tif")
+    np.testing.assert_allclose(picture.pixels[0, :, 0], [1, 1, 1, 1, 30000 / 65535, 0], rtol=1e-6)
+    assert picture.clipped == pytest.approx(3 / 6)
 
 
 def test_a_16_bit_tiff_opencv_cannot_decode_is_read_at_8_bits_and_said():

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Iterator
 from .atomic import is_no_space, name_too_long, no_space_error
 from ..errors import DiskFullError, IcmsrError, ImageError, SetupError, unexpected
 from ..choices import DEFAULT_MAX_PIXELS, FORMATS
-from .images import IMAGE_SUFFIXES, WRITABLE_FORMATS, Picture, check_output_size, encode_image, fit_to_format, format_for, read_image, write_bytes
+from .images import (IMAGE_SUFFIXES, WRITABLE_FORMATS, Picture, byte_limit, check_output_size, encode_image, fit_to_format, format_for,
+                     read_image, read_upto, write_bytes)
 
 STDIO = "-"
 
@@ -248,7 +249,7 @@ class Reader:
     """
 
     def __init__(self, jobs: Iterable[Job], settings: BatchSettings, *, prepare: Callable[[Picture], Any] | None = None,
-                 read_stdin: Callable[[], bytes] | None = None):
+                 read_stdin: Callable[[int], bytes] | None = None):
         self.settings = settings
         self._stream = iter(jobs)
         self._prepare = prepare
@@ -407,19 +408,17 @@ def _streamed(job: Job) -> bool:
         return False
 
 
-def _stdin_bytes() -> bytes:
-    """Standard input to its end, read from its file descriptor where it has one: the reader thread
-    is a daemon, and a read cut short by the exit must not hold sys.stdin.buffer's lock, which the
-    interpreter takes on its way out (a fatal error otherwise)."""
+def _stdin_bytes(limit: int) -> bytes:
+    """Standard input to its end, or its first limit + 1 bytes (images.byte_limit), read from its
+    file descriptor where it has one: the reader thread is a daemon, and a read cut short by the
+    exit must not hold sys.stdin.buffer's lock, which the interpreter takes on its way out (a fatal
+    error otherwise)."""
     stream = sys.stdin.buffer
     try:
         fd = stream.fileno()
     except (OSError, ValueError):  # a stand-in with no descriptor (a test runner's, a notebook's)
-        return stream.read()
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
+        return stream.read(limit + 1)
+    return read_upto(fd, limit)
 
 
 def _ready(item: Future | JobResult) -> bool:
@@ -521,7 +520,7 @@ _DWARFED = 16  # a run this many times the output's pixels is said (a short side
 _LARGE_RUN = 4 * 512 * 512  # ... where the run is a large one (a small image's 512 x 683 run is quick anyway)
 
 
-def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
+def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[int], bytes],
           prepare: Callable[[Picture], Any] | None) -> tuple[Picture, str, list[str], Any]:
     """Decode one input and settle its output format before any model work: the format (for
     standard output: --format, else the input's), and the notes of what that format converts.
@@ -532,7 +531,7 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[], bytes],
         raise ImageError(f"{job.name}: the output would overwrite the input; choose another output")
     if job.target is not None and (why := name_too_long(job.target)):
         raise ImageError(f"{job.name}: its output cannot be written: {why}; rename the input or choose another output")
-    source = read_stdin() if job.source is None else job.source
+    source = read_stdin(byte_limit(settings.max_pixels)) if job.source is None else job.source
     picture = read_image(source, name=job.name, max_pixels=settings.max_pixels)
     if job.target is not None:
         fmt = format_for(job.target)  # plan() made every target writable

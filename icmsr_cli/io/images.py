@@ -136,11 +136,23 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
     the metadata. Every failure is an ImageError naming the file and the reason.
     """
     name = name or str(source)
+    limit = byte_limit(max_pixels)
     try:
-        if not isinstance(source, bytes) and (stat.S_ISCHR(mode := os.stat(source).st_mode) or stat.S_ISBLK(mode)):
+        if isinstance(source, bytes):
+            data = source
+        elif stat.S_ISCHR(mode := (found := os.stat(source)).st_mode) or stat.S_ISBLK(mode):
             # read whole, /dev/zero or a disk (/dev/sda) filled the memory until the system killed the run
             raise ImageError(f"{name}: is a device, not an image file")
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        elif stat.S_ISFIFO(mode):  # a pipe (bash's <(curl ...)): read as it comes, up to the limit
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                data = read_upto(fd, limit)
+            finally:
+                os.close(fd)
+        elif found.st_size > limit:  # refused unread: a 20 GB file was read whole first
+            raise _over_limit(name, limit, max_pixels)
+        else:
+            data = Path(source).read_bytes()
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except IsADirectoryError:
@@ -149,6 +161,8 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
         raise ImageError(f"{name}: cannot read ({exc.strerror})") from None
     if not data:
         raise ImageError(f"{name}: cannot read image (empty file)")
+    if len(data) > limit:
+        raise _over_limit(name, limit, max_pixels)
     if Path(name).suffix.lower() in _CAMERA_RAW:
         raise ImageError(f"{name}: {_RAW_ADVICE}")
     _register_heif_reader(data, name)
@@ -212,7 +226,9 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
         # or two extras: "unknown raw mode")
         if picture := _read_tiff_samples(data, name, max_pixels):
             return picture
-        raise ImageError(f"{name}: cannot read image ({exc})") from None
+        # Pillow's libtiff reader says only "decoder error -2" of a damaged strip
+        why = "damaged or truncated data" if str(exc).startswith("decoder error") else exc
+        raise ImageError(f"{name}: cannot read image ({why})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
 
@@ -321,6 +337,28 @@ def _read_float_color_tiff(data: bytes, name: str, max_pixels: int) -> Picture |
     outside = float(np.count_nonzero(~((arr >= 0) & (arr <= 1)))) / max(arr.size, 1)  # NaN counts as outside
     info = {"icc_profile": tags[34675]} if tags.get(34675) else {}
     return Picture(np.ascontiguousarray(np.clip(np.nan_to_num(arr), 0, 1)), 16, info, format="TIFF", clipped=outside)
+
+
+def byte_limit(max_pixels: int) -> int:
+    """The most bytes an input may hold: 16 a pixel within the pixel limit (32-bit float RGBA stored
+    raw, the widest sample any reader here takes) and 64 MiB for metadata, layers and later pages.
+    Past it a file or stream is no image the run would take; a pipe from /dev/zero, or an endless
+    download on standard input, was read until the system killed the run."""
+    return 16 * max_pixels + (64 << 20)
+
+
+def read_upto(fd: int, limit: int) -> bytes:
+    """A stream's bytes to its end, or its first limit + 1 where it goes on (read_image refuses those)."""
+    chunks, size = [], 0
+    while size <= limit and (chunk := os.read(fd, min(1 << 20, limit + 1 - size))):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _over_limit(name: str, limit: int, max_pixels: int) -> ImageError:
+    return ImageError(f"{name}: over {limit:,} bytes, more than any image within the pixel limit ({max_pixels:,}) needs; "
+                      "raise --max-pixels to allow it")
 
 
 def _upright(image: Image.Image) -> Image.Image:
