@@ -310,7 +310,7 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
     from .engines import claims
     from .io.images import format_for
     from .engines.ranks import Ranks
-    from .upscaler import load_upscaler, output_size, prepare_picture, processing_size
+    from .upscaler import check_host_memory, load_upscaler, output_size, prepare_picture, processing_size
 
     ranks = Ranks.from_env()
     lead = ranks is None or ranks.rank == 0  # says what is said once: missing inputs, the summary
@@ -319,7 +319,7 @@ def _run_upscale(tally: Tally, inputs, output, *, model, base, lora, prompt, dev
                                    contain_bugs=not _debugging(),
                                    stdout_format=format_for("stdout" + FORMATS[fmt]) if fmt else None,
                                    output_size=partial(output_size, scale=options.scale),
-                                   run_size=partial(processing_size, min_side=options.min_side))
+                                   run_size=partial(processing_size, min_side=options.min_side), check_memory=check_host_memory)
     try:
         if ranks:
             ranks.join()

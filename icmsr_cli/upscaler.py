@@ -98,7 +98,7 @@ def prepare_picture(picture: Picture, options: UpscaleOptions = UpscaleOptions()
     picture = picture.with_pixels(unquantised(picture.pixels))
     out = output_size(picture.size, options.scale)
     run_at = processing_size(out, options.min_side)
-    _check_host_memory(out, run_at)
+    check_host_memory(out, run_at)
     n_color = 1 if picture.is_gray else 3
     color, alpha = picture.pixels[..., :n_color], picture.pixels[..., n_color:]
     exact_8bit = picture.bit_depth == 8
@@ -109,7 +109,7 @@ def prepare_picture(picture: Picture, options: UpscaleOptions = UpscaleOptions()
     return Prepared(picture, options, out, run_at, x, alpha)
 
 
-def _check_host_memory(out: tuple[int, int], run_at: tuple[int, int]) -> None:
+def check_host_memory(out: tuple[int, int], run_at: tuple[int, int]) -> None:
     """Refuse, before any allocation, an output whose whole-image buffers cannot fit in the memory
     available: past it Linux's out-of-memory killer ends the process with no word (a 40x30 image at
     --scale 1000 did: a 40000x30000 output)."""

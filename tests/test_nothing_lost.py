@@ -98,6 +98,19 @@ def test_a_device_named_as_input_is_refused_before_the_model(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["error: /dev/zero: is a device, not an image file"], proc.stderr
 
 
+def test_an_output_too_large_for_memory_is_refused_before_the_model_loads(tmp_path):
+    """`--scale 1e5` was refused for memory (upscaler.check_host_memory) only once the model had
+    loaded (half a minute on a CPU, for a full-size model) and the model was ready. It is refused
+    as the file is read: the --base here does not exist, and is never looked at."""
+    src = tmp_path / "small.png"
+    Image.fromarray(photo_like(40, 30)).save(src)
+    proc = subprocess.run(_cli("upscale", src, "-o", tmp_path / "out.png", "-s", "1e5", "--base", tmp_path / "no-model"),
+                          capture_output=True, text=True, timeout=120)
+    [line] = proc.stderr.splitlines()
+    assert proc.returncode == 1 and line.startswith(f"error: {src}: a 4000000x3000000 output needs about "), proc.stderr
+    assert line.endswith(" GB is available; use a smaller --scale")
+
+
 @pytest.mark.skipif(os.name == "nt", reason="Pillow links libtiff into itself on Windows, out of reach")
 @pytest.mark.parametrize("compression", ["tiff_lzw", "tiff_deflate"])
 def test_a_damaged_tiff_fails_in_one_line_without_libtiffs_own(tmp_path, compression):

@@ -233,6 +233,9 @@ class BatchSettings:
     #: the size the model runs at for an output size (upscaler.processing_size), to say when that
     #: dwarfs the output; None: not said
     run_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None
+    #: raises where an output and its run size cannot fit in memory (upscaler.check_host_memory):
+    #: refused as the file is read, before the model loads for it; None: checked later, as it runs
+    check_memory: Callable[[tuple[int, int], tuple[int, int]], None] | None = None
 
 
 class Reader:
@@ -545,6 +548,11 @@ def _read(job: Job, settings: BatchSettings, read_stdin: Callable[[int], bytes],
             raise _named(exc, job) from exc
         check_output_size(fmt, size, fitted.pixels.shape[2], job.name)
         run_at = settings.run_size(size) if settings.run_size else size
+        if settings.check_memory is not None:
+            try:
+                settings.check_memory(size, run_at)
+            except IcmsrError as exc:
+                raise _named(exc, job) from exc
         if run_at[0] * run_at[1] > max(_DWARFED * size[0] * size[1], _LARGE_RUN):  # a thin strip: said, as it is slow for its size
             notes.append(f"{job.name}: its {size[0]}x{size[1]} output runs through the model at {run_at[0]}x{run_at[1]}, "
                          f"{run_at[0] * run_at[1] / (size[0] * size[1]):.0f} times its pixels (the model's short side is at least "
