@@ -226,8 +226,9 @@ def read_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
         # or two extras: "unknown raw mode")
         if picture := _read_tiff_samples(data, name, max_pixels):
             return picture
-        # Pillow's libtiff reader says only "decoder error -2" of a damaged strip
-        why = "damaged or truncated data" if str(exc).startswith("decoder error") else exc
+        # of a damaged strip Pillow's libtiff reader says only "decoder error -2" (Pillow 10: "-2")
+        code = str(exc).removeprefix("decoder error ")
+        why = "damaged or truncated data" if code.startswith("-") and code[1:].isdigit() else exc
         raise ImageError(f"{name}: cannot read image ({why})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
