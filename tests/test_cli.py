@@ -33,6 +33,12 @@ def test_help_explains_every_flag():
     # Typer 0.29 adds its own "..." after a metavar that already had them: "{INPUT...}..."
     usage = next(line for line in result.stdout.splitlines() if "Usage:" in line)
     assert "INPUT" in usage and "...}" not in usage and "......" not in usage, usage
+    # what each argument is: Typer before 0.26 lost arguments' help under click 8.5 (click's own
+    # Parameter.__init__ set it back to None), leaving "INPUT [required]" unexplained
+    wide = {command: CliRunner().invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"}).stdout
+            for command in ("upscale", "weights convert")}
+    assert "Image files, directories, globs, or - for standard input." in wide["upscale"]
+    assert "OSEDiff-format .pkl checkpoint." in wide["weights convert"] and "Output .safetensors file" in wide["weights convert"]
     # each value is named for what it is (Typer 0.2x showed <str>, and <bool> beside flags, which take none)
     for command in (["upscale"], ["eval"], ["weights", "download"], ["weights", "convert"], []):
         for line in CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).stdout.splitlines():
