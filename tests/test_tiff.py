@@ -111,6 +111,20 @@ def test_gray_written_as_rgb_leaves_a_gray_profile_out():
             assert im.mode in ("RGB", "RGBA") and "icc_profile" not in im.info
 
 
+def test_a_tiff_past_what_32_bit_offsets_reach_is_refused_in_words(monkeypatch):
+    """A TIFF's offsets are 32-bit: an output whose compressed samples passed 4 GB failed in
+    Pillow's directory writer as "cannot encode as TIFF (argument out of range)". It says what is
+    wrong and what to do. (The limit is lowered here; 4 GB of samples is no unit test.)"""
+    picture = Picture(np.random.default_rng(0).random((64, 64, 3), dtype=np.float32), 8, {})
+    size = len(encode_image(picture, "TIFF"))
+    monkeypatch.setattr(tiff, "ADDRESSABLE", size - 2000 + 2**16)
+    with pytest.raises(ImageError, match=r"^big\.tif: cannot encode as TIFF \(its compressed samples take 0\.0 GB, past the 0\.0 GB "
+                                         r"a TIFF's 32-bit offsets reach; use --format png\)$"):
+        encode_image(picture, "TIFF", "big.tif")
+    monkeypatch.setattr(tiff, "ADDRESSABLE", size + 2**16)
+    assert len(encode_image(picture, "TIFF")) == size
+
+
 def test_8bit_gray_alpha_tiff_reads_back():
     ga = np.random.default_rng(4).integers(0, 256, (7, 5, 2), dtype=np.uint8)
     back = read_image(encode_image(Picture(ga.astype(np.float32) / 255, 8), "TIFF"))

@@ -40,6 +40,10 @@ _LAYOUT = {_WIDTH, _LENGTH, _BITS, _COMPRESSION, _PHOTOMETRIC, _STRIP_OFFSETS, _
            339, 0x0201, 0x0202}
 
 
+#: the last byte a classic TIFF's 32-bit offsets reach (BigTIFF, past it, few readers take)
+ADDRESSABLE = 2**32 - 1
+
+
 def encode_tiff(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None = None, exif: bytes | None = None,
                 xmp: bytes | None = None, dpi: tuple[float, float] | None = None) -> bytes:
     """Little-endian TIFF bytes of an H x W x C array: uint8 with C = 1 gray, 2 gray + alpha, 3 RGB,
@@ -71,6 +75,11 @@ def encode_tiff(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None
         position += len(data)
     padding = position & 1  # the directory starts on a word boundary
     position += padding
+    # the directory and what it points to (the metadata blocks, and well under 64 KiB more) follow the
+    # samples; past what 32-bit offsets reach, Pillow's directory writer failed with "argument out of range"
+    if position + sum(len(b) for b in (icc_profile, exif, xmp) if b) + 2**16 > ADDRESSABLE:
+        raise ValueError(f"its compressed samples take {position / 1e9:.1f} GB, past the {ADDRESSABLE / 1e9:.1f} GB a TIFF's "
+                         "32-bit offsets reach; use --format png")
 
     ifd = TiffImagePlugin.ImageFileDirectory_v2()
     if exif:
