@@ -13,7 +13,7 @@ import logging
 import math
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import partial, wraps
 import os
 import signal
 import sys
@@ -72,8 +72,31 @@ def _command(group: typer.Typer, name: str | None = None):
     breaks (0.2x on), so help wrapped for the source came out ragged in an 80-column terminal."""
     def register(func):
         func.__doc__ = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(func.__doc__ or "").split("\n\n"))
-        return group.command(name)(func)
+
+        @wraps(func)
+        def checked(icmsr_context: typer.Context, **values):
+            _no_option_as_a_value(icmsr_context.command, values)
+            return func(**values)
+
+        # Typer reads the parameters from the signature: func's, and a context it hands over
+        own = inspect.signature(func)
+        context = inspect.Parameter("icmsr_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        checked.__signature__ = own.replace(parameters=[*own.parameters.values(), context])
+        checked.__annotations__ = {**func.__annotations__, "icmsr_context": typer.Context}
+        return group.command(name)(checked)
     return register
+
+
+def _no_option_as_a_value(command, values: dict) -> None:
+    """Refuse an option whose value is the next option: `--prompt --overwrite` (the prompt left
+    out) prompted with "--overwrite" and did not overwrite, and `-o --json` went on to look for an
+    output named --json. No real value is spelled as one of the command's own options."""
+    names = {"--debug", "--help"} | {o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
+    for param in command.params:
+        value = values.get(param.name)
+        if param.param_type_name == "option" and isinstance(value, str) and value in names:
+            flag = max(param.opts, key=len)
+            raise typer.BadParameter(f"none given; it took the next option, {value}, for its value", param_hint=flag)
 
 
 EXIT_INTERNAL = 3

@@ -355,6 +355,29 @@ def test_an_empty_value_is_refused_not_taken_for_a_default(tmp_path, monkeypatch
         assert result.exit_code == 2 and f"Invalid value for {hint}: is empty; give a value, or leave it out" in result.stderr, result.output
 
 
+def test_an_option_whose_value_was_left_out_does_not_take_the_next_option(tmp_path, monkeypatch):
+    """`--prompt --overwrite` (the prompt forgotten) ran with the prompt "--overwrite" and did not
+    overwrite; `-o --json` looked for an output named --json; `--ref --json` compared against a
+    file of that name. An option's value that is one of the command's options is refused, naming
+    both, before any work."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(photo_like(16, 12)).save(tmp_path / "a.png")
+    for args, flag, taken in ((["upscale", "a.png", "-o", "out.png", "--prompt", "--overwrite"], "--prompt", "--overwrite"),
+                              (["upscale", "a.png", "-o", "--json"], "--output", "--json"),
+                              (["upscale", "a.png", "-o", "out.png", "--model", "--debug"], "--model", "--debug"),
+                              (["upscale", "a.png", "-o", "out.png", "--lora", "-q"], "--lora", "-q"),
+                              (["eval", "a.png", "--ref", "--json"], "--ref", "--json"),
+                              (["weights", "download", "--dtype", "--help"], "--dtype", "--help")):
+        result = CliRunner().invoke(app, [*args, "--base", tmp_path / "no-model"] if args[0] == "upscale" else args,
+                                    env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+        assert result.exit_code == 2, (args, result.output)
+        assert f"Invalid value for {flag}: none given; it took the next option, {taken}, for its value" in result.stderr, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+    # a value that merely starts with a dash is still a value
+    result = CliRunner().invoke(app, ["upscale", "a.png", "-o", "out.png", "--prompt", "-a sunset", "--base", tmp_path / "no-model"])
+    assert result.exit_code == 2 and "--base" in result.stderr and "none given" not in result.stderr, result.output
+
+
 def test_control_characters_in_names_print_as_escapes(tmp_path):
     """A file name holding a newline split its error in two lines of a log, and one holding ESC
     sequences reached the terminal raw (recolouring it, or worse). Messages show them escaped, as
