@@ -542,6 +542,7 @@ def evaluate(
     suffix: Optional[str] = typer.Option(None, "--suffix", metavar="TEXT", help="What SR names add to the reference stem, e.g. _x4 pairs 0001_x4.png with 0001.png "
                                                                 "(default: equal stems, or the stem then _ - . and anything)."),
     device: str = typer.Option("auto", "--device", metavar="NAME", help="Device of the learned metrics: auto, cpu, cuda, cuda:N or mps."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, metavar="N", help="Refuse images with more pixels than this, as upscale does (an upscale's output can pass the default: raise it for those)."),
     json_lines: bool = typer.Option(False, "--json", metavar="", help='One JSON line per pair on stdout (with "error" for a pair that failed or a file left unpaired), then {"mean": {...}, "count": N}.'),
 ) -> None:
     """Score SR images against references: PSNR and SSIM on the Y channel, plus pyiqa's learned metrics.
@@ -562,7 +563,8 @@ def evaluate(
             _say(str(problem), "error:", "red")
             if json_lines:
                 sys.stdout.write(json.dumps(problem.as_json()) + "\n")
-        scoring = evaluation.score_pairs(pairs, names, crop_border=crop_border, device=device, contain_bugs=not _debugging())
+        scoring = evaluation.score_pairs(pairs, names, crop_border=crop_border, device=device, max_pixels=max_pixels,
+                                         contain_bugs=not _debugging())
         results = []
         bar = _progress() if console.is_terminal and len(pairs) > 1 else None
         with bar or nullcontext():

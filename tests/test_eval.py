@@ -160,6 +160,20 @@ def test_when_every_pair_fails_only_the_errors_print(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'sr.png'}: 32x32, but the reference {tmp_path / 'ref.png'} is 32x30"]
 
 
+def test_max_pixels_the_refusal_names_is_an_option_of_eval(tmp_path):
+    """An SR image over the pixel limit (an upscale's output passes the default easily: 4x of a
+    2400x2400 input) was refused with "raise --max-pixels to allow it", an option eval did not
+    have. It has it now, with upscale's meaning."""
+    sr, ref = pair_of_photos(32, 32, seed=0)
+    write_rgb(tmp_path / "sr.png", sr)
+    write_rgb(tmp_path / "ref.png", ref)
+    refused = run("eval", tmp_path / "sr.png", "--ref", tmp_path / "ref.png", "--max-pixels", 1000)
+    assert refused.exit_code == 1 and refused.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'sr.png'}: 32x32 is 1,024 pixels, over the limit of 1,000; raise --max-pixels to allow it"]
+    scored = run("eval", tmp_path / "sr.png", "--ref", tmp_path / "ref.png", "--max-pixels", 1024, "--json")
+    assert scored.exit_code == 0 and json.loads(scored.stdout.splitlines()[-1])["count"] == 1, scored.output
+
+
 def test_pairing_rules(tmp_path):
     srd, hrd = tmp_path / "sr", tmp_path / "hr"
     srd.mkdir(), hrd.mkdir()

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from . import metrics
+from ..choices import DEFAULT_MAX_PIXELS
 from ..errors import ImageError, SetupError, unexpected
 from ..io.images import IMAGE_SUFFIXES, read_image
 
@@ -149,15 +150,16 @@ class LearnedMetrics:
 
 
 def score_pairs(pairs: list[Pair], names: list[str], *, crop_border: int = 0, device: str = "auto",
-                contain_bugs: bool = True) -> Iterator[Scored]:
+                max_pixels: int = DEFAULT_MAX_PIXELS, contain_bugs: bool = True) -> Iterator[Scored]:
     """Score each pair in order; a pair that cannot be scored yields its one-line error and the rest go on.
+    Images over `max_pixels` are refused, as upscale's inputs are (images.read_image).
     As in a batch (batch.BatchSettings.contain_bugs), an unexpected exception reading a pair's files
     is that pair's error, said as a bug, unless `contain_bugs` is False."""
     learned = [n for n in names if n in LEARNED_METRICS]
     nets = LearnedMetrics(learned, device) if learned else None
     for pair in pairs:
         try:
-            sr, ref = read_image(pair.sr).pixels, read_image(pair.ref).pixels
+            sr, ref = (read_image(path, max_pixels=max_pixels).pixels for path in (pair.sr, pair.ref))
         except ImageError as exc:
             yield Scored(pair, error=str(exc))
             continue
