@@ -120,6 +120,11 @@ def test_killed_ranks_lose_only_files_in_flight_and_the_rerun_finishes(tmp_path,
 def test_ranks_whose_launcher_died_stop_with_one_line(tmp_path, folder, tiny_base, tiny_lora):
     """torchrun killed alone: its store is gone, so each orphaned rank finishes the file in hand and
     stops at its next claim with one line, instead of a traceback or a wait for a collective timeout."""
+    # more files than the others' four: each rank claims one file ahead of its model, so with four
+    # both could hold their last claims (and their past-the-end ones) by the time the first output
+    # appears, finish without the store, and say nothing (seen once on CI)
+    for i in range(N_IMAGES, 3 * N_IMAGES):
+        Image.fromarray(photo_like(32, 24, seed=i)).save(folder / f"img{i}.png")
     out = tmp_path / "out"
     proc = subprocess.Popen(_cli("upscale", folder, "-o", out, "--base", tiny_base, "--lora", tiny_lora, "--tile", "off", "-r",
                                  "-q", launcher=TORCHRUN), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
